@@ -1,0 +1,1 @@
+"""sft: supervised finetuning of instruction-following language models."""

@@ -1,0 +1,219 @@
+"""Reading run folders (schema in sft/RUN_FOLDER.md) into pandas, and comparing runs.
+
+Everything here only reads. A run that is still running, or that failed, loads with whatever it has
+written so far: missing files give empty tables or dicts, a torn last line of metrics.jsonl is skipped.
+"""
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from sft.errors import DataError
+
+TRAIN_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s"]
+EVAL_COLUMNS = ["step", "epoch", "tokens", "eval_loss", "task_metric", "task_metric_name", "elapsed_s"]
+SAMPLE_COLUMNS = ["stage", "index", "messages", "prompt", "response", "reference", "decoding"]
+SIDE_BY_SIDE_COLUMNS = ["index", "prompt", "reference", "response_before", "response_after"]
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: dict
+    derived: dict
+    env: dict
+    summary: dict
+    train: pd.DataFrame
+    evals: pd.DataFrame
+    samples: pd.DataFrame
+    data_stats: dict | None
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unknown")
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file; a malformed line (a crash can tear the last one) is skipped with a warning."""
+    if not path.exists():
+        return []
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{lineno}: skipping malformed line {line[:80]!r}", stacklevel=3)
+            continue
+        if not isinstance(record, dict):
+            warnings.warn(f"{path}:{lineno}: skipping a line that is not a JSON object", stacklevel=3)
+            continue
+        records.append(record)
+    return records
+
+
+def _frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
+    """A DataFrame that has at least `columns`, so code reading an empty run finds the columns it expects."""
+    frame = pd.DataFrame.from_records(records)
+    for column in columns:
+        if column not in frame.columns:
+            frame[column] = pd.Series(dtype="float64")
+    return frame
+
+
+def load_run(path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such run folder")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise DataError(f"{path}: not a run folder (no config.json)")
+    config = _read_json(config_file)
+    if not isinstance(config, dict) or "config" not in config:
+        raise DataError(f"{config_file}: has no 'config' key (see sft/RUN_FOLDER.md)")
+
+    metrics = _read_jsonl(path / "metrics.jsonl")
+    train = [{k: v for k, v in m.items() if k != "kind"} for m in metrics if m.get("kind") == "train"]
+    evals = [{k: v for k, v in m.items() if k != "kind"} for m in metrics if m.get("kind") == "eval"]
+    return Run(
+        path=path,
+        name=path.name,
+        config=config["config"],
+        derived=config.get("derived") or {},
+        env=_read_json(path / "env.json") or {},
+        summary=_read_json(path / "summary.json") or {},
+        train=_frame(train, TRAIN_COLUMNS),
+        evals=_frame(evals, EVAL_COLUMNS),
+        samples=_frame(_read_jsonl(path / "samples.jsonl"), SAMPLE_COLUMNS),
+        data_stats=_read_json(path / "data_stats.json"),
+    )
+
+
+def find_runs(root="runs") -> list[Path]:
+    """Run folders (those with a config.json) directly under `root`, oldest first: names start with a timestamp."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if (p / "config.json").is_file()), key=lambda p: p.name)
+
+
+def latest_run(root="runs") -> Path:
+    runs = find_runs(root)
+    if not runs:
+        raise DataError(f"no run folders (folders with a config.json) under {root}")
+    return runs[-1]
+
+
+def resolve_runs(run_dirs=(), runs_root="runs", environ=None) -> list[Path]:
+    """The run folders to analyse, for notebooks and scripts.
+
+    The environment variable SFT_RUNS (folders separated by os.pathsep) overrides `run_dirs`, and
+    SFT_RUNS_ROOT overrides `runs_root`. With no folders, the newest run under the runs root. An
+    entry that is not an existing folder is taken as the name of a run under the runs root.
+    """
+    environ = os.environ if environ is None else environ
+    runs_root = Path(environ.get("SFT_RUNS_ROOT") or runs_root)
+    if environ.get("SFT_RUNS"):
+        run_dirs = [d for d in environ["SFT_RUNS"].split(os.pathsep) if d]
+    if not run_dirs:
+        return [latest_run(runs_root)]
+    return [Path(d) if Path(d).is_dir() else runs_root / d for d in run_dirs]
+
+
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one level with dotted keys: {"lora": {"r": 8}} -> {"lora.r": 8}."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_table(run: Run) -> pd.DataFrame:
+    """Every resolved setting and derived value of a run, one row each, indexed by (section, key)."""
+    rows = [("config", k, v) for k, v in flatten(run.config).items()]
+    rows += [("derived", k, v) for k, v in flatten(run.derived).items()]
+    table = pd.DataFrame(rows, columns=["section", "key", "value"]).set_index(["section", "key"])
+    table["value"] = table["value"].map(lambda v: v if isinstance(v, str) else json.dumps(v))
+    return table
+
+
+def summary_table(runs: list[Run]) -> pd.DataFrame:
+    """The summary.json of each run as one column, keys as rows."""
+    return pd.DataFrame({run.name: pd.Series(run.summary, dtype=object) for run in runs})
+
+
+def _last(frame: pd.DataFrame, column: str):
+    values = frame[column].dropna()
+    return values.iloc[-1] if len(values) else None
+
+
+def _first(frame: pd.DataFrame, column: str):
+    """The value on the first line, null or not: the step-0 eval is the "before" measurement."""
+    if frame.empty or pd.isna(frame[column].iloc[0]):
+        return None
+    return frame[column].iloc[0]
+
+
+def _summary_or(run: Run, key: str, fallback):
+    """A summary value, or what the metrics so far say when the run has not written it (running, failed)."""
+    value = run.summary.get(key)
+    return fallback if value is None else value
+
+
+def compare_runs(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: name, status, the settings that differ between the runs, and the outcome numbers."""
+    flat = [flatten(run.config) for run in runs]
+    keys = list(dict.fromkeys(key for settings in flat for key in settings))  # config order, not alphabetical
+
+    def differs(key):
+        return len({json.dumps(f.get(key), sort_keys=True, default=str) for f in flat}) > 1
+
+    differing = [key for key in keys if differs(key)]
+    rows = []
+    for run, settings in zip(runs, flat):
+        row = {"name": run.name, "status": run.status}
+        row.update({key: settings.get(key) for key in differing})
+        row.update(
+            train_loss_final=_last(run.train, "loss"),
+            eval_loss_first=_summary_or(run, "eval_loss_first", _first(run.evals, "eval_loss")),
+            eval_loss_final=_summary_or(run, "eval_loss_final", _last(run.evals, "eval_loss")),
+            task_metric_name=_summary_or(run, "task_metric_name", _last(run.evals, "task_metric_name")),
+            task_metric_before=_summary_or(run, "task_metric_before", _first(run.evals, "task_metric")),
+            task_metric_after=_summary_or(run, "task_metric_after", _last(run.evals, "task_metric")),
+            train_runtime=run.summary.get("train_runtime"),
+            real_tokens_per_second=run.summary.get("real_tokens_per_second"),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def samples_side_by_side(run: Run) -> pd.DataFrame:
+    """One row per prompt index: the prompt, the reference, and the responses before and after training."""
+    samples = run.samples
+    if samples.empty:
+        return pd.DataFrame(columns=SIDE_BY_SIDE_COLUMNS)
+    # A resumed run may have written a stage twice; the last pass is the one that counts.
+    samples = samples.drop_duplicates(["stage", "index"], keep="last")
+    responses = samples.pivot(index="index", columns="stage", values="response")
+    prompts = samples.drop_duplicates("index", keep="last").set_index("index")[["prompt", "reference"]]
+    table = prompts.join(responses.reindex(columns=["before", "after"]))
+    table = table.rename(columns={"before": "response_before", "after": "response_after"})
+    return table.sort_index().reset_index()[SIDE_BY_SIDE_COLUMNS]

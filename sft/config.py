@@ -1,0 +1,187 @@
+"""One typed, validated config for a finetuning run.
+
+An experiment script fills a `TrainConfig` from the constants at its top. Every field is checked when
+the object is built, so a nonsense setting stops the run with a message naming the field before any
+data is read or any model is loaded. The resolved config is written verbatim to the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_DATASET = "embedded:demo-tasks"
+
+PRECISIONS = ("fp32", "bf16_autocast", "bf16_pure")
+BF16_UPDATES = ("stochastic_rounding", "kahan", "none")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+LOSS_ON = ("assistant", "all")
+TOO_LONG = ("error", "truncate", "drop")
+TEMPLATES = ("auto", "tokenizer", "plain")
+ATTENTION = ("auto", "sdpa", "eager", "varlen", "flex_attention")
+LOSS_IMPLS = ("auto", "selected", "full")
+DATASET_FORMATS = ("auto", "guanaco", "dolphin", "alpaca", "messages", "sharegpt", "prompt_completion")
+TASK_METRICS = ("exact_match",)
+
+
+@dataclass
+class TrainConfig:
+    experiment: str
+    # model: "embedded:smollm2-135m-instruct", a local Hugging Face folder, or a hub id with a pinned revision
+    model: str = EMBEDDED_MODEL
+    model_revision: str | None = None
+    trust_remote_code: bool = False
+    # data: "embedded:demo-tasks", a local file/folder (json, jsonl, parquet, csv) or a hub dataset id
+    dataset: str = EMBEDDED_DATASET
+    dataset_revision: str | None = None
+    dataset_format: str = "auto"
+    dataset_split: str = "train"
+    max_rows: int | None = None          # first N rows of the source (streamed from the hub)
+    eval_dataset: str | None = None      # a separate held-out source; else `eval_rows` are split off
+    eval_rows: int | float = 0.05        # count, or a fraction of the rows
+    template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain
+    max_length: int = 2048
+    too_long: str = "error"              # examples over max_length: stop, truncate, or drop (counted)
+    loss_on: str = "assistant"
+    packing: bool = True
+    num_proc: int = 1                    # tokenization processes
+    # optimization
+    epochs: int = 1
+    max_steps: int | None = None         # cap on optimizer steps (the schedule is built for the real count)
+    micro_batch_size: int = 4            # rows per forward pass, per process
+    grad_accum_steps: int = 1
+    lr: float = 2e-5
+    lr_schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    precision: str = "auto"              # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
+    bf16_update: str = "stochastic_rounding"  # how pure-bf16 weights keep small updates
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "auto"
+    loss_impl: str = "auto"              # "selected": lm_head only on loss-bearing positions, in chunks
+    loss_chunk_tokens: int = 4096
+    compile: bool = False
+    # evaluation and logging
+    log_every: int = 1
+    eval_every: int | None = None        # optimizer steps between held-out evals (always at start and end)
+    eval_batch_size: int = 8
+    task_metric: str | None = "exact_match"
+    task_metric_rows: int = 64           # held-out prompts scored by generation, before and after training
+    num_samples: int = 8                 # held-out prompts whose generations are saved before and after
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generation_batch_size: int = 16
+    # outputs
+    runs_root: str = "runs"
+    save_model: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_values()
+
+    def _check_types(self) -> None:
+        hints = {f.name: f.type for f in dataclasses.fields(self)}
+        for name, hint in hints.items():
+            value = getattr(self, name)
+            expected = _expected_types(hint)
+            if expected is None:
+                continue
+            if isinstance(value, bool) and bool not in expected:
+                raise ConfigError(f"{name}: expected {_describe(hint)}, got {value!r}")
+            if not isinstance(value, expected):
+                raise ConfigError(f"{name}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+    def _check_values(self) -> None:
+        _choice("precision", self.precision, ("auto",) + PRECISIONS)
+        _choice("bf16_update", self.bf16_update, BF16_UPDATES)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("loss_on", self.loss_on, LOSS_ON)
+        _choice("too_long", self.too_long, TOO_LONG)
+        _choice("template", self.template, TEMPLATES)
+        _choice("attn_implementation", self.attn_implementation, ATTENTION)
+        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
+        if self.task_metric is not None:
+            _choice("task_metric", self.task_metric, TASK_METRICS)
+        if not self.experiment.strip() or any(c in self.experiment for c in "/\\ "):
+            raise ConfigError(f"experiment: a non-empty name without spaces or slashes, got {self.experiment!r}")
+        for name in ("model", "dataset"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name}: must not be empty")
+        _positive("lr", self.lr)
+        _positive("adam_eps", self.adam_eps)
+        for name in ("max_length", "micro_batch_size", "grad_accum_steps", "epochs", "log_every",
+                     "eval_batch_size", "max_new_tokens", "generation_batch_size", "num_proc",
+                     "loss_chunk_tokens"):
+            _positive(name, getattr(self, name))
+        for name in ("max_steps", "max_rows", "eval_every"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name in ("task_metric_rows", "num_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_grad_norm is not None:
+            _positive("max_grad_norm", self.max_grad_norm)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
+        if isinstance(self.eval_rows, float) and not 0 < self.eval_rows < 1:
+            raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
+        if isinstance(self.eval_rows, int) and self.eval_rows < 1 and self.eval_dataset is None:
+            raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
+        if self.do_sample:
+            _positive("temperature", self.temperature)
+            if not 0 < self.top_p <= 1:
+                raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}: must be > 0, got {value!r}")
+
+
+def _expected_types(hint: str) -> tuple[type, ...] | None:
+    table = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+    hint = hint.replace(" ", "")
+    if hint.startswith("tuple"):
+        return (tuple, list)
+    if hint.startswith("dict"):
+        return (dict,)
+    out: tuple[type, ...] = ()
+    for part in hint.split("|"):
+        if part not in table:
+            return None
+        out += table[part]
+    return out
+
+
+def _describe(hint: str) -> str:
+    return hint.replace("|", " or ").replace("None", "None")

@@ -1,0 +1,167 @@
+"""From a dataset source to tokenized train and held-out examples, with the statistics of every step.
+
+rows (sft.sources) -> conversations (sft.formats) -> held-out split -> token ids and labels
+(sft.templates.encode_chat) -> length and supervision checks -> `Example`s (sft.packing).
+
+Tokenization runs in `num_proc` processes and is cached on disk under a key made of everything that
+determines its output (the conversations, the tokenizer files, the chat template, max_length,
+too_long, loss_on): a rerun with the same inputs loads the cache; any change misses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import formats, sources
+from .config import EMBEDDED_DATASET, TrainConfig
+from .demo_data import demo_rows
+from .errors import DataError
+from .modeling import cache_root
+from .packing import Example, shift_labels
+from .templates import IGNORE_INDEX, encode_chat
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    eval: list[Example]
+    eval_conversations: list[list[dict]]  # held-out conversations, for generation and the task metric
+    stats: dict = field(default_factory=dict)
+    cache_hit: bool = False
+
+
+def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None) -> tuple[list[list[dict]], dict]:
+    if source == EMBEDDED_DATASET:
+        rows = demo_rows(max_rows)
+    elif source.startswith("embedded:"):
+        raise DataError(f"dataset: unknown embedded dataset {source!r}; the embedded one is {EMBEDDED_DATASET!r}")
+    else:
+        rows = sources.load_rows(source, revision=cfg.dataset_revision, split=cfg.dataset_split,
+                                 max_rows=max_rows)
+    columns = sorted({k for row in rows[:100] for k in row})
+    fmt = formats.detect_format(columns) if cfg.dataset_format == "auto" else cfg.dataset_format
+    if cfg.dataset_format != "auto" and not set(formats.FORMATS[fmt]) <= set(columns):
+        raise DataError(f"dataset {source}: format {fmt!r} needs the columns {list(formats.FORMATS[fmt])}, "
+                        f"found {columns}")
+    conversations, rejected = formats.convert_rows(rows, fmt)
+    if not conversations:
+        raise DataError(f"dataset {source}: none of its {len(rows)} rows is a usable {fmt} conversation "
+                        f"(rejected by reason: {dict(rejected)})")
+    return conversations, {"source": source, "format": fmt, "rows_read": len(rows),
+                           "rows_kept": len(conversations), "rows_rejected": dict(rejected)}
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+    conversations, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows)
+    if cfg.eval_dataset is not None:
+        train_convs = sources.shuffle_rows(conversations, cfg.seed)
+        eval_convs, eval_read = read_conversations(cfg.eval_dataset, cfg, None)
+        read_stats["eval_source"] = eval_read
+        eval_convs = eval_convs[:cfg.eval_rows] if isinstance(cfg.eval_rows, int) else eval_convs
+    else:
+        train_convs, eval_convs = sources.split_heldout(conversations, eval_rows=cfg.eval_rows, seed=cfg.seed)
+    key = _cache_key(tokenizer, cfg, train_convs, eval_convs)
+    path = cache_root() / "tokenized" / f"{key}.pkl"
+    if path.exists():
+        with open(path, "rb") as f:
+            train, evals, tok_stats = pickle.load(f)
+        hit = True
+    else:
+        train, train_stats = tokenize_conversations(train_convs, tokenizer, cfg, "train")
+        evals, eval_stats = tokenize_conversations(eval_convs, tokenizer, cfg, "held-out")
+        tok_stats = {"train": train_stats, "eval": eval_stats}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump((train, evals, tok_stats), f)
+        os.replace(tmp, path)
+        hit = False
+    if not train:
+        raise DataError(f"dataset {cfg.dataset}: no training example is left after the length checks "
+                        f"({tok_stats['train']['dropped']})")
+    kept_eval = [c for c, keep in zip(eval_convs, tok_stats["eval"]["kept_mask"]) if keep]
+    stats = {**read_stats, "train_conversations": len(train_convs), "eval_conversations": len(eval_convs),
+             **{k: {kk: vv for kk, vv in v.items() if kk != "kept_mask"} for k, v in tok_stats.items()},
+             "tokenization_cache": {"key": key, "hit": hit}}
+    return PreparedData(train, evals, kept_eval, stats, hit)
+
+
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: TrainConfig,
+                           split: str) -> tuple[list[Example], dict]:
+    """Encodes each conversation and applies the length and supervision rules, counting every drop."""
+    args = [(tokenizer, c, cfg.loss_on) for c in conversations]
+    if cfg.num_proc > 1 and len(conversations) >= 256:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with ProcessPoolExecutor(cfg.num_proc) as pool:
+            encoded = list(pool.map(_encode, args, chunksize=max(1, len(args) // (8 * cfg.num_proc))))
+    else:
+        encoded = [_encode(a) for a in args]
+    examples: list[Example] = []
+    kept_mask: list[bool] = []
+    dropped: Counter = Counter()
+    truncated = 0
+    for i, (ids, labels) in enumerate(encoded):
+        n_sup = sum(l != IGNORE_INDEX for l in labels)
+        if n_sup == 0:
+            raise DataError(f"{split} conversation {i} has no supervised tokens: {_preview(conversations[i])}")
+        if cfg.loss_on == "assistant" and n_sup == len(labels):
+            raise DataError(f"{split} conversation {i}: every token is supervised although loss_on='assistant'; "
+                            f"the chat template marks no prompt: {_preview(conversations[i])}")
+        if len(ids) > cfg.max_length:
+            if cfg.too_long == "error":
+                raise DataError(f"{split} conversation {i} has {len(ids)} tokens, more than max_length="
+                                f"{cfg.max_length}; raise max_length or set too_long='truncate' or 'drop': "
+                                f"{_preview(conversations[i])}")
+            if cfg.too_long == "drop":
+                dropped["too_long"] += 1
+                kept_mask.append(False)
+                continue
+            ids, labels = ids[:cfg.max_length], labels[:cfg.max_length]
+            truncated += 1
+        example = shift_labels(ids, labels)
+        if example.num_targets == 0:
+            dropped["no_supervised_tokens_after_truncation"] += 1
+            kept_mask.append(False)
+            continue
+        examples.append(example)
+        kept_mask.append(True)
+    return examples, {"examples": len(examples), "dropped": dict(dropped), "truncated": truncated,
+                      **length_stats(examples), "kept_mask": kept_mask}
+
+
+def _encode(args) -> tuple[list[int], list[int]]:
+    tokenizer, conversation, loss_on = args
+    enc = encode_chat(tokenizer, conversation, loss_on=loss_on)
+    return enc.input_ids, enc.labels
+
+
+def length_stats(examples: list[Example]) -> dict:
+    if not examples:
+        return {"tokens": 0}
+    lengths = np.array([len(e.input_ids) for e in examples])
+    supervised = sum(e.num_targets for e in examples)
+    return {"tokens": int(lengths.sum()), "supervised_tokens": supervised,
+            "supervised_fraction": round(supervised / int(lengths.sum()), 4),
+            "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)}}
+
+
+def _preview(conversation: list[dict], width: int = 80) -> str:
+    text = json.dumps(conversation, ensure_ascii=False)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _cache_key(tokenizer, cfg: TrainConfig, *parts) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, cfg.max_length, cfg.too_long, cfg.loss_on, tokenizer.chat_template,
+                         tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token, tokenizer.bos_token,
+                         parts], sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:24]

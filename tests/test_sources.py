@@ -1,0 +1,280 @@
+import json
+import re
+
+import datasets
+import pandas as pd
+import pytest
+
+from sft.errors import ConfigError, DataError
+from sft.sources import load_rows, shuffle_rows, split_heldout, take_rows
+
+ROWS = [
+    {"instruction": "Say hi.", "input": "", "output": "Hi"},
+    {"instruction": "Add.", "input": "2+2", "output": "4"},
+    {"instruction": "Quote.", "input": 'He said "no",\nthen left.', "output": "ok"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# local files
+
+
+def test_jsonl_round_trip(tmp_path):
+    assert load_rows(write_jsonl(tmp_path / "d.jsonl", ROWS)) == ROWS
+
+
+def test_json_list_round_trip(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
+    assert load_rows(str(path)) == ROWS
+
+
+def test_json_file_holding_json_lines_with_blank_lines(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("\n" + "\n\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    assert load_rows(path) == ROWS
+
+
+def test_json_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS), encoding="utf-8-sig")
+    assert load_rows(path) == ROWS
+
+
+def test_parquet_round_trip_keeps_nested_messages(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    assert load_rows(tmp_path / "d.parquet") == rows
+
+
+def test_csv_round_trip_keeps_empty_cells_as_empty_strings(tmp_path):
+    pd.DataFrame(ROWS).to_csv(tmp_path / "d.csv", index=False)
+    assert load_rows(tmp_path / "d.csv") == ROWS
+
+
+def test_directory_reads_its_files_in_name_order_and_skips_hidden_ones(tmp_path):
+    write_jsonl(tmp_path / "b.jsonl", ROWS[1:])
+    write_jsonl(tmp_path / "a.jsonl", ROWS[:1])
+    (tmp_path / ".cache").mkdir()
+    write_jsonl(tmp_path / ".cache" / "c.jsonl", [{"junk": "x"}])
+    (tmp_path / "README.md").write_text("not data")
+    assert load_rows(tmp_path) == ROWS
+
+
+def test_max_rows_takes_the_first_rows_across_files(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS[:1])
+    write_jsonl(tmp_path / "b.jsonl", ROWS[1:])
+    assert load_rows(tmp_path, max_rows=2) == ROWS[:2]
+    assert load_rows(tmp_path / "b.jsonl", max_rows=1) == ROWS[1:2]
+    assert load_rows(tmp_path / "b.jsonl", max_rows=100) == ROWS[1:]
+
+
+def test_max_rows_does_not_read_past_the_rows_it_needs(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n{broken\n", encoding="utf-8")
+    assert load_rows(path, max_rows=1) == ROWS[:1]
+
+
+@pytest.mark.parametrize("max_rows", [0, -1, 1.5, True])
+def test_max_rows_must_be_a_positive_int(tmp_path, max_rows):
+    with pytest.raises(ConfigError, match="max_rows must be a positive integer"):
+        load_rows(write_jsonl(tmp_path / "d.jsonl", ROWS), max_rows=max_rows)
+
+
+@pytest.mark.parametrize(
+    "source", ["missing.jsonl", "./data/train", "/no/such/dir", "~/no_such_sft_dir/x", "a/b.csv"]
+)
+def test_missing_path_names_the_path_and_never_falls_through_to_the_hub(monkeypatch, source):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("hub was called"))
+    with pytest.raises(DataError) as info:
+        load_rows(source, revision="abc123")
+    assert str(info.value) == f"dataset path {source} does not exist"
+
+
+def test_source_that_is_neither_path_nor_hub_id():
+    with pytest.raises(DataError, match="'alpaca' is neither an existing local path nor a hub dataset id"):
+        load_rows("alpaca")
+
+
+@pytest.mark.parametrize(
+    "name, content", [("e.jsonl", ""), ("e.json", "[]"), ("e.csv", ""), ("h.csv", "a,b\n")]
+)
+def test_empty_file_is_an_error(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=f"dataset {tmp_path / name} has no rows"):
+        load_rows(tmp_path / name)
+
+
+def test_empty_parquet_is_an_error(tmp_path):
+    pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(tmp_path / "e.parquet")
+    with pytest.raises(DataError, match="has no rows"):
+        load_rows(tmp_path / "e.parquet")
+
+
+def test_directory_without_data_files_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    expected = f"dataset directory {tmp_path} holds no .json, .jsonl, .parquet, .csv files"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_rows(tmp_path)
+
+
+def test_unsupported_file_type_is_an_error(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match=r"d.txt has an unsupported type; expected one of .json, .jsonl"):
+        load_rows(tmp_path / "d.txt")
+
+
+def test_broken_json_line_names_file_and_line_number(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"instruction": "x", \n' + json.dumps(ROWS[1]) + "\n")
+    with pytest.raises(DataError) as info:
+        load_rows(path)
+    assert str(info.value).startswith(f"dataset file {path}, line 3: invalid JSON (")
+
+
+def test_broken_json_list_names_file_and_line_number(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"a": "1"},\n  {"a": 2,,}\n]\n')
+    with pytest.raises(DataError) as info:
+        load_rows(path)
+    assert str(info.value).startswith(f"dataset file {path}, line 3: invalid JSON (")
+
+
+def test_json_line_that_is_not_an_object_is_an_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": "1"}\n["a", "b"]\n')
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: expected a JSON object \(one row\), got list"):
+        load_rows(path)
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path):
+    (tmp_path / "d.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="cannot read parquet file"):
+        load_rows(tmp_path / "d.parquet")
+
+
+def test_non_utf8_file_is_a_data_error(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'{"a": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        load_rows(tmp_path / "d.jsonl")
+
+
+# hub
+
+
+def test_hub_id_without_revision_explains_pinning(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("hub was called"))
+    with pytest.raises(ConfigError) as info:
+        load_rows("timdettmers/openassistant-guanaco")
+    message = str(info.value)
+    assert message.startswith("'timdettmers/openassistant-guanaco' is not a local path, so it is read as a")
+    assert "pinned revision (a commit sha or tag)" in message
+    assert "cannot be reproduced" in message
+
+
+def test_take_rows_on_a_streamed_dataset_stops_pulling_at_max_rows():
+    pulled = []
+
+    def count(row):
+        pulled.append(row["text"])
+        return row
+
+    rows = [{"text": f"row {i}"} for i in range(1000)]
+    stream = datasets.Dataset.from_list(rows).to_iterable_dataset().map(count)
+    assert take_rows(stream, 3) == rows[:3]
+    assert len(pulled) < 10
+    assert take_rows(stream, None) == rows
+
+
+def test_hub_load_streams_by_default_when_max_rows_is_set(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list(ROWS).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_rows("owner/name", revision="v1.0", max_rows=2) == ROWS[:2]
+    assert load_rows("owner/name", revision="abc123", split="test") == ROWS
+    assert load_rows("owner/name", revision="abc123", max_rows=2, streaming=False) == ROWS[:2]
+    assert calls == [
+        ("owner/name", {"revision": "v1.0", "split": "train", "streaming": True}),
+        ("owner/name", {"revision": "abc123", "split": "test", "streaming": False}),
+        ("owner/name", {"revision": "abc123", "split": "train", "streaming": False}),
+    ]
+
+
+def test_hub_failure_is_a_data_error_with_the_original_message(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'owner/name' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as info:
+        load_rows("owner/name", revision="abc123")
+    assert str(info.value) == (
+        "could not fetch dataset 'owner/name' (revision 'abc123', split 'train') from the hub: "
+        "Couldn't reach 'owner/name' on the Hub (LocalEntryNotFoundError)"
+    )
+
+
+def test_hub_dataset_with_no_rows_is_an_error(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list([]))
+    with pytest.raises(DataError, match="dataset owner/name has no rows"):
+        load_rows("owner/name", revision="abc123")
+
+
+# shuffling and held-out split
+
+ITEMS = list(range(100))
+
+
+def test_shuffle_rows_is_deterministic_and_leaves_the_input_alone():
+    items = list(ITEMS)
+    assert shuffle_rows(items, 0) == shuffle_rows(items, 0)
+    assert shuffle_rows(items, 0) != shuffle_rows(items, 1)
+    assert sorted(shuffle_rows(items, 0)) == ITEMS
+    assert items == ITEMS
+
+
+def test_split_is_deterministic_for_a_seed_and_differs_across_seeds():
+    train, heldout = split_heldout(ITEMS, eval_rows=10, seed=0)
+    assert (train, heldout) == split_heldout(ITEMS, eval_rows=10, seed=0)
+    assert heldout != split_heldout(ITEMS, eval_rows=10, seed=1)[1]
+    assert len(heldout) == 10 and len(train) == 90
+    assert sorted(train + heldout) == ITEMS
+
+
+def test_heldout_is_a_random_sample_not_the_head_or_tail():
+    _, heldout = split_heldout(ITEMS, eval_rows=10, seed=0)
+    assert set(heldout) != set(ITEMS[-10:])
+    assert set(heldout) != set(ITEMS[:10])
+
+
+def test_fraction_split():
+    train, heldout = split_heldout(ITEMS, eval_rows=0.25, seed=3)
+    assert len(heldout) == 25 and len(train) == 75
+    assert sorted(train + heldout) == ITEMS
+
+
+@pytest.mark.parametrize(
+    "eval_rows, message",
+    [
+        (0, "eval_rows must be a positive row count or a fraction in (0, 1), got 0"),
+        (-5, "eval_rows must be a positive row count or a fraction in (0, 1), got -5"),
+        (True, "eval_rows must be a positive row count or a fraction in (0, 1), got True"),
+        ("10", "eval_rows must be a positive row count or a fraction in (0, 1), got '10'"),
+        (1.0, "eval_rows as a fraction must be between 0 and 1 (exclusive), got 1.0"),
+        (0.0, "eval_rows as a fraction must be between 0 and 1 (exclusive), got 0.0"),
+        (0.001, "eval_rows=0.001 of 100 rows rounds to 0 held-out rows; hold out at least one"),
+        (100, "eval_rows=100 holds out 100 of 100 rows, leaving no rows to train on"),
+        (0.999, "eval_rows=0.999 holds out 100 of 100 rows, leaving no rows to train on"),
+    ],
+)
+def test_bad_eval_rows(eval_rows, message):
+    with pytest.raises(ConfigError) as info:
+        split_heldout(ITEMS, eval_rows=eval_rows, seed=0)
+    assert str(info.value) == message
