@@ -48,10 +48,11 @@ class Setup:
     derived: dict
 
 
-def main(cfg: TrainConfig) -> RunFolder:
-    """Entry point of the experiment scripts: user errors end in one line on stderr and exit code 2."""
+def main(**settings) -> RunFolder:
+    """Entry point of the experiment scripts: builds the config from their constants and runs it. User
+    errors (a bad setting, file or row) end in one line on stderr and exit code 2, without a traceback."""
     try:
-        return run(cfg)
+        return run(TrainConfig(**settings))
     except SFTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

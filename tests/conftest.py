@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-init models built from configs, with the embedded model's tokenizer."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    """SmolLM2's tokenizer: ChatML template, eos = pad = <|im_end|>, no BOS added."""
+    from sft.modeling import load_tokenizer
+
+    return load_tokenizer("embedded:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
+    """A 2-layer Llama with SmolLM2's vocabulary and tokenizer, saved as a local model folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=len(chatml_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         eos_token_id=chatml_tokenizer.eos_token_id, pad_token_id=chatml_tokenizer.pad_token_id,
+                         bos_token_id=chatml_tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    chatml_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tmp_path):
+    """A TrainConfig for a few fast steps of the tiny model on the demo tasks."""
+    from sft.config import TrainConfig
+
+    def make(**overrides):
+        settings = dict(experiment="tiny", model=str(tiny_model_dir), eval_rows=8, max_rows=64, max_length=128,
+                        micro_batch_size=2, grad_accum_steps=2, lr=1e-3, max_steps=3, task_metric_rows=4,
+                        num_samples=2, max_new_tokens=4, runs_root=str(tmp_path / "runs"), save_model=False,
+                        precision="fp32")
+        settings.update(overrides)
+        return TrainConfig(**settings)
+
+    return make
