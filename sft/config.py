@@ -40,14 +40,18 @@ class TrainConfig:
     dataset_revision: str | None = None
     dataset_format: str = "auto"
     dataset_split: str = "train"
+    dataset_files: str | None = None     # files inside a hub dataset repo (e.g. one of dolphin's jsonl files)
     max_rows: int | None = None          # first N rows of the source (streamed from the hub)
     eval_dataset: str | None = None      # a separate held-out source; else `eval_rows` are split off
+    eval_dataset_split: str = "test"     # the split of `eval_dataset`, when it is a hub dataset
     eval_rows: int | float = 0.05        # count, or a fraction of the rows
     template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain
+    eos_token: str | None = None         # end-of-turn token to learn, if not the tokenizer's EOS (e.g. "<|im_end|>")
     max_length: int = 2048
     too_long: str = "error"              # examples over max_length: stop, truncate, or drop (counted)
     loss_on: str = "assistant"
     packing: bool = True
+    group_by_length: bool = True         # without packing: batch examples of similar length (less padding)
     num_proc: int = 1                    # tokenization processes
     # optimization
     epochs: int = 1
@@ -65,7 +69,9 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"              # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
     bf16_update: str = "stochastic_rounding"  # how pure-bf16 weights keep small updates
+    optimizer_state_dtype: str = "float32"    # "bfloat16" halves AdamW's memory (bf16_pure only)
     gradient_checkpointing: bool = False
+    checkpoint_every_n_layers: int = 1   # with gradient_checkpointing: 1 = every layer; 2 = every other one...
     attn_implementation: str = "auto"
     loss_impl: str = "auto"              # "selected": lm_head only on loss-bearing positions, in chunks
     loss_chunk_tokens: int = 4096
@@ -113,6 +119,9 @@ class TrainConfig:
         _choice("attn_implementation", self.attn_implementation, ATTENTION)
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
+        _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16"))
+        if self.optimizer_state_dtype == "bfloat16" and self.precision != "bf16_pure":
+            raise ConfigError("optimizer_state_dtype: 'bfloat16' needs precision='bf16_pure'")
         if self.task_metric is not None:
             _choice("task_metric", self.task_metric, TASK_METRICS)
         if not self.experiment.strip() or any(c in self.experiment for c in "/\\ "):
@@ -123,7 +132,7 @@ class TrainConfig:
         _positive("lr", self.lr)
         _positive("adam_eps", self.adam_eps)
         for name in ("max_length", "micro_batch_size", "grad_accum_steps", "epochs", "log_every",
-                     "eval_batch_size", "max_new_tokens", "generation_batch_size", "num_proc",
+                     "eval_batch_size", "max_new_tokens", "generation_batch_size", "num_proc", "checkpoint_every_n_layers",
                      "loss_chunk_tokens"):
             _positive(name, getattr(self, name))
         for name in ("max_steps", "max_rows", "eval_every"):
@@ -185,3 +194,18 @@ def _expected_types(hint: str) -> tuple[type, ...] | None:
 
 def _describe(hint: str) -> str:
     return hint.replace("|", " or ").replace("None", "None")
+
+
+def settings_from(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The settings of an experiment script: its UPPER_CASE constants, named after TrainConfig fields.
+    A constant that names no field is an error, so a typo never silently leaves a default in place."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for name, value in namespace.items():
+        if not name.isupper() or name.startswith("_"):
+            continue
+        if name.lower() not in fields:
+            raise ConfigError(f"{name}: not a setting; the settings are the fields of TrainConfig "
+                              f"({', '.join(sorted(f.upper() for f in fields))})")
+        settings[name.lower()] = value
+    return settings

@@ -39,14 +39,15 @@ class PreparedData:
     cache_hit: bool = False
 
 
-def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None) -> tuple[list[list[dict]], dict]:
+def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None,
+                       split: str) -> tuple[list[list[dict]], dict]:
     if source == EMBEDDED_DATASET:
         rows = demo_rows(max_rows)
     elif source.startswith("embedded:"):
         raise DataError(f"dataset: unknown embedded dataset {source!r}; the embedded one is {EMBEDDED_DATASET!r}")
     else:
-        rows = sources.load_rows(source, revision=cfg.dataset_revision, split=cfg.dataset_split,
-                                 max_rows=max_rows)
+        rows = sources.load_rows(source, revision=cfg.dataset_revision, split=split, max_rows=max_rows,
+                                 data_files=cfg.dataset_files)
     columns = sorted({k for row in rows[:100] for k in row})
     fmt = formats.detect_format(columns) if cfg.dataset_format == "auto" else cfg.dataset_format
     if cfg.dataset_format != "auto" and not set(formats.FORMATS[fmt]) <= set(columns):
@@ -61,12 +62,12 @@ def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None) -> t
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
-    conversations, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows)
+    conversations, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split)
     if cfg.eval_dataset is not None:
         train_convs = sources.shuffle_rows(conversations, cfg.seed)
-        eval_convs, eval_read = read_conversations(cfg.eval_dataset, cfg, None)
+        limit = cfg.eval_rows if isinstance(cfg.eval_rows, int) and cfg.eval_rows > 0 else None
+        eval_convs, eval_read = read_conversations(cfg.eval_dataset, cfg, limit, cfg.eval_dataset_split)
         read_stats["eval_source"] = eval_read
-        eval_convs = eval_convs[:cfg.eval_rows] if isinstance(cfg.eval_rows, int) else eval_convs
     else:
         train_convs, eval_convs = sources.split_heldout(conversations, eval_rows=cfg.eval_rows, seed=cfg.seed)
     key = _cache_key(tokenizer, cfg, train_convs, eval_convs)

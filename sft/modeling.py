@@ -8,6 +8,7 @@ quantization entry, saves it in Hugging Face format in the cache, and later load
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -77,13 +78,18 @@ def resolve_model_source(model: str, revision: str | None) -> tuple[str, dict]:
     return model, {"revision": revision}
 
 
-def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False,
+                   eos_token: str | None = None):
     from transformers import AutoTokenizer
 
     source, kwargs = resolve_model_source(model, revision)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     if not tokenizer.is_fast:
         raise ConfigError(f"model: {model} has no fast tokenizer; this toolkit needs one")
+    if eos_token is not None:
+        if tokenizer.convert_tokens_to_ids(eos_token) in (None, tokenizer.unk_token_id):
+            raise ConfigError(f"eos_token: {eos_token!r} is not a single token of this tokenizer")
+        tokenizer.eos_token = eos_token  # saved with the tokenizer, so inference stops at it too
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model: the tokenizer of {model} has no EOS token; set one in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -92,12 +98,32 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
 
 
 def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+               attn_implementation: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     source, kwargs = resolve_model_source(model, revision)
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                                 trust_remote_code=trust_remote_code, **kwargs)
+
+
+def check_packing_support(model) -> None:
+    """Packed rows are kept apart through position ids; an architecture that takes none (MPT, which
+    uses ALiBi) would let packed examples attend to each other."""
+    if "position_ids" not in inspect.signature(model.base_model.forward).parameters:
+        raise ConfigError(f"packing: the {model.config.model_type} architecture takes no position ids, so packed "
+                          f"examples could attend to each other; set packing=False")
+
+
+def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
+    """Recompute layer activations in the backward pass; every_n_layers > 1 checkpoints only some layers,
+    trading memory for less recomputation (transformers >= 5.24 names this activation checkpointing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError("checkpoint_every_n_layers: needs transformers >= 5.24; use 1 (every layer)")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -87,9 +87,16 @@ def collate_padded(examples: list[Example], pad_id: int, pad_to_multiple_of: int
             "num_real_tokens": sum(len(ex.input_ids) for ex in examples)}
 
 
+LENGTH_GROUP_WINDOW = 512
+
+
 def micro_batches(examples: list[Example], *, packing: bool, rows_per_batch: int, row_length: int, pad_id: int,
-                  seed: int, pad_to_multiple_of: int = 1) -> list[dict[str, torch.Tensor]]:
-    """One epoch of collated micro-batches, in an order set by `seed` alone."""
+                  seed: int, pad_to_multiple_of: int = 1, group_by_length: bool = False) -> list[dict]:
+    """One epoch of collated micro-batches, in an order set by `seed` alone.
+
+    Without packing, `group_by_length` sorts each window of LENGTH_GROUP_WINDOW shuffled examples by
+    length before cutting micro-batches, then shuffles the micro-batches: padding shrinks to the
+    length spread inside a batch while the order stays random at the batch level."""
     rng = random.Random(seed)
     if packing:
         bins = pack_best_fit_decreasing([len(e.input_ids) for e in examples], row_length)
@@ -99,8 +106,13 @@ def micro_batches(examples: list[Example], *, packing: bool, rows_per_batch: int
                 for k in range(0, len(rows), rows_per_batch)]
     order = list(range(len(examples)))
     rng.shuffle(order)
-    return [collate_padded([examples[i] for i in order[k:k + rows_per_batch]], pad_id, pad_to_multiple_of)
-            for k in range(0, len(order), rows_per_batch)]
+    if group_by_length:
+        order = [i for w in range(0, len(order), LENGTH_GROUP_WINDOW)
+                 for i in sorted(order[w:w + LENGTH_GROUP_WINDOW], key=lambda i: len(examples[i].input_ids))]
+    groups = [order[k:k + rows_per_batch] for k in range(0, len(order), rows_per_batch)]
+    if group_by_length:
+        rng.shuffle(groups)
+    return [collate_padded([examples[i] for i in g], pad_id, pad_to_multiple_of) for g in groups]
 
 
 def optimizer_steps(batches: list[dict], micro_batches_per_step: int) -> list[list[dict]]:

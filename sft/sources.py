@@ -29,6 +29,7 @@ def load_rows(
     split: str = "train",
     max_rows: int | None = None,
     streaming: bool | None = None,
+    data_files: str | list[str] | None = None,
 ) -> list[dict]:
     """An existing local path wins over a hub id of the same name, and a source that looks like a
     path but does not exist is an error: a typo in a path must never quietly download some other
@@ -43,7 +44,8 @@ def load_rows(
     elif source.startswith((".", "/", "~")) or path.suffix.lower() in _READERS:
         raise DataError(f"dataset path {source} does not exist")
     elif _HUB_ID.fullmatch(source):
-        rows = _load_hub(source, revision=revision, split=split, max_rows=max_rows, streaming=streaming)
+        rows = _load_hub(source, revision=revision, split=split, max_rows=max_rows, streaming=streaming,
+                         data_files=data_files)
     else:
         raise DataError(
             f"dataset source {source!r} is neither an existing local path "
@@ -59,7 +61,7 @@ def take_rows(rows: Iterable[dict], max_rows: int | None) -> list[dict]:
     return list(islice(rows, max_rows))
 
 
-def _load_hub(source: str, *, revision, split, max_rows, streaming) -> list[dict]:
+def _load_hub(source: str, *, revision, split, max_rows, streaming, data_files=None) -> list[dict]:
     if revision is None:
         raise ConfigError(
             f"{source!r} is not a local path, so it is read as a hub dataset id, and a hub dataset "
@@ -69,7 +71,8 @@ def _load_hub(source: str, *, revision, split, max_rows, streaming) -> list[dict
     if streaming is None:
         streaming = max_rows is not None
     try:
-        dataset = datasets.load_dataset(source, revision=revision, split=split, streaming=streaming)
+        dataset = datasets.load_dataset(source, revision=revision, split=split, streaming=streaming,
+                                        data_files=data_files)
         return take_rows(dataset, max_rows)
     except Exception as e:  # network, auth, missing repo or split: each library raises its own type
         raise DataError(

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import TrainConfig, settings_from
 from .data import PreparedData, prepare_data
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, resolve_loss_impl
-from .modeling import count_parameters, load_model, load_tokenizer
+from .modeling import (check_packing_support, count_parameters, enable_activation_checkpointing, load_model,
+                       load_tokenizer)
 from .optim import build_optimizer, param_groups_for_weight_decay
 from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
 from .perf import mfu, peak_memory, reset_peak_memory
@@ -48,11 +49,12 @@ class Setup:
     derived: dict
 
 
-def main(**settings) -> RunFolder:
-    """Entry point of the experiment scripts: builds the config from their constants and runs it. User
-    errors (a bad setting, file or row) end in one line on stderr and exit code 2, without a traceback."""
+def main(namespace: dict) -> RunFolder:
+    """Entry point of the experiment scripts, called as `main(globals())`: builds the config from their
+    UPPER_CASE constants and runs it. User errors (a bad setting, file or row) end in one line on
+    stderr and exit code 2, without a traceback."""
     try:
-        return run(TrainConfig(**settings))
+        return run(TrainConfig(**settings_from(namespace)))
     except SFTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -96,7 +98,9 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16_autocast" if bf16_ok else "fp32"
 
 
-def resolve_attention(cfg: TrainConfig, device: torch.device) -> str:
+def resolve_attention(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The attention implementation to load the model with; None lets transformers pick its default
+    (sdpa where the architecture supports it, eager otherwise)."""
     if cfg.attn_implementation != "auto":
         if cfg.attn_implementation == "varlen":
             from .attention import register_varlen_attention
@@ -106,7 +110,7 @@ def resolve_attention(cfg: TrainConfig, device: torch.device) -> str:
         from .attention import register_varlen_attention, varlen_available
         if varlen_available(device):
             return register_varlen_attention(device)
-    return "sdpa"
+    return None
 
 
 def build(cfg: TrainConfig) -> Setup:
@@ -119,7 +123,7 @@ def build(cfg: TrainConfig) -> Setup:
     device = accelerator.device
     master = MASTER_WEIGHTS.get((precision, cfg.bf16_update), "fp32")
 
-    tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code, cfg.eos_token)
     template = setup_template(tokenizer, cfg.template)
     data = prepare_data(cfg, tokenizer)
 
@@ -129,7 +133,7 @@ def build(cfg: TrainConfig) -> Setup:
     for epoch in range(cfg.epochs):
         batches = micro_batches(data.train, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size,
                                 row_length=cfg.max_length, pad_id=tokenizer.pad_token_id,
-                                seed=cfg.seed * 1000 + epoch)
+                                seed=cfg.seed * 1000 + epoch, group_by_length=cfg.group_by_length)
         for step in optimizer_steps(batches, cfg.grad_accum_steps * world):
             steps.append(step)
     steps_per_epoch = math.ceil(len(steps) / cfg.epochs)
@@ -144,20 +148,24 @@ def build(cfg: TrainConfig) -> Setup:
     dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
     model = load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
                        trust_remote_code=cfg.trust_remote_code)
+    if cfg.packing:
+        check_packing_support(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, cfg.checkpoint_every_n_layers)
     loss_impl = resolve_loss_impl(model, cfg.loss_impl)
     loss_model = LossModel(model, loss_impl, cfg.loss_chunk_tokens).to(device)
     optimizer = build_optimizer(param_groups_for_weight_decay(model, cfg.weight_decay), master_weights=master,
                                 lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                weight_decay=cfg.weight_decay, seed=cfg.seed)
+                                weight_decay=cfg.weight_decay, seed=cfg.seed, state_dtype=cfg.optimizer_state_dtype)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     if cfg.compile:
         loss_model = torch.compile(loss_model, dynamic=not cfg.packing)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
-    derived = {"precision": precision, "master_weights": master, "attn_implementation": attention,
-               "loss_impl": loss_impl, "template": template, "device": str(device), "world_size": world,
+    derived = {"precision": precision, "master_weights": master,
+               "attn_implementation": model.config._attn_implementation,
+               "loss_impl": loss_impl, "template": template,
+               "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,
                "optimizer_steps": len(steps), "steps_per_epoch": steps_per_epoch,
                "warmup_steps": warmup_steps(cfg, len(steps)), "micro_batches_per_step": cfg.grad_accum_steps * world,
                "rows_per_optimizer_step": per_step, "num_parameters": count_parameters(model),

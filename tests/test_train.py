@@ -64,10 +64,9 @@ def test_run_folder_has_every_file_and_field(tiny_config):
 def test_gradient_accumulation_equals_one_large_batch(tiny_config, packing):
     """4 rows in one micro-batch vs the same 4 rows in 4 micro-batches of 1: same losses, same model.
     A mean of per-micro-batch means would differ, because the rows hold different token counts."""
-    big = run(tiny_config(micro_batch_size=4, grad_accum_steps=1, packing=packing, max_length=64,
-                          task_metric=None, num_samples=0))
-    accumulated = run(tiny_config(micro_batch_size=1, grad_accum_steps=4, packing=packing, max_length=64,
-                                  task_metric=None, num_samples=0))
+    common = dict(packing=packing, group_by_length=False, max_length=64, task_metric=None, num_samples=0)
+    big = run(tiny_config(micro_batch_size=4, grad_accum_steps=1, **common))
+    accumulated = run(tiny_config(micro_batch_size=1, grad_accum_steps=4, **common))
     assert train_losses(big) == pytest.approx(train_losses(accumulated), rel=1e-5)
     assert final_eval(big) == pytest.approx(final_eval(accumulated), rel=1e-5)
     assert final_eval(big) != pytest.approx(json.loads((big.path / "summary.json").read_text())["eval_loss_first"])
@@ -144,7 +143,7 @@ def test_bad_input_stops_before_any_run_folder_is_made(tiny_config, tmp_path, ca
 
 def test_experiment_entry_point_prints_one_line_and_exits_2(tmp_path):
     script = tmp_path / "exp.py"
-    script.write_text("from sft.train import main\nmain(experiment='x', lr=-1.0)\n")
+    script.write_text("from sft.train import main\nEXPERIMENT = 'x'\nLR = -1.0\nmain(globals())\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1],
                           env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"})

@@ -3,12 +3,11 @@
 Edit the constants, then run `python -m sft.experiments.demo_smollm2` from the repository root.
 The run folder appears under runs/.
 """
-from sft.config import EMBEDDED_DATASET, EMBEDDED_MODEL
 from sft.train import main
 
 EXPERIMENT = "demo_smollm2"
-MODEL = EMBEDDED_MODEL
-DATASET = EMBEDDED_DATASET
+MODEL = "embedded:smollm2-135m-instruct"
+DATASET = "embedded:demo-tasks"
 MAX_ROWS = None          # all rows of the demo set
 EVAL_ROWS = 96           # held out: eval loss and exact match
 MAX_LENGTH = 256
@@ -28,10 +27,4 @@ NUM_SAMPLES = 12
 MAX_NEW_TOKENS = 24
 
 if __name__ == "__main__":
-    main(
-        experiment=EXPERIMENT, model=MODEL, dataset=DATASET, max_rows=MAX_ROWS, eval_rows=EVAL_ROWS,
-        max_length=MAX_LENGTH, packing=PACKING, micro_batch_size=MICRO_BATCH_SIZE,
-        grad_accum_steps=GRAD_ACCUM_STEPS, epochs=EPOCHS, max_steps=MAX_STEPS, lr=LR, lr_schedule=LR_SCHEDULE,
-        warmup_ratio=WARMUP_RATIO, seed=SEED, precision=PRECISION, eval_every=EVAL_EVERY,
-        task_metric_rows=TASK_METRIC_ROWS, num_samples=NUM_SAMPLES, max_new_tokens=MAX_NEW_TOKENS,
-    )
+    main(globals())

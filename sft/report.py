@@ -1,0 +1,132 @@
+"""README tables and figures generated from committed results, never typed by hand.
+
+`python -m sft.report` rewrites each README block between `<!-- BEGIN name -->` and `<!-- END name -->`
+from its source (the newest demo run folder, the inference runtime CSVs, the benchmark CSVs) and
+copies the demo run's loss curves into assets/. A block whose source is missing is left as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .analysis import Run, find_runs, load_run, samples_side_by_side
+from .errors import SFTError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def demo_results(run: Run) -> str:
+    s, env, derived = run.summary, run.env, run.derived
+    device = env.get("device", {})
+    packages = env.get("packages", {})
+    rows = [
+        ("held-out loss", _fmt(s.get("eval_loss_first")), _fmt(s.get("eval_loss_final"))),
+        (f"held-out {s.get('task_metric_name')}", _fmt(s.get("task_metric_before")),
+         _fmt(s.get("task_metric_after"))),
+    ]
+    table = markdown_table(pd.DataFrame(rows, columns=["metric", "before training", "after training"]))
+    facts = (f"Run `{run.name}` ({s.get('status')}): {_fmt(s.get('global_step'))} optimizer steps over "
+             f"{_fmt(derived.get('train_examples'))} examples ({_fmt(s.get('real_tokens'))} real tokens, "
+             f"packing efficiency {_fmt(derived.get('packing_efficiency'))}), training time "
+             f"{_fmt(s.get('train_runtime'), 1)} s, {_fmt(s.get('real_tokens_per_second'), 1)} real tokens/s, "
+             f"peak memory {_fmt(s.get('peak_memory_gib'), 2)} GiB ({s.get('peak_memory_kind')}); "
+             f"precision {derived.get('precision')}, master weights {derived.get('master_weights')}. "
+             f"Device: {device.get('type')} {device.get('name')} ({device.get('threads', device.get('count'))} "
+             f"threads); torch {packages.get('torch')}, transformers {packages.get('transformers')}.")
+    samples = samples_side_by_side(run).head(6)
+    samples = samples.assign(prompt=samples["prompt"].map(_last_user_turn))
+    sample_table = markdown_table(samples[["prompt", "reference", "response_before", "response_after"]]
+                                  .rename(columns={"response_before": "before", "response_after": "after"})
+                                  .assign(before=lambda f: f["before"].map(lambda t: _clip(t, 70))))
+    return f"{table}\n\n{facts}\n\n{sample_table}"
+
+
+def _last_user_turn(prompt: str) -> str:
+    match = re.findall(r"user\n(.*?)<\|im_end\|>", prompt or "", flags=re.S)
+    return match[-1] if match else _clip(prompt, 60)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def csv_table(path: Path, columns: list[str] | None = None) -> str:
+    frame = pd.read_csv(path)
+    return markdown_table(frame[columns] if columns else frame)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", flags=re.S)
+    if not pattern.search(text):
+        raise SFTError(f"README has no block named {name!r}")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def newest_run(experiment: str, root: Path) -> Run | None:
+    runs = [p for p in find_runs(root) if p.name.endswith("_" + experiment)]
+    completed = [p for p in runs if load_run(p).status == "completed"]
+    return load_run(completed[-1]) if completed else None
+
+
+def blocks(root: Path = ROOT) -> dict[str, str]:
+    """Each README block that has a source, rendered."""
+    out: dict[str, str] = {}
+    demo = newest_run("demo_smollm2", root / "runs")
+    if demo is not None:
+        out["demo-results"] = demo_results(demo)
+        assets = root / "assets"
+        assets.mkdir(exist_ok=True)
+        shutil.copyfile(demo.path / "loss_curves.png", assets / "demo_loss_curves.png")
+    for name, path in (("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv"),
+                       ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv"),
+                       ("bench-gpu", root / "bench" / "results" / "bench_gpu.csv"),
+                       ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv")):
+        if path.exists():
+            out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(path)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = parser.parse_args(argv)
+    readme = Path(args.readme)
+    text = readme.read_text()
+    try:
+        for name, body in blocks().items():
+            if f"<!-- BEGIN {name} -->" in text:
+                text = replace_block(text, name, body)
+                print(f"updated block {name}")
+    except SFTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    readme.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
