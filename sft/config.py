@@ -44,7 +44,7 @@ class TrainConfig:
     max_rows: int | None = None          # first N rows of the source (streamed from the hub)
     eval_dataset: str | None = None      # a separate held-out source; else `eval_rows` are split off
     eval_dataset_split: str = "test"     # the split of `eval_dataset`, when it is a hub dataset
-    eval_rows: int | float = 0.05        # count, or a fraction of the rows
+    eval_rows: int | float | None = None  # count or fraction split off; None: 5%, or all of eval_dataset
     template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain
     eos_token: str | None = None         # end-of-turn token to learn, if not the tokenizer's EOS (e.g. "<|im_end|>")
     max_length: int = 2048
@@ -88,9 +88,12 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     generation_batch_size: int = 16
-    # outputs
+    # outputs, checkpoints and resume
     runs_root: str = "runs"
     save_model: bool = True
+    checkpoint_every: int | None = None  # optimizer steps between checkpoints (also saved on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    resume: str | None = None            # a run folder: continue it from its newest checkpoint, in place
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
     def __post_init__(self) -> None:
@@ -135,7 +138,8 @@ class TrainConfig:
                      "eval_batch_size", "max_new_tokens", "generation_batch_size", "num_proc", "checkpoint_every_n_layers",
                      "loss_chunk_tokens"):
             _positive(name, getattr(self, name))
-        for name in ("max_steps", "max_rows", "eval_every"):
+        _positive("keep_checkpoints", self.keep_checkpoints)
+        for name in ("max_steps", "max_rows", "eval_every", "checkpoint_every"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         for name in ("task_metric_rows", "num_samples"):
@@ -147,14 +151,17 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                and 0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
-        if isinstance(self.eval_rows, float) and not 0 < self.eval_rows < 1:
+        if isinstance(self.eval_rows, float) and not 0 < self.eval_rows < 1:  # None passes both checks
             raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
-        if isinstance(self.eval_rows, int) and self.eval_rows < 1 and self.eval_dataset is None:
+        if isinstance(self.eval_rows, int) and self.eval_rows < 1:
             raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
+        if self.eval_dataset is not None and isinstance(self.eval_rows, float):
+            raise ConfigError(f"eval_rows: with eval_dataset, a count of its first rows, got {self.eval_rows}")
         if self.do_sample:
             _positive("temperature", self.temperature)
             if not 0 < self.top_p <= 1:

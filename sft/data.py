@@ -28,6 +28,7 @@ from .packing import Example, shift_labels
 from .templates import IGNORE_INDEX, encode_chat
 
 CACHE_VERSION = 1
+DEFAULT_EVAL_FRACTION = 0.05
 
 
 @dataclass
@@ -65,11 +66,11 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     conversations, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split)
     if cfg.eval_dataset is not None:
         train_convs = sources.shuffle_rows(conversations, cfg.seed)
-        limit = cfg.eval_rows if isinstance(cfg.eval_rows, int) and cfg.eval_rows > 0 else None
-        eval_convs, eval_read = read_conversations(cfg.eval_dataset, cfg, limit, cfg.eval_dataset_split)
+        eval_convs, eval_read = read_conversations(cfg.eval_dataset, cfg, cfg.eval_rows, cfg.eval_dataset_split)
         read_stats["eval_source"] = eval_read
     else:
-        train_convs, eval_convs = sources.split_heldout(conversations, eval_rows=cfg.eval_rows, seed=cfg.seed)
+        eval_rows = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION
+        train_convs, eval_convs = sources.split_heldout(conversations, eval_rows=eval_rows, seed=cfg.seed)
     key = _cache_key(tokenizer, cfg, train_convs, eval_convs)
     path = cache_root() / "tokenized" / f"{key}.pkl"
     if path.exists():
@@ -99,13 +100,14 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: TrainConfig,
                            split: str) -> tuple[list[Example], dict]:
     """Encodes each conversation and applies the length and supervision rules, counting every drop."""
-    args = [(tokenizer, c, cfg.loss_on) for c in conversations]
     if cfg.num_proc > 1 and len(conversations) >= 256:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with ProcessPoolExecutor(cfg.num_proc) as pool:
-            encoded = list(pool.map(_encode, args, chunksize=max(1, len(args) // (8 * cfg.num_proc))))
+        with ProcessPoolExecutor(cfg.num_proc, initializer=_init_worker, initargs=(tokenizer, cfg.loss_on)) as pool:
+            chunk = max(1, len(conversations) // (8 * cfg.num_proc))
+            encoded = list(pool.map(_encode, conversations, chunksize=chunk))
     else:
-        encoded = [_encode(a) for a in args]
+        _init_worker(tokenizer, cfg.loss_on)
+        encoded = [_encode(c) for c in conversations]
     examples: list[Example] = []
     kept_mask: list[bool] = []
     dropped: Counter = Counter()
@@ -127,21 +129,28 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Trai
                 kept_mask.append(False)
                 continue
             ids, labels = ids[:cfg.max_length], labels[:cfg.max_length]
-            truncated += 1
         example = shift_labels(ids, labels)
         if example.num_targets == 0:
             dropped["no_supervised_tokens_after_truncation"] += 1
             kept_mask.append(False)
             continue
+        truncated += len(ids) < len(encoded[i][0])
         examples.append(example)
         kept_mask.append(True)
     return examples, {"examples": len(examples), "dropped": dict(dropped), "truncated": truncated,
                       **length_stats(examples), "kept_mask": kept_mask}
 
 
-def _encode(args) -> tuple[list[int], list[int]]:
-    tokenizer, conversation, loss_on = args
-    enc = encode_chat(tokenizer, conversation, loss_on=loss_on)
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, loss_on: str) -> None:
+    """Each tokenization process receives the tokenizer once, not once per conversation."""
+    _WORKER.update(tokenizer=tokenizer, loss_on=loss_on)
+
+
+def _encode(conversation: list[dict]) -> tuple[list[int], list[int]]:
+    enc = encode_chat(_WORKER["tokenizer"], conversation, loss_on=_WORKER["loss_on"])
     return enc.input_ids, enc.labels
 
 

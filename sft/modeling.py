@@ -59,8 +59,15 @@ def embedded_model_dir() -> Path:
     return target
 
 
+RANDOM_INIT = "random-init:"
+
+
 def resolve_model_source(model: str, revision: str | None) -> tuple[str, dict]:
-    """Where to load from and the from_pretrained kwargs; fails fast on a bad path or an unpinned hub id."""
+    """Where to load from and the from_pretrained kwargs; fails fast on a bad path or an unpinned hub id.
+    `random-init:<folder>` takes the folder's config.json and tokenizer but not its weights (benchmarks,
+    tests, training from scratch)."""
+    if model.startswith(RANDOM_INIT):
+        return resolve_model_source(model[len(RANDOM_INIT):], revision)
     if model == EMBEDDED_MODEL:
         return str(embedded_model_dir()), {}
     if model.startswith("embedded:"):
@@ -98,10 +105,16 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
 
 
 def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = torch.float32,
-               attn_implementation: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               device: torch.device | str = "cpu"):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     source, kwargs = resolve_model_source(model, revision)
+    if model.startswith(RANDOM_INIT):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        with torch.device(device):  # initialize where it will train: seconds on a GPU, not minutes on the CPU
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                    trust_remote_code=trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                                 trust_remote_code=trust_remote_code, **kwargs)
 

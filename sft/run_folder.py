@@ -48,8 +48,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 class RunFolder:
-    def __init__(self, path: Path):
+    """A run folder. Every process holds one (checkpoints need the path everywhere), but only the main
+    process's is `writable`; the others' writes do nothing."""
+
+    def __init__(self, path: Path, writable: bool = True):
         self.path = Path(path)
+        self.writable = writable
 
     @classmethod
     def create(cls, root: str | Path, experiment: str, now: dt.datetime | None = None) -> "RunFolder":
@@ -66,15 +70,34 @@ class RunFolder:
                 now += dt.timedelta(seconds=1)
 
     def write_json(self, name: str, obj: Any) -> None:
-        write_json_atomic(self.path / name, obj)
+        if self.writable:
+            write_json_atomic(self.path / name, obj)
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
 
     def append_jsonl(self, name: str, record: dict) -> None:
+        if not self.writable:
+            return
         with open(self.path / name, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
             f.flush()
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drops metric lines past `step`: a resumed run recomputes them from its checkpoint."""
+        path = self.path / "metrics.jsonl"
+        if not self.writable or not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
     def update_summary(self, **fields: Any) -> dict:
         path = self.path / "summary.json"

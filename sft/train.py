@@ -6,14 +6,19 @@ that is recorded in the folder (`status: failed` and the reason) and nothing wri
 """
 from __future__ import annotations
 
+import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .config import TrainConfig, settings_from
 from .data import PreparedData, prepare_data
 from .errors import ConfigError, SFTError
@@ -58,33 +63,79 @@ def main(namespace: dict) -> RunFolder:
     except SFTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        sys.exit(143 if "SIGTERM" in str(e) else 130)
+
+
+def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
+    """Builds everything, then trains into a new run folder, or into `cfg.resume`'s folder from its
+    newest checkpoint (with that run's saved settings)."""
+    cfg = resumed_config(cfg) if cfg.resume else cfg
+    setup = build(cfg, data)
+    folder = open_run_folder(cfg, setup)
+    try:
+        summary = train_loop(cfg, setup, folder)
+    except Interrupted as e:
+        folder.update_summary(status="interrupted", reason=str(e))
+        raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        folder.update_summary(status="interrupted", reason="KeyboardInterrupt (no checkpoint saved)")
+        raise
+    except BaseException as e:
+        folder.update_summary(status="failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    if folder.writable:
+        finish(cfg, setup, folder, summary)
+    return folder
 
 
-def run(cfg: TrainConfig) -> RunFolder:
-    setup = build(cfg)
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The settings the interrupted run was started with; the script's other constants are ignored."""
+    path = Path(cfg.resume)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"resume: {path} is not a run folder (no config.json)")
+    if not checkpoint.checkpoints(path):
+        raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
+    status = json.loads((path / "summary.json").read_text()).get("status")
+    if status == "completed":
+        raise ConfigError(f"resume: {path} has already completed")
+    saved = json.loads((path / "config.json").read_text())["config"]
+    saved["adam_betas"] = tuple(saved["adam_betas"])
+    differing = sorted(k for k, v in cfg.to_dict().items() if k != "resume" and saved.get(k) != v
+                       and not (isinstance(v, tuple) and list(v) == saved.get(k)))
+    if differing:
+        print(f"note: resuming with the run's saved settings; ignoring the script's {', '.join(differing)}",
+              file=sys.stderr)
+    saved["resume"] = str(path)
+    return TrainConfig(**saved)
+
+
+def open_run_folder(cfg: TrainConfig, setup: Setup) -> RunFolder:
+    """A new run folder (or the resumed one), known to every process, written by the main process only."""
+    from accelerate.utils import broadcast_object_list
+
     acc = setup.accelerator
-    folder = RunFolder.create(cfg.runs_root, cfg.experiment) if acc.is_main_process else None
-    if folder:
+    main = acc.is_main_process
+    if cfg.resume:
+        path = Path(cfg.resume)
+    else:
+        path = RunFolder.create(cfg.runs_root, cfg.experiment).path if main else None
+    if acc.num_processes > 1:
+        path = broadcast_object_list([path])[0]
+    folder = RunFolder(path, writable=main)
+    if cfg.resume:
+        env = json.loads((path / "env.json").read_text())
+        env.setdefault("resumes", []).append(collect_env(acc.device))
+        folder.write_json("env.json", env)
+        folder.update_summary(status="running")
+    else:
         folder.write_json("config.json", {"config": cfg.to_dict(), "derived": setup.derived})
         folder.write_json("env.json", collect_env(acc.device))
         folder.write_json("data_stats.json", setup.data.stats)
         folder.write_json("summary.json", {"status": "running"})
-        print(f"run folder: {folder.path}", file=sys.stderr)
-    try:
-        summary = train_loop(cfg, setup, folder)
-    except KeyboardInterrupt:
-        if folder:
-            folder.update_summary(status="interrupted", reason="KeyboardInterrupt")
-        raise
-    except BaseException as e:
-        if folder:
-            folder.update_summary(status="failed", reason=f"{type(e).__name__}: {e}")
-        raise
-    if folder:
-        finish(cfg, setup, folder, summary)
+    if main:
+        print(f"run folder: {path}", file=sys.stderr)
     return folder
 
 
@@ -113,7 +164,9 @@ def resolve_attention(cfg: TrainConfig, device: torch.device) -> str | None:
     return None
 
 
-def build(cfg: TrainConfig) -> Setup:
+def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
+    """Everything the loop needs. `data` replaces the dataset named in the config (benchmarks feed
+    synthetic token ids this way)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -125,7 +178,7 @@ def build(cfg: TrainConfig) -> Setup:
 
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code, cfg.eos_token)
     template = setup_template(tokenizer, cfg.template)
-    data = prepare_data(cfg, tokenizer)
+    data = data if data is not None else prepare_data(cfg, tokenizer)
 
     world = accelerator.num_processes
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
@@ -147,7 +200,7 @@ def build(cfg: TrainConfig) -> Setup:
     attention = resolve_attention(cfg, device)
     dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
     model = load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, device=device)
     if cfg.packing:
         check_packing_support(model)
     if cfg.gradient_checkpointing:
@@ -258,7 +311,7 @@ def evaluate_loss(setup: Setup) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolder | None) -> float | None:
+def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolder) -> float | None:
     """Generates for the held-out prompts; writes samples and returns the task metric (or None)."""
     from accelerate.utils import gather_object
 
@@ -274,7 +327,7 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
     replies = generate(model, setup.tokenizer, [prompts[i] for i in mine], decoding, cfg.generation_batch_size)
     gathered = dict(gather_object(list(zip(mine, replies))))
     replies = [gathered[i] for i in range(len(prompts))]
-    if folder:
+    if folder.writable:
         for i in range(min(cfg.num_samples, len(prompts))):
             folder.append_jsonl("samples.jsonl", {"stage": stage, "index": i, "messages": list(prompts[i]),
                                                   "prompt": render(setup.tokenizer, list(prompts[i]), True),
@@ -286,73 +339,129 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
     return exact_match(replies[:k], list(references[:k]))
 
 
-def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder | None) -> dict:
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved at the end of the current step."""
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each optimizer step, so a preempted job
+    ends on a step boundary with a checkpoint instead of dying mid-step."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
     acc = setup.accelerator
     setup.derived["max_grad_norm"] = cfg.max_grad_norm
     total_steps = len(setup.steps)
     steps_per_epoch = setup.derived["steps_per_epoch"]
-    log = folder.append_jsonl if folder else (lambda *a, **k: None)
-    state = {"tokens": 0, "supervised": 0, "train_time": 0.0, "eval_time": 0.0}
+    # Everything the loop accumulates lives here, so that a checkpoint can carry it across a resume.
+    state = {"step": 0, "tokens": 0, "supervised": 0, "train_time": 0.0, "eval_time": 0.0, "elapsed": 0.0,
+             "loss_x_targets": 0.0, "targets": 0, "eval_first": None, "metric_before": None,
+             "window": {"loss_x_targets": 0.0, "targets": 0, "tokens": 0, "time": 0.0},
+             "plan": [total_steps, setup.data.stats.get("tokenization_cache", {}).get("key")]}
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        return round(state["elapsed"] + time.perf_counter() - t0, 2)
 
     def run_eval(step: int, with_metric: bool, stage: str | None) -> tuple[float, float | None]:
         t = time.perf_counter()
         eval_loss = evaluate_loss(setup)
         metric = generation_pass(cfg, setup, stage, folder) if with_metric else None
         state["eval_time"] += time.perf_counter() - t
-        log("metrics.jsonl", {"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                              "tokens": state["tokens"], "eval_loss": eval_loss, "task_metric": metric,
-                              "task_metric_name": cfg.task_metric, "elapsed_s": round(time.perf_counter() - t0, 2)})
+        folder.append_jsonl("metrics.jsonl", {
+            "kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens": state["tokens"],
+            "eval_loss": eval_loss, "task_metric": metric, "task_metric_name": cfg.task_metric,
+            "elapsed_s": elapsed()})
         return eval_loss, metric
 
-    t0 = time.perf_counter()
-    eval_first, metric_before = run_eval(0, True, "before")
+    def save_checkpoint() -> Path:
+        saved = dict(state, elapsed=elapsed())
+        return checkpoint.save(acc, folder.path, state["step"], saved, setup.scheduler, cfg.keep_checkpoints,
+                               checkpoint.state_bytes(setup.loss_model, setup.optimizer))
+
+    if cfg.resume:
+        restored = checkpoint.load_latest(acc, folder.path, setup.scheduler)
+        if restored["plan"] != state["plan"]:
+            raise ConfigError(f"resume: the data or step plan differs from the interrupted run's "
+                              f"({restored['plan']} vs {state['plan']}); resume needs the same data and settings")
+        state.update(restored)
+        folder.truncate_metrics(state["step"])
+        print(f"resumed at step {state['step']} of {total_steps}", file=sys.stderr)
+    else:
+        state["eval_first"], state["metric_before"] = run_eval(0, True, "before")
     reset_peak_memory(acc.device)
     start = time.perf_counter()
-    window = {"loss_x_targets": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
-    bar = tqdm(total=total_steps, desc=cfg.experiment, disable=not acc.is_local_main_process, dynamic_ncols=True)
-    losses: list[tuple[float, int]] = []
-    for step_index, step_batches in enumerate(setup.steps):
-        step = step_index + 1
-        lr = setup.scheduler.get_last_lr()[0]
-        t = time.perf_counter()
-        loss, grad_norm, real_tokens = train_step(setup, step_batches)
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        if not math.isfinite(loss):
-            raise TrainingError(f"the training loss became {loss} at step {step}; lower lr or check the data")
-        targets = sum(_num_targets(b) for b in step_batches)
-        state["tokens"] += real_tokens
-        state["supervised"] += targets
-        state["train_time"] += dt
-        losses.append((loss, targets))
-        for key, value in (("loss_x_targets", loss * targets), ("targets", targets), ("tokens", real_tokens),
-                           ("time", dt)):
-            window[key] += value
-        if step % cfg.log_every == 0 or step == total_steps:
-            tps = window["tokens"] / window["time"]
-            mean_loss = window["loss_x_targets"] / window["targets"]
-            log("metrics.jsonl", {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                                  "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
-                                  "supervised_tokens": state["supervised"], "tokens_per_s": tps,
-                                  "elapsed_s": round(time.perf_counter() - t0, 2)})
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            window = {key: 0 for key in window}
-        bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-            run_eval(step, False, None)
+    bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.experiment, disable=not acc.is_local_main_process,
+               dynamic_ncols=True)
+    with StopRequest() as stop:
+        for step_batches in setup.steps[state["step"]:]:
+            step = state["step"] + 1
+            lr = setup.scheduler.get_last_lr()[0]
+            t = time.perf_counter()
+            loss, grad_norm, real_tokens = train_step(setup, step_batches)
+            if acc.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            if not math.isfinite(loss):
+                raise TrainingError(f"the training loss became {loss} at step {step}; lower lr or check the data"
+                                    + ("; the last good checkpoint is kept" if cfg.checkpoint_every else ""))
+            targets = sum(_num_targets(b) for b in step_batches)
+            state.update(step=step, tokens=state["tokens"] + real_tokens, supervised=state["supervised"] + targets,
+                         train_time=state["train_time"] + dt, loss_x_targets=state["loss_x_targets"] + loss * targets,
+                         targets=state["targets"] + targets)
+            window = state["window"]
+            for key, value in (("loss_x_targets", loss * targets), ("targets", targets), ("tokens", real_tokens),
+                               ("time", dt)):
+                window[key] += value
+            if step % cfg.log_every == 0 or step == total_steps:
+                tps = window["tokens"] / window["time"]
+                mean_loss = window["loss_x_targets"] / window["targets"]
+                folder.append_jsonl("metrics.jsonl", {
+                    "kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
+                    "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
+                    "supervised_tokens": state["supervised"], "tokens_per_s": tps, "elapsed_s": elapsed()})
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                state["window"] = {key: 0 for key in window}
+            bar.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+                run_eval(step, False, None)
+            if stop.signal is not None:
+                path = save_checkpoint()
+                raise Interrupted(f"{stop.signal} at step {step}; checkpoint saved: {path}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total_steps:
+                save_checkpoint()
     bar.close()
     train_runtime = time.perf_counter() - start
     peak_gib, peak_kind = peak_memory(acc.device)
     eval_final, metric_after = run_eval(total_steps, True, "after")
     tokens_per_s = state["tokens"] / state["train_time"] if state["train_time"] else float("nan")
-    examples = setup.derived["train_examples"] * total_steps / max(1, steps_per_epoch * cfg.epochs) * cfg.epochs
+    examples = setup.derived["train_examples"] * total_steps / steps_per_epoch
     return {
         "status": "completed",
         "train_runtime": round(train_runtime, 3),
         "train_samples_per_second": round(examples / train_runtime, 3),
         "train_steps_per_second": round(total_steps / train_runtime, 4),
-        "train_loss": sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses)),
+        "train_loss": state["loss_x_targets"] / max(1, state["targets"]),
         "epoch": round(total_steps / steps_per_epoch, 4),
         "global_step": total_steps,
         "real_tokens": state["tokens"],
@@ -362,10 +471,10 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder | None) -> dict
         "peak_memory_gib": round(peak_gib, 3),
         "peak_memory_kind": peak_kind,
         "eval_time_s": round(state["eval_time"], 2),
-        "eval_loss_first": eval_first,
+        "eval_loss_first": state["eval_first"],
         "eval_loss_final": eval_final,
         "task_metric_name": cfg.task_metric,
-        "task_metric_before": metric_before,
+        "task_metric_before": state["metric_before"],
         "task_metric_after": metric_after,
         "num_parameters": setup.derived["num_parameters"],
     }

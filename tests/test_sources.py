@@ -201,10 +201,12 @@ def test_hub_load_streams_by_default_when_max_rows_is_set(monkeypatch):
     assert load_rows("owner/name", revision="v1.0", max_rows=2) == ROWS[:2]
     assert load_rows("owner/name", revision="abc123", split="test") == ROWS
     assert load_rows("owner/name", revision="abc123", max_rows=2, streaming=False) == ROWS[:2]
+    assert load_rows("owner/name", revision="abc123", data_files="part-1.jsonl") == ROWS
     assert calls == [
-        ("owner/name", {"revision": "v1.0", "split": "train", "streaming": True}),
-        ("owner/name", {"revision": "abc123", "split": "test", "streaming": False}),
-        ("owner/name", {"revision": "abc123", "split": "train", "streaming": False}),
+        ("owner/name", {"revision": "v1.0", "split": "train", "streaming": True, "data_files": None}),
+        ("owner/name", {"revision": "abc123", "split": "test", "streaming": False, "data_files": None}),
+        ("owner/name", {"revision": "abc123", "split": "train", "streaming": False, "data_files": None}),
+        ("owner/name", {"revision": "abc123", "split": "train", "streaming": False, "data_files": "part-1.jsonl"}),
     ]
 
 

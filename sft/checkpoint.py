@@ -1,0 +1,79 @@
+"""Checkpoints inside the run folder: `checkpoints/step-<N>/`, complete or absent.
+
+A checkpoint is accelerate's `save_state` (model, optimizer, RNG states of Python, NumPy, torch and
+CUDA for every process; sharded under FSDP) plus the scheduler and `trainer_state.json` (the step
+reached, token counters, timers, the losses so far). It is written under a temporary name and renamed
+when complete, so resume never picks up a half-written one; only the newest `keep` are kept. The
+position in the data is the step index: the step plan is a pure function of the data and the seed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import SFTError
+
+PREFIX = "step-"
+
+
+class CheckpointError(SFTError):
+    """A checkpoint cannot be written or read."""
+
+
+def checkpoints(run_path: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_path) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                   and (p / "trainer_state.json").exists()), key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    states = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor))
+    return params + states
+
+
+def check_disk(path: Path, need: int) -> None:
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise CheckpointError(f"not enough free disk space for a checkpoint at {path}: it needs about "
+                              f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; the last checkpoint "
+                              f"is kept; free space or set checkpoint_every=None")
+
+
+def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler, keep: int, need_bytes: int) -> Path:
+    root = Path(run_path) / "checkpoints"
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{PREFIX}{step:06d}"
+    if accelerator.is_main_process:
+        root.mkdir(exist_ok=True)
+        check_disk(root, int(need_bytes * 1.05))
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(run_path)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_latest(accelerator, run_path: Path, scheduler) -> dict | None:
+    """Restores the newest complete checkpoint into the prepared objects; returns its trainer state."""
+    found = checkpoints(run_path)
+    if not found:
+        return None
+    latest = found[-1]
+    accelerator.load_state(str(latest))
+    scheduler.load_state_dict(torch.load(latest / "scheduler_state.pt", weights_only=False))
+    return json.loads((latest / "trainer_state.json").read_text())

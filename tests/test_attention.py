@@ -1,0 +1,169 @@
+"""The padding-free attention path: segment index math, layouts, the torch-version adapter, and the
+whole transformers integration on the CPU with a plain-torch kernel in place of flash attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sft import attention
+from sft.errors import ConfigError
+
+
+def reference_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
+    """Causal attention inside each segment, in plain torch: the kernel's interface and semantics
+    (q [N, Hq, D], k/v [N, Hkv, D], query head h reads key/value head h // groups)."""
+    groups = query.shape[1] // key.shape[1]
+    bounds = cu_seqlens.tolist()
+    assert max_seqlen == max(b - a for a, b in zip(bounds, bounds[1:]))
+    out = torch.empty_like(query)
+    for a, b in zip(bounds, bounds[1:]):
+        q = query[a:b].transpose(0, 1)
+        k, v = (t[a:b].transpose(0, 1).repeat_interleave(groups, dim=0) for t in (key, value))
+        scores = (q @ k.transpose(-1, -2)) * scale
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        out[a:b] = (scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+def positions_for(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([[p for n in row for p in range(n)] for row in rows])
+
+
+def block_diagonal_causal_mask(rows: list[list[int]]) -> torch.Tensor:
+    """[B, 1, T, T] bool, built from the example lengths alone (independent of the code under test)."""
+    length = sum(rows[0])
+    masks = []
+    for row in rows:
+        ids = torch.cat([torch.full((n,), i) for i, n in enumerate(row)])
+        same = ids[:, None] == ids[None, :]
+        masks.append(same & torch.ones(length, length, dtype=torch.bool).tril())
+    return torch.stack(masks)[:, None]
+
+
+def test_cu_seqlens_start_a_segment_where_positions_restart():
+    positions = positions_for([[3, 2, 5], [4, 2, 4]])
+    cu, longest = attention.cu_seqlens_from_position_ids(positions)
+    assert cu.dtype == torch.int32
+    assert cu.tolist() == [0, 3, 5, 10, 14, 16, 20]
+    assert longest == 5
+
+
+def test_cu_seqlens_split_rows_even_when_positions_continue():
+    positions = torch.arange(10).view(2, 5)  # row 1 continues row 0's positions: still its own sequence
+    assert attention.cu_seqlens_from_position_ids(positions)[0].tolist() == [0, 5, 10]
+
+
+def test_cu_seqlens_split_padding_from_tokens():
+    positions = torch.arange(6).expand(3, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    cu, longest = attention.cu_seqlens_from_position_ids(positions, mask)
+    assert cu.tolist() == [0, 2, 6, 9, 12, 18]
+    assert longest == 6
+
+
+def test_flatten_and_unflatten_keep_each_token_in_place():
+    x = torch.randn(2, 3, 5, 4)  # [B, H, T, D]
+    flat = attention.flatten_batch(x)
+    assert flat.shape == (10, 3, 4)
+    assert torch.equal(flat[1 * 5 + 3], x[1, :, 3])
+    assert torch.equal(attention.unflatten_batch(flat, 2), x.transpose(1, 2))
+
+
+def test_per_segment_reference_equals_sdpa_with_block_diagonal_mask():
+    torch.manual_seed(0)
+    rows = [[7, 3, 9, 5], [12, 1, 11]]
+    q, k, v = torch.randn(2, 4, 24, 8), torch.randn(2, 2, 24, 8), torch.randn(2, 2, 24, 8)
+    cu, longest = attention.cu_seqlens_from_position_ids(positions_for(rows))
+    flat = reference_varlen(*(attention.flatten_batch(t) for t in (q, k, v)), cu, longest, 8 ** -0.5)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_causal_mask(rows), enable_gqa=True)
+    torch.testing.assert_close(attention.unflatten_batch(flat, 2), expected.transpose(1, 2))
+
+
+def _fake_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal and query.shape[1] == key.shape[1]
+    return reference_varlen(query, key, value, cu_seq_q, max_q, query.shape[-1] ** -0.5)
+
+
+def _fake_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+              window_size=(-1, -1)):
+    assert window_size == (-1, 0) and query.shape[1] == key.shape[1]
+    return reference_varlen(query, key, value, cu_seq_q, max_q, scale)
+
+
+def _fake_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+              window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert window_size == (-1, 0) and enable_gqa
+    return reference_varlen(query, key, value, cu_seq_q, max_q, scale)
+
+
+@pytest.mark.parametrize("fake", [_fake_210, _fake_211, _fake_213], ids=["torch2.10", "torch2.11", "torch2.13"])
+def test_varlen_call_adapts_to_each_torch_signature(fake):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(20, 4, 8).bfloat16(), torch.randn(20, 2, 8).bfloat16(), torch.randn(20, 2, 8).bfloat16()
+    cu = torch.tensor([0, 6, 20], dtype=torch.int32)
+    out = attention.make_varlen_call(fake)(q, k, v, cu, 14, 0.5)  # a scale other than 1/sqrt(head_dim)
+    # torch 2.10 takes no scale: the query is rescaled and rounded to bf16 once more
+    torch.testing.assert_close(out, reference_varlen(q, k, v, cu, 14, 0.5), atol=2e-2, rtol=0)
+
+
+def test_varlen_call_refuses_fp32():
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(ConfigError, match="bf16 or fp16"):
+        attention.make_varlen_call(_fake_213)(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, 0.1)
+
+
+def test_cpu_is_refused_with_a_clear_message():
+    assert not attention.varlen_available("cpu")
+    with pytest.raises(ConfigError, match="CUDA GPU"):
+        attention.register_varlen_attention(torch.device("cpu"))
+
+
+@pytest.fixture
+def model_pair(monkeypatch):
+    """The same tiny grouped-query Llama twice: with sdpa, and with the varlen implementation running
+    the plain-torch kernel; plus a counter of segment computations."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    monkeypatch.setattr(attention, "_varlen", reference_varlen)
+    calls = []
+    real = attention.cu_seqlens_from_position_ids
+    monkeypatch.setattr(attention, "cu_seqlens_from_position_ids", lambda *a: calls.append(1) or real(*a))
+    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    varlen = AutoModelForCausalLM.from_config(config, attn_implementation=attention.register())
+    varlen.load_state_dict(sdpa.state_dict())
+    return sdpa, varlen, calls
+
+
+def test_packed_forward_and_backward_match_sdpa_and_unpacked_examples(model_pair):
+    sdpa, varlen, calls = model_pair
+    rows = [[5, 4, 3], [7, 5]]
+    positions = positions_for(rows)
+    ids = torch.randint(2, 101, positions.shape, generator=torch.Generator().manual_seed(1))
+    out = varlen(input_ids=ids, position_ids=positions).logits
+    assert len(calls) == 1  # once per forward pass, not once per layer
+    torch.testing.assert_close(out, sdpa(input_ids=ids, position_ids=positions).logits)
+    alone = sdpa(input_ids=ids[1:, 7:], position_ids=positions[1:, 7:]).logits
+    torch.testing.assert_close(out[1:, 7:], alone)
+
+    for model in (sdpa, varlen):
+        model(input_ids=ids, position_ids=positions).logits.square().mean().backward()
+    grad = [m.model.layers[0].self_attn.k_proj.weight.grad for m in (sdpa, varlen)]
+    torch.testing.assert_close(grad[1], grad[0])
+
+
+def test_padded_batches_and_generation_match_sdpa(model_pair):
+    sdpa, varlen, _ = model_pair
+    ids = torch.randint(2, 101, (2, 9), generator=torch.Generator().manual_seed(2))
+    right = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    keep = right.bool()
+    torch.testing.assert_close(varlen(input_ids=ids, attention_mask=right).logits[keep],
+                               sdpa(input_ids=ids, attention_mask=right).logits[keep])
+    left = right.flip(1)
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(varlen.generate(input_ids=ids, attention_mask=left, **greedy),
+                       sdpa.generate(input_ids=ids, attention_mask=left, **greedy))

@@ -1,0 +1,86 @@
+"""TrainConfig: every nonsense setting stops with a ConfigError naming the field; valid ones round-trip."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sft.config import TrainConfig
+from sft.errors import ConfigError
+
+BAD_SETTINGS = [
+    ("lr", 0.0),
+    ("lr", -1e-5),
+    ("lr", math.nan),
+    ("lr", math.inf),
+    ("micro_batch_size", 0),
+    ("micro_batch_size", -2),
+    ("grad_accum_steps", 0),
+    ("max_length", 0),
+    ("precision", "fp16"),
+    ("loss_on", "prompt"),
+    ("too_long", "ignore"),
+    ("template", "chatml"),
+    ("epochs", "2"),
+    ("epochs", 2.0),
+    ("packing", "yes"),
+    ("packing", 1),
+    ("micro_batch_size", True),
+    ("lr", "2e-5"),
+    ("warmup_ratio", 1.5),
+    ("warmup_ratio", 1.0),
+    ("warmup_ratio", -0.1),
+    ("eval_rows", 0.0),
+    ("eval_rows", 1.5),
+    ("eval_rows", 0),
+    ("max_steps", 0),
+    ("adam_betas", (0.9, 1.0)),
+    ("max_grad_norm", 0.0),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_SETTINGS, ids=[f"{f}={v!r}" for f, v in BAD_SETTINGS])
+def test_nonsense_setting_is_a_config_error_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^{field}:") as err:
+        TrainConfig(experiment="x", **{field: value})
+    assert repr(value) in str(err.value) or str(value) in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", "two words", "", "  "])
+def test_experiment_name_must_be_usable_as_a_folder_name(name):
+    with pytest.raises(ConfigError, match="^experiment:"):
+        TrainConfig(experiment=name)
+
+
+def test_sampling_settings_are_checked_only_when_sampling():
+    TrainConfig(experiment="x", temperature=0.0, top_p=0.0)  # greedy decoding ignores them
+    with pytest.raises(ConfigError, match="^temperature:"):
+        TrainConfig(experiment="x", do_sample=True, temperature=0.0)
+    with pytest.raises(ConfigError, match="^top_p:"):
+        TrainConfig(experiment="x", do_sample=True, top_p=1.5)
+
+
+def test_valid_values_of_the_checked_kinds_are_accepted():
+    cfg = TrainConfig(experiment="ok-name_1", lr=1, eval_rows=0.5, warmup_ratio=0.0, max_steps=None,
+                      precision="bf16_pure", loss_on="all", packing=False)
+    assert cfg.lr == 1 and cfg.eval_rows == 0.5
+    with_eval_file = TrainConfig(experiment="x", eval_dataset="other.jsonl", eval_rows=None)
+    assert with_eval_file.eval_rows is None
+
+
+def test_valid_config_round_trips_through_to_dict():
+    cfg = TrainConfig(experiment="round-trip", lr=3e-4, micro_batch_size=8, eval_rows=16, packing=False,
+                      max_steps=10, extra={"note": "hello"})
+    d = cfg.to_dict()
+    assert d["experiment"] == "round-trip" and d["lr"] == 3e-4 and d["extra"] == {"note": "hello"}
+    assert TrainConfig(**d) == cfg
+    from_json = TrainConfig(**json.loads(json.dumps(d)))  # as read back from a run folder's config.json
+    assert json.dumps(from_json.to_dict(), sort_keys=True) == json.dumps(d, sort_keys=True)
+
+
+def test_replace_validates_the_new_value():
+    cfg = TrainConfig(experiment="x")
+    assert cfg.replace(lr=1e-3).lr == 1e-3
+    with pytest.raises(ConfigError, match="^lr:"):
+        cfg.replace(lr=0.0)

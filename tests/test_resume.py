@@ -1,0 +1,105 @@
+"""A run killed mid-training and resumed reproduces the uninterrupted run step by step, bitwise on CPU."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sft.checkpoint import checkpoints
+from sft.config import TrainConfig
+from sft.errors import ConfigError
+from sft.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the settings given as JSON, and at the start of step KILL_AT sends itself the signal SIGNAL.
+CHILD = """
+import json, os, signal, sys
+import torch
+torch.set_num_threads(2)
+from sft import train
+settings, kill_at, sig = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+real_step, calls = train.train_step, [0]
+def step(setup, batches):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), getattr(signal, sig))
+    return real_step(setup, batches)
+train.train_step = step
+train.main({k.upper(): v for k, v in settings.items()})
+"""
+
+
+def losses(folder: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(m["step"], m["loss"]) for m in lines if m["kind"] == "train"]
+
+
+def final_eval_loss(folder: Path) -> float:
+    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m["kind"] == "eval"][-1]["eval_loss"]
+
+
+def run_child(settings: dict, kill_at: int, sig: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CHILD, json.dumps(settings), str(kill_at), sig], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def settings(tiny_config, tmp_path):
+    return tiny_config(max_steps=6, max_rows=160, checkpoint_every=2, keep_checkpoints=2, lr_schedule="cosine",
+                       warmup_ratio=0.2, task_metric_rows=2, num_samples=1).to_dict()
+
+
+@pytest.fixture
+def reference(settings, tmp_path):
+    ref = run(TrainConfig(**dict(settings, runs_root=str(tmp_path / "reference"))))
+    return ref.path
+
+
+@pytest.mark.parametrize("sig, kill_at, resumes_from, code", [
+    ("SIGKILL", 5, 4, -signal.SIGKILL),  # hard crash during step 5: back to the checkpoint of step 4
+    ("SIGTERM", 3, 3, 143),              # preemption during step 3: checkpoint at the end of step 3
+])
+def test_killed_run_resumes_to_the_same_losses_bitwise(settings, reference, tmp_path, sig, kill_at,
+                                                       resumes_from, code):
+    settings = dict(settings, runs_root=str(tmp_path / "killed"))
+    proc = run_child(settings, kill_at, sig)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    (folder,) = list((tmp_path / "killed").iterdir())
+    saved = checkpoints(folder)
+    assert int(saved[-1].name.split("-")[1]) == resumes_from and len(saved) <= 2
+    assert not [p for p in (folder / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    status = json.loads((folder / "summary.json").read_text())["status"]
+    assert status == ("interrupted" if sig == "SIGTERM" else "running")
+
+    run(TrainConfig(**dict(settings, resume=str(folder))))
+    assert losses(folder) == losses(reference)  # every step exactly once, bitwise equal floats
+    assert final_eval_loss(folder) == final_eval_loss(reference)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 6
+    env = json.loads((folder / "env.json").read_text())
+    assert len(env["resumes"]) == 1
+
+
+def test_resume_refuses_a_completed_run_and_a_folder_without_checkpoints(settings, reference, tmp_path):
+    with pytest.raises(ConfigError, match="already completed"):
+        run(TrainConfig(**dict(settings, resume=str(reference))))
+    with pytest.raises(ConfigError, match="not a run folder"):
+        run(TrainConfig(**dict(settings, resume=str(tmp_path))))
+
+
+def test_checkpoint_refuses_to_start_without_disk_space(tiny_config, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from sft.checkpoint import CheckpointError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 0))
+    with pytest.raises(CheckpointError, match="not enough free disk space"):
+        run(tiny_config(max_steps=3, checkpoint_every=1))

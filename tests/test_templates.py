@@ -1,0 +1,161 @@
+"""Chat templates: which tokens are supervised, and that training and generation share one encoding."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from tokenizers import processors
+
+from sft.errors import ConfigError
+from sft.templates import IGNORE_INDEX, encode_chat, setup_template
+
+SINGLE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
+          {"role": "assistant", "content": "5"}]
+MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
+         {"role": "assistant", "content": "5"}, {"role": "user", "content": "and 3+4?"},
+         {"role": "assistant", "content": "7"}]
+
+# ChatML without SmolLM's default system prompt, so a test can prepend things to it.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def supervised_tokens(tokenizer, enc) -> list[str]:
+    return [tokenizer.convert_ids_to_tokens(t) for t in enc.labels if t != IGNORE_INDEX]
+
+
+def supervised_runs(tokenizer, enc) -> list[list[str]]:
+    """Contiguous runs of supervised positions, as token strings."""
+    runs, current = [], []
+    for tok_id, label in zip(enc.input_ids, enc.labels):
+        if label != IGNORE_INDEX:
+            current.append(tokenizer.convert_ids_to_tokens(tok_id))
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def bos_tokenizer(chatml_tokenizer):
+    """A copy of the ChatML tokenizer that, like Llama's, puts a BOS token first when asked to add special tokens."""
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.bos_token = "<|endoftext|>"
+    bos_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", bos_id)])
+    assert tok("a").input_ids[0] == bos_id  # the premise of the BOS tests
+    assert chatml_tokenizer("a").input_ids[0] != bos_id and chatml_tokenizer.bos_token == "<|im_start|>"
+    return tok
+
+
+def test_single_turn_supervises_exactly_the_reply_and_its_end_of_turn_token(chatml_tokenizer):
+    enc = encode_chat(chatml_tokenizer, SINGLE)
+    tokens = chatml_tokenizer.convert_ids_to_tokens(enc.input_ids)
+    assert len(enc.labels) == len(enc.input_ids)
+    assert supervised_runs(chatml_tokenizer, enc) == [["5", "<|im_end|>"]]
+    first = next(i for i, t in enumerate(enc.labels) if t != IGNORE_INDEX)
+    assert tokens[first - 4:first] == ["<|im_start|>", "ass", "istant", "Ċ"]
+    assert enc.labels[first:first + 2] == enc.input_ids[first:first + 2]
+    assert tokens[first + 2] == "Ċ" and enc.labels[first + 2] == IGNORE_INDEX  # the newline after <|im_end|>
+    assert first + 3 == len(tokens)
+    assert chatml_tokenizer.decode(enc.input_ids) == chatml_tokenizer.apply_chat_template(SINGLE, tokenize=False)
+
+
+def test_every_assistant_turn_of_a_multi_turn_conversation_is_supervised(chatml_tokenizer):
+    enc = encode_chat(chatml_tokenizer, MULTI)
+    assert supervised_runs(chatml_tokenizer, enc) == [["5", "<|im_end|>"], ["7", "<|im_end|>"]]
+    assert chatml_tokenizer.decode(enc.input_ids) == chatml_tokenizer.apply_chat_template(MULTI, tokenize=False)
+
+
+def test_loss_on_all_supervises_every_token(chatml_tokenizer):
+    enc = encode_chat(chatml_tokenizer, MULTI, loss_on="all")
+    assert enc.labels == enc.input_ids
+    assert enc.input_ids == encode_chat(chatml_tokenizer, MULTI).input_ids
+
+
+@pytest.mark.parametrize("conversation", [SINGLE, MULTI], ids=["single_turn", "multi_turn"])
+def test_generation_prompt_is_the_training_prefix_before_the_last_reply(chatml_tokenizer, conversation):
+    train = encode_chat(chatml_tokenizer, conversation)
+    prompt = encode_chat(chatml_tokenizer, conversation[:-1], add_generation_prompt=True)
+    last_run_start = max(i for i, t in enumerate(train.labels)
+                         if t != IGNORE_INDEX and (i == 0 or train.labels[i - 1] == IGNORE_INDEX))
+    assert prompt.input_ids == train.input_ids[:last_run_start]
+    assert prompt.labels == [IGNORE_INDEX] * len(prompt.input_ids)
+
+
+def test_generation_prompt_after_an_assistant_turn_is_refused(chatml_tokenizer):
+    with pytest.raises(Exception, match="must end with a user turn"):
+        encode_chat(chatml_tokenizer, SINGLE, add_generation_prompt=True)
+
+
+def test_plain_template_ends_each_assistant_turn_with_eos_and_supervises_it(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)
+    original = chatml_tokenizer.chat_template
+    assert setup_template(tok, "plain") == "plain"
+    assert chatml_tokenizer.chat_template == original  # the session fixture is untouched
+    enc = encode_chat(tok, MULTI)
+    assert tok.decode(enc.input_ids) == ("Be brief.\n\n### Human: 2+3?\n### Assistant:\n5<|im_end|>\n"
+                                         "### Human: and 3+4?\n### Assistant:\n7<|im_end|>\n")
+    assert supervised_runs(tok, enc) == [["5", "<|im_end|>"], ["7", "<|im_end|>"]]
+    prompt = encode_chat(tok, MULTI[:-1], add_generation_prompt=True)
+    assert tok.decode(prompt.input_ids).endswith("### Human: and 3+4?\n### Assistant:\n")
+    assert prompt.input_ids == enc.input_ids[:len(prompt.input_ids)]
+
+
+def test_template_that_emits_bos_gives_exactly_one_bos(chatml_tokenizer):
+    tok = bos_tokenizer(chatml_tokenizer)
+    tok.chat_template = "{{ bos_token }}" + CHATML
+    rendered = tok.apply_chat_template(SINGLE, tokenize=False)
+    assert tok(rendered).input_ids[:2] == [tok.bos_token_id] * 2  # what adding special tokens would do
+    enc = encode_chat(tok, SINGLE)
+    assert enc.input_ids[0] == tok.bos_token_id
+    assert enc.input_ids.count(tok.bos_token_id) == 1
+    assert supervised_tokens(tok, enc) == ["5", "<|im_end|>"]
+
+
+def test_plain_template_on_a_bos_tokenizer_starts_with_one_bos(chatml_tokenizer):
+    tok = bos_tokenizer(chatml_tokenizer)
+    setup_template(tok, "plain")
+    enc = encode_chat(tok, SINGLE)
+    assert enc.input_ids[0] == tok.bos_token_id
+    assert enc.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_plain_template_on_a_tokenizer_without_bos_has_none(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)
+    setup_template(tok, "plain")
+    enc = encode_chat(tok, SINGLE)
+    assert tok.convert_ids_to_tokens(enc.input_ids[0]) == "Be"
+
+
+def test_template_emitting_two_bos_is_a_config_error(chatml_tokenizer):
+    tok = bos_tokenizer(chatml_tokenizer)
+    tok.chat_template = "{{ bos_token }}{{ bos_token }}" + CHATML
+    with pytest.raises(ConfigError, match="two BOS"):
+        encode_chat(tok, SINGLE)
+
+
+def test_template_not_ending_assistant_turns_with_eos_is_a_config_error(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ConfigError, match="EOS"):
+        encode_chat(tok, SINGLE)
+
+
+def test_template_rewriting_earlier_turns_is_a_config_error(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.chat_template = CHATML.replace("in messages", "in messages[-2:]")
+    encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])  # fine: 2 turns
+    with pytest.raises(ConfigError, match="rewrites earlier turns"):
+        encode_chat(tok, MULTI)
+
+
+def test_tokenizer_template_requested_without_one_is_a_config_error(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        setup_template(tok, "tokenizer")
+    assert setup_template(tok, "auto") == "plain"
