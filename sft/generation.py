@@ -35,8 +35,10 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int = 16) -> list[str]:
-    """Replies to each prompt (a conversation ending with a user turn), stopping at end of turn."""
+def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int = 16,
+             synced: bool = False) -> list[str]:
+    """Replies to each prompt (a conversation ending with a user turn), stopping at end of turn.
+    `synced`: the model is sharded (FSDP), so every process keeps stepping until all have finished."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
@@ -59,7 +61,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, ba
         for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
             ids[row, longest - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, longest - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             synced_gpus=synced)
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
     model.train(was_training)

@@ -37,6 +37,7 @@ class LossModel(torch.nn.Module):
     def __init__(self, model, impl: str = "selected", chunk_tokens: int = 4096):
         super().__init__()
         self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP wraps these layers
         self.impl = impl
         self.chunk_tokens = chunk_tokens
 

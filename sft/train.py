@@ -85,8 +85,7 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
     except BaseException as e:
         folder.update_summary(status="failed", reason=f"{type(e).__name__}: {e}")
         raise
-    if folder.writable:
-        finish(cfg, setup, folder, summary)
+    finish(cfg, setup, folder, summary)
     return folder
 
 
@@ -172,9 +171,16 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg, probe)
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16_autocast" else "no")
+    # cpu=True on a machine without CUDA lets processes started by `accelerate launch` (torch.distributed.run)
+    # join one gloo process group instead of each training alone.
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16_autocast" else "no",
+                              cpu=probe.type == "cpu")
     device = accelerator.device
     master = MASTER_WEIGHTS.get((precision, cfg.bf16_update), "fp32")
+    if accelerator.distributed_type.name == "DEEPSPEED" and (cfg.grad_accum_steps != 1 or master != "fp32"):
+        raise ConfigError("DeepSpeed steps the optimizer inside every backward pass and keeps its own fp32 master "
+                          "weights: use grad_accum_steps=1 (raise micro_batch_size or the process count) and "
+                          "precision='bf16_autocast' or 'fp32'")
 
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code, cfg.eos_token)
     template = setup_template(tokenizer, cfg.template)
@@ -280,6 +286,7 @@ def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, in
             acc.backward(loss * (weight * cfg_world / total_targets))
         loss_sum += loss.detach() * weight
     grad_norm = acc.clip_grad_norm_(setup.loss_model.parameters(), setup.derived.get("max_grad_norm") or math.inf)
+    grad_norm = float("nan") if grad_norm is None else grad_norm  # DeepSpeed clips inside its engine
     setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
@@ -296,15 +303,26 @@ class _nullcontext:
         return False
 
 
+def my_share(n: int, acc) -> list[tuple[int, bool]]:
+    """This process's share of n items, as (index, counts). Every process gets the same number of items,
+    padding with repeats that do not count: wrapped models run collectives in each forward pass (DDP
+    buffer broadcasts, FSDP all-gathers), so every process must run as many forward passes."""
+    per_process = -(-n // acc.num_processes)
+    mine = list(range(acc.process_index, n, acc.num_processes))
+    return [(i, True) for i in mine] + [(0, False)] * (per_process - len(mine)) if n else []
+
+
 @torch.no_grad()
 def evaluate_loss(setup: Setup) -> float:
     """Token-weighted mean loss over the held-out examples (all processes together)."""
     acc = setup.accelerator
     setup.loss_model.eval()
     total = torch.zeros(2, device=acc.device, dtype=torch.float64)
-    for batch in setup.eval_batches[acc.process_index::acc.num_processes]:
+    for i, counts in my_share(len(setup.eval_batches), acc):
+        batch = setup.eval_batches[i]
         loss = setup.loss_model(**_to_device(batch, acc.device))
-        total += torch.tensor([loss.item(), _num_targets(batch)], device=acc.device, dtype=torch.float64)
+        if counts:
+            total += torch.tensor([loss.item(), _num_targets(batch)], device=acc.device, dtype=torch.float64)
     setup.loss_model.train()
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="sum")
@@ -323,9 +341,10 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
     prompts, references = zip(*(prompt_and_reference(c) for c in conversations))
     decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
     model = acc.unwrap_model(setup.loss_model).model
-    mine = list(range(acc.process_index, len(prompts), acc.num_processes))
-    replies = generate(model, setup.tokenizer, [prompts[i] for i in mine], decoding, cfg.generation_batch_size)
-    gathered = dict(gather_object(list(zip(mine, replies))))
+    share = my_share(len(prompts), acc)
+    replies = generate(model, setup.tokenizer, [prompts[i] for i, _ in share], decoding, cfg.generation_batch_size,
+                       synced=acc.distributed_type.name == "FSDP")
+    gathered = dict(gather_object([(i, r) for (i, counts), r in zip(share, replies) if counts]))
     replies = [gathered[i] for i in range(len(prompts))]
     if folder.writable:
         for i in range(min(cfg.num_samples, len(prompts))):
@@ -481,12 +500,19 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
 
 
 def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> None:
+    """Saves the model (gathered from all processes when sharded) and completes the run folder."""
     from .plotting import write_figures
 
+    acc = setup.accelerator
     if cfg.save_model:
-        model = setup.accelerator.unwrap_model(setup.loss_model).model
-        model.save_pretrained(folder.path / "model")
-        setup.tokenizer.save_pretrained(folder.path / "model")
+        state = acc.get_state_dict(setup.loss_model)  # a collective under FSDP / ZeRO-3: every process calls it
+        if folder.writable:
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+            acc.unwrap_model(setup.loss_model).model.save_pretrained(folder.path / "model", state_dict=state)
+            setup.tokenizer.save_pretrained(folder.path / "model")
+    acc.wait_for_everyone()
+    if not folder.writable:
+        return
     folder.update_summary(**summary)
     write_figures(folder.path)
     print(f"done: {folder.path}  eval loss {summary['eval_loss_first']:.4f} -> {summary['eval_loss_final']:.4f}"
