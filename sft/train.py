@@ -6,6 +6,7 @@ that is recorded in the folder (`status: failed` and the reason) and nothing wri
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -271,36 +272,25 @@ def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, in
     because data-parallel wrappers average gradients over processes: the update then equals that of
     one batch holding all the step's tokens, however it is split.
     """
-    acc, cfg_world = setup.accelerator, setup.accelerator.num_processes
+    acc, world = setup.accelerator, setup.accelerator.num_processes
     total_targets = sum(_num_targets(b) for b in step_batches)
-    mine = step_batches[acc.process_index::cfg_world]
-    weight = 1.0
-    if not mine:  # a short last step: take part in gradient sync with a zero-weight batch
-        mine, weight = step_batches[:1], 0.0
+    share = my_share(len(step_batches), acc)  # a short last step pads with zero-weight repeats
     loss_sum = torch.zeros((), device=acc.device)
-    for k, batch in enumerate(mine):
-        inputs = _to_device(batch, acc.device)
-        sync = k == len(mine) - 1
-        with acc.no_sync(setup.loss_model) if not sync else _nullcontext():
-            loss = setup.loss_model(**inputs)
-            acc.backward(loss * (weight * cfg_world / total_targets))
+    for k, (i, counts) in enumerate(share):
+        weight = 1.0 if counts else 0.0
+        sync = k == len(share) - 1
+        with acc.no_sync(setup.loss_model) if not sync else contextlib.nullcontext():
+            loss = setup.loss_model(**_to_device(step_batches[i], acc.device))
+            acc.backward(loss * (weight * world / total_targets))
         loss_sum += loss.detach() * weight
     grad_norm = acc.clip_grad_norm_(setup.loss_model.parameters(), setup.derived.get("max_grad_norm") or math.inf)
     grad_norm = float("nan") if grad_norm is None else grad_norm  # DeepSpeed clips inside its engine
     setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
-    loss_sum = acc.reduce(loss_sum, reduction="sum") if cfg_world > 1 else loss_sum
+    loss_sum = acc.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
     real_tokens = sum(b["num_real_tokens"] for b in step_batches)
     return loss_sum.item() / total_targets, float(grad_norm), real_tokens
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def my_share(n: int, acc) -> list[tuple[int, bool]]:
@@ -394,6 +384,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
     steps_per_epoch = setup.derived["steps_per_epoch"]
     # Everything the loop accumulates lives here, so that a checkpoint can carry it across a resume.
     state = {"step": 0, "tokens": 0, "supervised": 0, "train_time": 0.0, "eval_time": 0.0, "elapsed": 0.0,
+             "train_wall": 0.0,
              "loss_x_targets": 0.0, "targets": 0, "eval_first": None, "metric_before": None,
              "window": {"loss_x_targets": 0.0, "targets": 0, "tokens": 0, "time": 0.0},
              "plan": [total_steps, setup.data.stats.get("tokenization_cache", {}).get("key")]}
@@ -414,7 +405,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
         return eval_loss, metric
 
     def save_checkpoint() -> Path:
-        saved = dict(state, elapsed=elapsed())
+        saved = dict(state, elapsed=elapsed(), train_wall=state["train_wall"] + time.perf_counter() - start)
         return checkpoint.save(acc, folder.path, state["step"], saved, setup.scheduler, cfg.keep_checkpoints,
                                checkpoint.state_bytes(setup.loss_model, setup.optimizer))
 
@@ -470,7 +461,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total_steps:
                 save_checkpoint()
     bar.close()
-    train_runtime = time.perf_counter() - start
+    train_runtime = state["train_wall"] + time.perf_counter() - start  # the loop's wall time, over resumes
     peak_gib, peak_kind = peak_memory(acc.device)
     eval_final, metric_after = run_eval(total_steps, True, "after")
     tokens_per_s = state["tokens"] / state["train_time"] if state["train_time"] else float("nan")
