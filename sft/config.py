@@ -52,6 +52,7 @@ class TrainConfig:
     loss_on: str = "assistant"
     packing: bool = True
     group_by_length: bool = True         # without packing: batch examples of similar length (less padding)
+    padding_free: bool = False           # instead of packing: one unpadded row of whole examples per micro-batch
     num_proc: int = 1                    # tokenization processes
     # optimization
     epochs: int = 1
@@ -123,6 +124,8 @@ class TrainConfig:
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
         _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16"))
+        if self.padding_free and self.packing:
+            raise ConfigError("padding_free: replaces packing; set packing=False to use it")
         if self.optimizer_state_dtype == "bfloat16" and self.precision != "bf16_pure":
             raise ConfigError("optimizer_state_dtype: 'bfloat16' needs precision='bf16_pure'")
         if self.task_metric is not None:

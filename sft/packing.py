@@ -91,13 +91,27 @@ LENGTH_GROUP_WINDOW = 512
 
 
 def micro_batches(examples: list[Example], *, packing: bool, rows_per_batch: int, row_length: int, pad_id: int,
-                  seed: int, pad_to_multiple_of: int = 1, group_by_length: bool = False) -> list[dict]:
+                  seed: int, pad_to_multiple_of: int = 1, group_by_length: bool = False,
+                  padding_free: bool = False) -> list[dict]:
     """One epoch of collated micro-batches, in an order set by `seed` alone.
 
     Without packing, `group_by_length` sorts each window of LENGTH_GROUP_WINDOW shuffled examples by
     length before cutting micro-batches, then shuffles the micro-batches: padding shrinks to the
     length spread inside a batch while the order stays random at the batch level."""
     rng = random.Random(seed)
+    if padding_free:  # one row per micro-batch: whole examples back to back, up to the token budget, no padding
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        budget, rows, row, used = rows_per_batch * row_length, [], [], 0
+        for i in order:
+            n = len(examples[i].input_ids)
+            if row and used + n > budget:
+                rows.append(row)
+                row, used = [], 0
+            row.append(examples[i])
+            used += n
+        rows.append(row)
+        return [collate_packed([r], sum(len(e.input_ids) for e in r), pad_id) for r in rows]
     if packing:
         bins = pack_best_fit_decreasing([len(e.input_ids) for e in examples], row_length)
         rng.shuffle(bins)

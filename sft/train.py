@@ -157,7 +157,7 @@ def resolve_attention(cfg: TrainConfig, device: torch.device) -> str | None:
             from .attention import register_varlen_attention
             return register_varlen_attention(device)
         return cfg.attn_implementation
-    if device.type == "cuda" and cfg.packing:
+    if device.type == "cuda" and (cfg.packing or cfg.padding_free):
         from .attention import register_varlen_attention, varlen_available
         if varlen_available(device):
             return register_varlen_attention(device)
@@ -193,7 +193,8 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     for epoch in range(cfg.epochs):
         batches = micro_batches(data.train, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size,
                                 row_length=cfg.max_length, pad_id=tokenizer.pad_token_id,
-                                seed=cfg.seed * 1000 + epoch, group_by_length=cfg.group_by_length)
+                                seed=cfg.seed * 1000 + epoch, group_by_length=cfg.group_by_length,
+                                padding_free=cfg.padding_free)
         for step in optimizer_steps(batches, cfg.grad_accum_steps * world):
             steps.append(step)
     steps_per_epoch = math.ceil(len(steps) / cfg.epochs)
@@ -208,7 +209,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
     model = load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
                        trust_remote_code=cfg.trust_remote_code, device=device)
-    if cfg.packing:
+    if cfg.packing or cfg.padding_free:
         check_packing_support(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model, cfg.checkpoint_every_n_layers)

@@ -149,3 +149,17 @@ def test_experiment_entry_point_prints_one_line_and_exits_2(tmp_path):
                           env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: lr: must be > 0, got -1.0"
+
+
+def test_padding_free_and_packed_and_padded_batching_train_alike(tiny_config):
+    """The same examples in the same steps give the same losses whether rows are padded, packed or
+    concatenated without padding: the batching changes the compute, never the result."""
+    common = dict(micro_batch_size=64, grad_accum_steps=1, max_length=64, max_steps=1, task_metric=None,
+                  num_samples=0, group_by_length=False)
+    padded = run(tiny_config(packing=False, **common))
+    packed = run(tiny_config(packing=True, **common))
+    padding_free = run(tiny_config(packing=False, padding_free=True, **common))
+    config = json.loads((padding_free.path / "config.json").read_text())
+    assert config["derived"]["packing_efficiency"] == 1.0
+    assert train_losses(padded) == pytest.approx(train_losses(packed), rel=1e-5)
+    assert train_losses(padded) == pytest.approx(train_losses(padding_free), rel=1e-5)
