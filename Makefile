@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 export MPLBACKEND := Agg
 
-.PHONY: install demo test plot notebooks clean
+.PHONY: install demo test report clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# README tables, assets/ and the notebook's outputs, regenerated from the committed results
+report: install
+	$(BIN)/python -m sft.report --notebook
 
 clean:
 	rm -rf $(VENV) .pytest_cache

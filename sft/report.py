@@ -110,9 +110,34 @@ def blocks(root: Path = ROOT) -> dict[str, str]:
     return out
 
 
+def execute_notebook(path: Path, run_dirs: list[Path]) -> None:
+    """Runs the notebook on the given runs and saves it with its outputs, so it reads on a code host."""
+    import os
+
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    env_before = os.environ.get("SFT_RUNS")
+    os.environ["SFT_RUNS"] = os.pathsep.join(str(p) for p in run_dirs)
+    try:
+        nbclient.NotebookClient(notebook, kernel_name="python3", timeout=600,
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        if env_before is None:
+            os.environ.pop("SFT_RUNS")
+        else:
+            os.environ["SFT_RUNS"] = env_before
+    for cell in notebook.cells:  # execution metadata only adds diff noise
+        cell.get("metadata", {}).pop("execution", None)
+    nbformat.write(notebook, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--notebook", action="store_true",
+                        help="also execute sft/notebooks/postprocess.ipynb on the newest demo run and save its outputs")
     args = parser.parse_args(argv)
     readme = Path(args.readme)
     text = readme.read_text()
@@ -125,6 +150,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     readme.write_text(text)
+    if args.notebook:
+        demo = newest_run("demo_smollm2", ROOT / "runs")
+        if demo is None:
+            print("error: no completed demo run in runs/ to execute the notebook on", file=sys.stderr)
+            return 2
+        execute_notebook(ROOT / "sft" / "notebooks" / "postprocess.ipynb", [demo.path])
+        print(f"executed sft/notebooks/postprocess.ipynb on {demo.path.name}")
     return 0
 
 
