@@ -22,7 +22,7 @@ import numpy as np
 from . import formats, sources
 from .config import EMBEDDED_DATASET, TrainConfig
 from .demo_data import demo_rows
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .modeling import cache_root
 from .packing import Example, shift_labels
 from .templates import IGNORE_INDEX, encode_chat
@@ -50,7 +50,10 @@ def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None,
         rows = sources.load_rows(source, revision=cfg.dataset_revision, split=split, max_rows=max_rows,
                                  data_files=cfg.dataset_files)
     columns = sorted({k for row in rows[:100] for k in row})
-    fmt = formats.detect_format(columns) if cfg.dataset_format == "auto" else cfg.dataset_format
+    try:
+        fmt = formats.detect_format(columns) if cfg.dataset_format == "auto" else cfg.dataset_format
+    except DataError as e:
+        raise DataError(f"dataset {source}: {e}") from None
     if cfg.dataset_format != "auto" and not set(formats.FORMATS[fmt]) <= set(columns):
         raise DataError(f"dataset {source}: format {fmt!r} needs the columns {list(formats.FORMATS[fmt])}, "
                         f"found {columns}")
@@ -70,7 +73,11 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
         read_stats["eval_source"] = eval_read
     else:
         eval_rows = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION
-        train_convs, eval_convs = sources.split_heldout(conversations, eval_rows=eval_rows, seed=cfg.seed)
+        try:
+            train_convs, eval_convs = sources.split_heldout(conversations, eval_rows=eval_rows, seed=cfg.seed)
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({read_stats['rows_kept']} of {read_stats['rows_read']} rows of {cfg.dataset} "
+                              f"are usable; rejected by reason: {read_stats['rows_rejected']})") from None
     key = _cache_key(tokenizer, cfg, train_convs, eval_convs)
     path = cache_root() / "tokenized" / f"{key}.pkl"
     if path.exists():
@@ -78,8 +85,9 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
             train, evals, tok_stats = pickle.load(f)
         hit = True
     else:
-        train, train_stats = tokenize_conversations(train_convs, tokenizer, cfg, "train")
-        evals, eval_stats = tokenize_conversations(eval_convs, tokenizer, cfg, "held-out")
+        train, train_stats = tokenize_conversations(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train")
+        evals, eval_stats = tokenize_conversations(eval_convs, tokenizer, cfg,
+                                                   f"dataset {cfg.eval_dataset or cfg.dataset}: held-out")
         tok_stats = {"train": train_stats, "eval": eval_stats}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

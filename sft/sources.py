@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 from sft.errors import ConfigError, DataError
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# json.loads accepts an escaped lone UTF-16 surrogate ("\ud800"); the str it makes cannot be encoded,
+# so rows whose text holds such an escape are checked before anything downstream tries.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def load_rows(
@@ -76,7 +79,7 @@ def _load_hub(source: str, *, revision, split, max_rows, streaming, data_files=N
         return take_rows(dataset, max_rows)
     except Exception as e:  # network, auth, missing repo or split: each library raises its own type
         raise DataError(
-            f"could not fetch dataset {source!r} (revision {revision!r}, split {split!r}) from the hub: {e}"
+            f"could not fetch dataset {source!r} (revision {revision!r}, split {split!r}) from the hub: {_one_line(e)}"
         ) from e
 
 
@@ -104,7 +107,19 @@ def _iter_file(path: Path) -> Iterator[dict]:
     try:
         yield from _READERS[path.suffix.lower()](path)
     except UnicodeDecodeError as e:
-        raise DataError(f"dataset file {path} is not UTF-8 text: {e}") from None
+        raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    """The decoder's position is relative to the chunk it was given, so the bad line is found afresh."""
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return DataError(f"dataset file {path}, line {lineno} is not UTF-8 text: {bad.reason} "
+                                 f"(byte 0x{line[bad.start]:02x} at column {bad.start + 1})")
+    return DataError(f"dataset file {path} is not UTF-8 text: {e}")
 
 
 def _iter_json(path: Path) -> Iterator[dict]:
@@ -112,12 +127,14 @@ def _iter_json(path: Path) -> Iterator[dict]:
     with path.open(encoding="utf-8-sig") as f:
         first = next((line for line in f if line.strip()), "")
     if first.lstrip().startswith("["):
+        text = path.read_text(encoding="utf-8-sig")
         try:
-            items = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as e:
-            raise _bad_json(path, e.lineno, e) from None
+            items = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise _bad_json(path, getattr(e, "lineno", None), e) from None
+        check_text = bool(_SURROGATE_ESCAPE.search(text))
         for i, item in enumerate(items):
-            yield _as_row(item, f"dataset file {path}, item {i}")
+            yield _as_row(item, f"dataset file {path}, item {i}", check_text)
         return
     with path.open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
@@ -125,27 +142,63 @@ def _iter_json(path: Path) -> Iterator[dict]:
                 continue
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise _bad_json(path, lineno, e) from None
-            yield _as_row(item, f"dataset file {path}, line {lineno}")
+            yield _as_row(item, f"dataset file {path}, line {lineno}", bool(_SURROGATE_ESCAPE.search(line)))
 
 
-def _bad_json(path: Path, lineno: int, e: json.JSONDecodeError) -> DataError:
-    return DataError(f"dataset file {path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})")
+def _bad_json(path: Path, lineno: int | None, e: Exception) -> DataError:
+    """JSONDecodeError is a syntax error; a plain ValueError (an integer of over 4300 digits) or a
+    RecursionError (nesting too deep) comes from valid JSON that Python's parser still refuses."""
+    where = f"dataset file {path}" + (f", line {lineno}" if lineno is not None else "")
+    if isinstance(e, json.JSONDecodeError):
+        return DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})")
+    return DataError(f"{where}: cannot parse JSON ({e})")
 
 
-def _as_row(item, where: str) -> dict:
+def _as_row(item, where: str, check_text: bool) -> dict:
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object (one row), got {type(item).__name__}")
+    if check_text:
+        try:
+            json.dumps(item, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: the escape {e.object[e.start].encode('unicode_escape').decode()} is half "
+                            f"of a UTF-16 surrogate pair without its other half, so the text is not valid "
+                            f"Unicode") from None
     return item
 
 
 def _iter_parquet(path: Path) -> Iterator[dict]:
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-    except pa.ArrowException as e:
-        raise DataError(f"cannot read parquet file {path}: {e}") from None
+            try:
+                rows = batch.to_pylist()
+            except _UNCONVERTIBLE as e:
+                raise DataError(f"cannot read parquet file {path}: column {_unconvertible_column(batch)!r} holds "
+                                f"a value Python cannot represent ({e})") from None
+            yield from rows
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # corrupt pages, corrupt names in the footer
+        raise DataError(f"cannot read parquet file {path}: {_one_line(e)}") from None
+
+
+# A date, time or duration outside the range of Python's datetime; a string column holding bytes that
+# are not UTF-8 (Arrow does not check them when writing).
+_UNCONVERTIBLE = (OverflowError, UnicodeDecodeError)
+
+
+def _unconvertible_column(batch: pa.RecordBatch) -> str | None:
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            column.to_pylist()
+        except _UNCONVERTIBLE:
+            return name
+    return None
+
+
+def _one_line(e: Exception) -> str:
+    """Arrow and pandas messages may hold newlines, which would split the one-line error a user sees."""
+    return " ".join(str(e).split())
 
 
 def _iter_csv(path: Path) -> Iterator[dict]:
@@ -156,7 +209,7 @@ def _iter_csv(path: Path) -> Iterator[dict]:
     except pd.errors.EmptyDataError:
         return
     except pd.errors.ParserError as e:
-        raise DataError(f"cannot parse CSV file {path}: {e}") from None
+        raise DataError(f"cannot parse CSV file {path}: {_one_line(e)}") from None
 
 
 _READERS = {".json": _iter_json, ".jsonl": _iter_json, ".parquet": _iter_parquet, ".csv": _iter_csv}
