@@ -11,11 +11,11 @@ export MPLBACKEND := Agg
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-embedded.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-embedded.txt requirements-bench.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-bench.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-embedded.txt
 	touch $(STAMP)
 

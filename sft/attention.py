@@ -8,7 +8,8 @@ example sees another and no work is spent on masked-out blocks. sdpa with packed
 gets a dense block-diagonal mask from transformers and loses its flash kernel.
 
 - The segments are found once per forward pass: every layer receives the same `position_ids` tensor,
-  so the index math and its one device-to-host copy (the only host sync) are cached on that tensor.
+  so the index math and its device-to-host copy (one host sync per forward, not per layer) are cached
+  on that tensor.
 - A padding mask (held-out batches, left-padded generation prompts) adds segment boundaries where it
   switches between padding and tokens, so padding is never attended to by real tokens.
 - Decoding against a KV cache (fewer queries than keys) goes to sdpa with the mask transformers builds
@@ -16,8 +17,9 @@ gets a dense block-diagonal mask from transformers and loses its flash kernel.
 - varlen_attn runs flash-attention kernels: CUDA only, compute capability 8.0 or newer, bf16/fp16. The
   index helpers below are pure functions, tested on the CPU against a reference.
 - torch.compile: packed rows always have the static shape [micro_batch_size, max_length]; the segment
-  lookup is excluded from the graph (`torch.compiler.disable`) and varlen_attn is a registered custom
-  op, so the layers compile with one graph break per layer at the lookup.
+  lookup runs outside the graph (`torch.compiler.disable`) and varlen_attn is a registered custom op
+  (torch 2.13 on the CPU, with a stand-in kernel: one graph, the same outputs as eager, no recompiles
+  across batches of different segmentations).
 """
 from __future__ import annotations
 
@@ -135,9 +137,11 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
-    if unsupported or dropout:
+    unsupported += ["attention dropout"] * bool(dropout)
+    unsupported += ["bidirectional attention"] * (not kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    if unsupported:
         raise ConfigError(f"attn_implementation: 'varlen' supports plain causal attention; this model uses "
-                          f"{unsupported or ['attention dropout']}; use 'sdpa' or 'flex_attention'")
+                          f"{', '.join(unsupported)}; use 'sdpa' or 'flex_attention'")
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         raise ConfigError("attn_implementation: 'varlen' finds packed examples through position ids, and this "

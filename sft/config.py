@@ -124,6 +124,9 @@ class TrainConfig:
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
         _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16"))
+        if self.attn_implementation == "varlen" and self.precision == "fp32":
+            raise ConfigError("attn_implementation: 'varlen' runs flash-attention kernels in bf16; use precision "
+                              "'bf16_autocast' or 'bf16_pure' (or 'auto' on a GPU), or attn_implementation 'sdpa'")
         if self.padding_free and self.packing:
             raise ConfigError("padding_free: replaces packing; set packing=False to use it")
         if self.optimizer_state_dtype == "bfloat16" and self.precision != "bf16_pure":

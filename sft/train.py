@@ -149,7 +149,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16_autocast" if bf16_ok else "fp32"
 
 
-def resolve_attention(cfg: TrainConfig, device: torch.device) -> str | None:
+def resolve_attention(cfg: TrainConfig, device: torch.device, precision: str) -> str | None:
     """The attention implementation to load the model with; None lets transformers pick its default
     (sdpa where the architecture supports it, eager otherwise)."""
     if cfg.attn_implementation != "auto":
@@ -157,7 +157,7 @@ def resolve_attention(cfg: TrainConfig, device: torch.device) -> str | None:
             from .attention import register_varlen_attention
             return register_varlen_attention(device)
         return cfg.attn_implementation
-    if device.type == "cuda" and (cfg.packing or cfg.padding_free):
+    if device.type == "cuda" and (cfg.packing or cfg.padding_free) and precision != "fp32":
         from .attention import register_varlen_attention, varlen_available
         if varlen_available(device):
             return register_varlen_attention(device)
@@ -205,7 +205,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                     for k in range(0, len(data.eval), cfg.eval_batch_size)]
 
     set_seed(cfg.seed)
-    attention = resolve_attention(cfg, device)
+    attention = resolve_attention(cfg, device, precision)
     dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
     model = load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
                        trust_remote_code=cfg.trust_remote_code, device=device)
@@ -223,7 +223,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
         loss_model = torch.compile(loss_model, dynamic=not cfg.packing)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
-    derived = {"precision": precision, "master_weights": master,
+    derived = {"precision": precision, "master_weights": master, "max_grad_norm": cfg.max_grad_norm,
                "attn_implementation": model.config._attn_implementation,
                "loss_impl": loss_impl, "template": template,
                "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,
@@ -380,7 +380,6 @@ class StopRequest:
 
 def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
     acc = setup.accelerator
-    setup.derived["max_grad_norm"] = cfg.max_grad_norm
     total_steps = len(setup.steps)
     steps_per_epoch = setup.derived["steps_per_epoch"]
     # Everything the loop accumulates lives here, so that a checkpoint can carry it across a resume.

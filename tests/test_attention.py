@@ -119,6 +119,16 @@ def test_cpu_is_refused_with_a_clear_message():
         attention.register_varlen_attention(torch.device("cpu"))
 
 
+def test_attention_it_cannot_compute_exactly_is_refused():
+    q, module, positions = torch.randn(1, 2, 4, 8), torch.nn.Module(), torch.arange(4)[None]
+    with pytest.raises(ConfigError, match="sliding_window"):
+        attention.varlen_attention_forward(module, q, q, q, None, sliding_window=2, position_ids=positions)
+    with pytest.raises(ConfigError, match="attention dropout"):
+        attention.varlen_attention_forward(module, q, q, q, None, dropout=0.1, position_ids=positions)
+    with pytest.raises(ConfigError, match="position ids"):
+        attention.varlen_attention_forward(module, q, q, q, None)
+
+
 @pytest.fixture
 def model_pair(monkeypatch):
     """The same tiny grouped-query Llama twice: with sdpa, and with the varlen implementation running
@@ -167,3 +177,31 @@ def test_padded_batches_and_generation_match_sdpa(model_pair):
     greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(varlen.generate(input_ids=ids, attention_mask=left, **greedy),
                        sdpa.generate(input_ids=ids, attention_mask=left, **greedy))
+
+
+@pytest.mark.skipif(not attention.varlen_available("cuda"), reason="varlen attention needs a CUDA GPU (sm80+)")
+@pytest.mark.parametrize("precision", ["bf16_pure", "bf16_autocast"])
+def test_flash_varlen_on_gpu_matches_sdpa(precision):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    name = attention.register_varlen_attention("cuda")
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        varlen = AutoModelForCausalLM.from_config(config, attn_implementation=name, dtype=dtype)
+    varlen.load_state_dict(sdpa.state_dict())
+    rows = [[300, 100, 112], [512], [1, 200, 311]]
+    positions = positions_for(rows).cuda()
+    ids = torch.randint(0, 512, positions.shape, device="cuda")
+    grads = []
+    for model in (sdpa, varlen):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+            logits = model(input_ids=ids, position_ids=positions).logits.float()
+        logits.square().mean().backward()
+        grads.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.float()))
+    (expected, expected_grad), (out, grad) = grads
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
+    assert (grad - expected_grad).norm() / expected_grad.norm() < 0.05

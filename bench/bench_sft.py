@@ -1,0 +1,339 @@
+"""Side by side on one GPU: this toolkit's trainer, TRL's SFTTrainer at its best settings, and the
+original study's recipe; full-parameter SFT of random-init Llama shapes on synthetic instruction data.
+
+    python -m bench.bench_sft                 # the GPU plan (about 10 minutes on an H100; see --budget-s)
+    python -m bench.bench_sft --cpu-smoke     # tiny model, a few steps of every variant a CPU can run
+    python -m bench.bench_sft --only ours_1b,trl_1b --out DIR --budget-s 400
+
+The variants run one after the other in this process, each inside try/except, so an OOM in one leaves
+the others. Results go to <out>/bench_<gpu|cpu>.csv and .md, rewritten after every variant; METHOD
+below says how each number is measured (the same way for every variant).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gc
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from bench.synthetic import LENGTH_MEDIAN, LENGTH_RANGE, PROMPT_FRACTION, benchmark_tokenizer, model_config, \
+    model_folder, synthetic_examples
+from sft.perf import mfu
+from sft.run_folder import collect_env
+
+LR = 2e-5
+SEED = 0
+ROW_LENGTH = 4096          # packed row length, ours and TRL's
+ROWS = 4                   # packed rows per optimizer step: 16k token slots
+STUDY_PAD_TO = 2048        # the original study pads every example to 2048 tokens...
+STUDY_BATCH = 4            # ...4 examples per step, pure bf16 AdamW, no checkpointing, sdpa, loss on all tokens
+
+# Ours: packed rows, varlen attention on the GPU (attn "auto"), lm_head only on supervised positions.
+OURS = dict(packing=True, max_length=ROW_LENGTH, micro_batch_size=ROWS, attn_implementation="auto",
+            loss_impl="selected")
+OURS_FP32_MASTER = dict(OURS, precision="bf16_autocast")  # fp32 master weights, fused AdamW
+OURS_PURE_BF16 = dict(OURS, precision="bf16_pure", bf16_update="stochastic_rounding",
+                      optimizer_state_dtype="bfloat16")
+# TRL's best (as in the anchor): best-fit-decreasing packing, padding-free batches, Liger kernels.
+TRL_BEST = dict(per_device_train_batch_size=ROWS, max_length=ROW_LENGTH, packing=True, packing_strategy="bfd",
+                padding_free=True, bf16=True, use_liger_kernel=True, optim="adamw_torch_fused")
+STUDY = dict(per_device_train_batch_size=STUDY_BATCH, max_length=STUDY_PAD_TO, pad_to_multiple_of=STUDY_PAD_TO,
+             completion_only_loss=False, optim="adamw_torch", dtype="bf16", attn="sdpa")
+
+
+@dataclass
+class Variant:
+    name: str
+    recipe: str            # "ours", "trl" or "study"
+    arch: str              # a key of bench.synthetic.ARCH
+    steps: int             # optimizer steps, warm-up included
+    warmup: int            # steps before the clock starts
+    settings: dict = field(default_factory=dict)  # TrainConfig fields (ours) or SFTConfig fields + dtype, attn
+    needs_cuda: bool = False
+
+
+GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs out
+    Variant("ours_1b_fp32_master", "ours", "llama-1b", 25, 5, OURS_FP32_MASTER),
+    Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention")),
+    Variant("study_1b", "study", "llama-1b", 25, 5, STUDY),
+    Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 14, 4, dict(OURS_PURE_BF16, gradient_checkpointing=True)),
+    Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 12, 4,
+            dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa")),
+    Variant("study_7b", "study", "llama-7b", 15, 4, STUDY),
+    Variant("ours_1b_pure_bf16", "ours", "llama-1b", 25, 5, OURS_PURE_BF16),
+    Variant("trl_1b_sdpa_fp32_master", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="fp32", attn="sdpa")),
+    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 25, 5, dict(OURS_FP32_MASTER, compile=True)),
+    Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 25, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa")),
+]
+# The anchor (GPU.md: TRL 1.16 on one H100 80GB HBM3, 2026-11-26), printed beside GPU results.
+ANCHOR = ("anchor, real tok/s: 1B study 5,892, TRL sdpa fp32 master 10,635, TRL flex pure bf16 47,149; "
+          "7B study 1,345, TRL sdpa pure bf16 + checkpointing 3,745, TRL flex pure bf16 + checkpointing 9,986")
+
+CPU_ROW_LENGTH = 512
+CPU_MAX_EXAMPLE = 512      # shorter examples on the CPU: sdpa builds a dense [T, T] mask for packed rows
+CPU_PLAN = [
+    Variant("ours_tiny", "ours", "tiny", 4, 2,
+            dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=2, precision="fp32")),
+    Variant("trl_tiny_flex", "trl", "tiny", 4, 2, needs_cuda=True,
+            settings=dict(TRL_BEST, max_length=CPU_ROW_LENGTH, dtype="bf16", attn="flex_attention")),
+    Variant("trl_tiny_sdpa", "trl", "tiny", 4, 2,
+            dict(per_device_train_batch_size=2, max_length=CPU_ROW_LENGTH, packing=True, packing_strategy="bfd",
+                 padding_free=True, optim="adamw_torch", use_cpu=True, dtype="fp32", attn="sdpa")),
+    Variant("study_tiny", "study", "tiny", 4, 2,
+            dict(STUDY, max_length=CPU_MAX_EXAMPLE, pad_to_multiple_of=CPU_MAX_EXAMPLE, use_cpu=True, dtype="fp32")),
+]
+
+METHOD = """\
+- real tok/s: non-padding tokens of the timed steps (those after the warm-up steps) / their wall time;
+  padded tok/s counts every position fed to the model.
+- MFU: 6 x parameters x real tok/s / the device's dense bf16 peak (sft.perf).
+- peak GiB: torch.cuda.max_memory_allocated since the variant started.
+- first step s: from the variant's start (model creation, data packing or tokenization, trainer setup)
+  to the end of its first optimizer step."""
+
+COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib",
+           "first_step_s", "s_per_step", "timed_steps", "real_tokens_per_step", "settings"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fresh_process_state(device: torch.device) -> None:
+    """Frees the previous variant and lets the next one build its own Accelerator: accelerate keeps one
+    process-wide state that refuses a second mixed-precision setting."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Clock:
+    """Marks the end of the first step and of the warm-up and last steps, with token counts."""
+
+    def __init__(self, start: float, warmup: int, last: int, device: torch.device):
+        self.start, self.warmup, self.last, self.device = start, warmup, last, device
+        self.marks: dict[str, tuple[float, int, int]] = {}
+        self.first_step_s = float("nan")
+
+    def step_done(self, step: int, real: int, padded: int) -> None:
+        if step in (1, self.warmup, self.last):
+            sync(self.device)
+            now = time.perf_counter()
+            if step == 1:
+                self.first_step_s = now - self.start
+            if step == self.warmup:
+                self.marks["warm"] = (now, real, padded)
+            if step == self.last:
+                self.marks["last"] = (now, real, padded)
+
+    def result(self, num_params: int) -> dict:
+        (t0, real0, pad0), (t1, real1, pad1) = self.marks["warm"], self.marks["last"]
+        steps = self.last - self.warmup
+        real_tok_s = (real1 - real0) / (t1 - t0)
+        fraction = mfu(num_params, real_tok_s, self.device)  # None without a known peak (CPUs)
+        return dict(params_b=round(num_params / 1e9, 4), real_tok_s=round(real_tok_s),
+                    mfu=fraction and round(fraction, 4), padded_tok_s=round((pad1 - pad0) / (t1 - t0)),
+                    first_step_s=round(self.first_step_s, 1),
+                    s_per_step=round((t1 - t0) / steps, 3), timed_steps=steps,
+                    real_tokens_per_step=round((real1 - real0) / steps))
+
+
+def run_ours(variant: Variant, examples, work: Path, device: torch.device, start: float) -> dict:
+    from sft.config import TrainConfig
+    from sft.data import PreparedData
+    from sft.train import build, train_step
+
+    cfg = TrainConfig(experiment=variant.name, model=f"random-init:{model_folder(variant.arch, work / 'model')}",
+                      template="plain", max_steps=variant.steps, lr=LR, lr_schedule="constant", warmup_ratio=0.0,
+                      seed=SEED, task_metric=None, num_samples=0, save_model=False, runs_root=str(work / "runs"),
+                      **variant.settings)
+    data = PreparedData(train=[e.to_example() for e in examples], eval=[], eval_conversations=[], stats={})
+    setup = build(cfg, data)
+    if len(setup.steps) < variant.steps:
+        raise RuntimeError(f"only {len(setup.steps)} steps of data for {variant.steps}")
+    clock = Clock(start, variant.warmup, variant.steps, device)
+    real = padded = 0
+    for step, batches in enumerate(setup.steps, start=1):
+        _, _, tokens = train_step(setup, batches)
+        real += tokens
+        padded += sum(b["input_ids"].numel() for b in batches)
+        clock.step_done(step, real, padded)
+    return dict(clock.result(setup.derived["num_parameters"]),
+                settings=f"{setup.derived['precision']}, master={setup.derived['master_weights']}, "
+                         f"attn={setup.derived['attn_implementation']}, loss={setup.derived['loss_impl']}, "
+                         f"rows={cfg.micro_batch_size}x{cfg.max_length}, checkpointing={cfg.gradient_checkpointing}, "
+                         f"states={cfg.optimizer_state_dtype}, compile={cfg.compile}")
+
+
+def run_trl(variant: Variant, examples, work: Path, device: torch.device, start: float) -> dict:
+    """TRL's SFTTrainer (the HF Trainer underneath); also runs the original study's recipe."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    settings = dict(variant.settings)
+    dtype, attn = DTYPES[settings.pop("dtype")], settings.pop("attn")
+    notes = []
+    if settings.get("use_liger_kernel") and not _installed("liger-kernel"):
+        settings["use_liger_kernel"] = False
+        notes.append("liger-kernel not installed")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(variant.arch), dtype=dtype, attn_implementation=attn)
+    num_params = sum(p.numel() for p in model.parameters())
+    clock = Clock(start, variant.warmup, variant.steps, device)
+    counts = {"real": 0, "padded": 0}  # device tensors until read at a mark: counting adds no sync
+
+    def count_tokens(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        counts["padded"] += ids.numel()
+        counts["real"] = counts["real"] + (mask.sum() if mask is not None else ids.numel())
+
+    class OnStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_done(state.global_step, int(counts["real"]), counts["padded"])
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "completion_mask": e.completion_mask()} for e in examples])
+    args = SFTConfig(output_dir=str(work / "trl"), max_steps=variant.steps, learning_rate=LR, seed=SEED,
+                     logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True,
+                     dataset_num_proc=8 if device.type == "cuda" else 1, **settings)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=benchmark_tokenizer(),
+                         callbacks=[OnStep()])
+    trainer.train()
+    shown = {k: v for k, v in settings.items() if k not in ("max_length", "per_device_train_batch_size", "use_cpu")}
+    return dict(clock.result(num_params),
+                settings=", ".join([f"{str(dtype).removeprefix('torch.')} weights", f"attn={attn}",
+                                    f"batch={settings['per_device_train_batch_size']}x{settings['max_length']}"]
+                                   + [f"{k}={v}" for k, v in shown.items()] + notes))
+
+
+RUNNERS = {"ours": run_ours, "trl": run_trl, "study": run_trl}
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def examples_for(plan: list[Variant], arch: str, max_example: int) -> list:
+    """One synthetic set per architecture, shared by its variants: enough for the hungriest one."""
+    need = max(v.steps * (v.settings.get("micro_batch_size") or v.settings.get("per_device_train_batch_size"))
+               * v.settings["max_length"] for v in plan if v.arch == arch)
+    vocab = model_config(arch).vocab_size
+    return synthetic_examples(int(need * 1.2), vocab, seed=SEED, max_length=max_example)
+
+
+def run_variant(variant: Variant, examples, device: torch.device) -> dict:
+    row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
+    if variant.needs_cuda and device.type != "cuda":
+        return dict(row, status="skipped: needs CUDA")
+    if variant.recipe != "ours" and not _installed("trl"):
+        return dict(row, status="skipped: trl not installed (pip install -r requirements-bench.txt)")
+    fresh_process_state(device)
+    print(f"[{variant.name}] starting", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"bench_{variant.name}_") as work:
+            row.update(RUNNERS[variant.recipe](variant, examples, Path(work), device, start), status="ok")
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:  # one variant's failure must not stop the others
+        traceback.print_exc()
+        row["status"] = f"error: {type(e).__name__}: {e}"[:300].replace("\n", " ")
+    if device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+    print(f"[{variant.name}] {row['status']} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return row
+
+
+def header(device: torch.device) -> list[str]:
+    env = collect_env(device)
+    versions = {name: env["packages"].get(name) for name in ("torch", "transformers", "accelerate", "datasets")}
+    for name in ("trl", "liger-kernel"):
+        versions[name] = metadata.version(name) if _installed(name) else "not installed"
+    git = env["git"]
+    commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
+    return [f"device: {env['device']['name']}" + (f", CUDA {env['device']['cuda']}" if device.type == "cuda" else
+                                                  f", {env['device']['threads']} threads"),
+            f"date: {dt.datetime.now().isoformat(timespec='seconds')}, git {commit}, python {env['python']}",
+            "packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+            f"data: synthetic, lognormal lengths (median {LENGTH_MEDIAN}, clipped to {LENGTH_RANGE[0]}.."
+            f"{LENGTH_RANGE[1]}), {PROMPT_FRACTION[0]:.0%}-{PROMPT_FRACTION[1]:.0%} prompt without loss; "
+            "random-init Llama shapes"] + ([ANCHOR] if device.type == "cuda" else [])
+
+
+def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"bench_{kind}.csv", "w", newline="") as f:
+        f.writelines(f"# {line}\n" for line in lines)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column)
+        if value is None or value == "":
+            return ""
+        if column == "mfu":
+            return f"{value:.1%}"
+        return f"{value:,}" if isinstance(value, (int, float)) else str(value)
+
+    shown = ["variant", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib", "first_step_s", "s_per_step",
+             "params_b", "settings"]
+    table = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    table += ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows]
+    markdown = "\n".join([f"# SFT throughput side by side ({kind.upper()})", ""] + [f"- {line}" for line in lines]
+                         + ["", *table, "", METHOD, ""])
+    (out / f"bench_{kind}.md").write_text(markdown)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, a few steps (automatic without a GPU)")
+    parser.add_argument("--only", default="", help="comma-separated parts of variant names to run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no variant after this many seconds")
+    args = parser.parse_args(argv)
+    script_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.cpu_smoke or device.type != "cuda"
+    plan = CPU_PLAN if smoke else GPU_PLAN
+    if args.only:
+        plan = [v for v in plan if any(part in v.name for part in args.only.split(","))]
+    kind = "gpu" if device.type == "cuda" else "cpu"
+    lines = header(device)
+    max_example = CPU_MAX_EXAMPLE if smoke else LENGTH_RANGE[1]
+    data = {arch: examples_for(plan, arch, max_example) for arch in dict.fromkeys(v.arch for v in plan)}
+    rows = []
+    for variant in plan:
+        if args.budget_s is not None and time.perf_counter() - script_start > args.budget_s:
+            rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
+                             status="skipped: time budget"))
+        else:
+            rows.append(run_variant(variant, data[variant.arch], device))
+        markdown = write_results(rows, lines, args.out, kind)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
