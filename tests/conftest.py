@@ -37,6 +37,24 @@ def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer, loaded from its folder as training loads it."""
+    from sft.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A tokenization cache of the test's own, so cache hits and misses are the test's alone."""
+    import sft.data
+
+    path = tmp_path / "cache"
+    monkeypatch.setattr(sft.data, "cache_root", lambda: path)
+    return path
+
+
 @pytest.fixture
 def tiny_config(tiny_model_dir, tmp_path):
     """A TrainConfig for a few fast steps of the tiny model on the demo tasks."""

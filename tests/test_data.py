@@ -7,10 +7,8 @@ import re
 
 import pytest
 
-import sft.data
 from sft.data import prepare_data
 from sft.errors import ConfigError, DataError
-from sft.modeling import load_tokenizer
 from sft.templates import encode_chat
 
 LONG = " ".join(["word"] * 80)
@@ -29,16 +27,7 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(str(tiny_model_dir))
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setattr(sft.data, "cache_root", lambda: path)
-    return path
+pytestmark = pytest.mark.usefixtures("cache_dir")  # an empty tokenization cache for every test
 
 
 def test_cache_hits_only_for_identical_inputs(tiny_config, tokenizer, tmp_path, cache_dir):

@@ -91,10 +91,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import sft.data
 from sft.data import prepare_data
 from sft.errors import ConfigError, DataError, SFTError
-from sft.modeling import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -349,16 +347,7 @@ CASES: dict[str, tuple[Build, Fails | Counted]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(str(tiny_model_dir))
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setattr(sft.data, "cache_root", lambda: path)
-    return path
+pytestmark = pytest.mark.usefixtures("cache_dir")  # an empty tokenization cache for every test
 
 
 @pytest.fixture(autouse=True)
