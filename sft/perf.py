@@ -11,12 +11,26 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e
                    "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12}
 
 
-def device_peak_flops(device: torch.device) -> float | None:
+# Memory bandwidth per device, bytes/s: batch-1 decode reads every weight once per token.
+MEMORY_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12,
+                    "H200": 4.8e12, "A100-SXM4-80GB": 2.0e12, "A100 80GB PCIe": 1.94e12}
+
+
+def _by_device_name(table: dict[str, float], device: torch.device) -> float | None:
+    """The entry whose key is the longest part of the CUDA device's name (None on other devices)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    matches = [k for k in PEAK_BF16_FLOPS if k in name]
-    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+    matches = [k for k in table if k in name]
+    return table[max(matches, key=len)] if matches else None
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    return _by_device_name(PEAK_BF16_FLOPS, device)
+
+
+def memory_bandwidth(device: torch.device) -> float | None:
+    return _by_device_name(MEMORY_BANDWIDTH, device)
 
 
 def mfu(num_params: int, tokens_per_s: float, device: torch.device) -> float | None:

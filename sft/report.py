@@ -12,17 +12,25 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .analysis import Run, find_runs, load_run, samples_side_by_side
 from .errors import SFTError
 
 ROOT = Path(__file__).resolve().parents[1]
+INFERENCE_COLUMNS = ["model", "variant", "batch_size", "prompt_tokens", "ttft_ms_p50", "decode_tok_s",
+                     "decode_tok_s_batch", "latency_ms_p50", "latency_ms_p99", "peak_mem_gib", "fraction_of_bound",
+                     "matches_generate", "device", "dtype", "torch", "transformers"]
+BENCH_COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib",
+                 "first_step_s"]
 
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
@@ -75,8 +83,13 @@ def _clip(text: str, width: int) -> str:
 
 
 def csv_table(path: Path, columns: list[str] | None = None) -> str:
-    frame = pd.read_csv(path)
-    return markdown_table(frame[columns] if columns else frame)
+    """The CSV as a table (only `columns` that it has, in that order), after its `# ` provenance lines."""
+    provenance = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")]
+    frame = pd.read_csv(path, comment="#")
+    if columns:
+        frame = frame[[c for c in columns if c in frame.columns]]
+    header = "; ".join(provenance)
+    return (header + "\n\n" if header else "") + markdown_table(frame)
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -101,12 +114,13 @@ def blocks(root: Path = ROOT) -> dict[str, str]:
         assets = root / "assets"
         assets.mkdir(exist_ok=True)
         shutil.copyfile(demo.path / "loss_curves.png", assets / "demo_loss_curves.png")
-    for name, path in (("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv"),
-                       ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv"),
-                       ("bench-gpu", root / "bench" / "results" / "bench_gpu.csv"),
-                       ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv")):
+    for name, path, columns in (
+            ("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv", INFERENCE_COLUMNS),
+            ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv", INFERENCE_COLUMNS),
+            ("bench-gpu", root / "bench" / "results" / "bench_gpu.csv", BENCH_COLUMNS),
+            ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS)):
         if path.exists():
-            out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(path)
+            out[name] = f"From `{path.relative_to(root)}`: " + csv_table(path, columns)
     return out
 
 

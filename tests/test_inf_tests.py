@@ -34,6 +34,7 @@ def test_csv_has_one_row_per_variant_batch_and_prompt_with_the_documented_column
     assert (out / "runtime_cpu.png").stat().st_size > 0
     assert (frame["peak_mem_kind"] == "process_peak_rss_growth").all()
     assert frame["bandwidth_bound_tok_s"].isna().all()  # no bandwidth table on the CPU
+    assert frame["other_cpu_pct"].between(0, 100).all()
     assert (frame["ttft_ms_p50"] > 0).all() and (frame["latency_ms_p50"] > frame["ttft_ms_p50"]).all()
     assert list(frame["decode_tok_s_batch"]) == pytest.approx(list(frame["decode_tok_s"] * frame["batch_size"]),
                                                              rel=1e-3)  # the CSV keeps 3 decimals
@@ -122,6 +123,14 @@ def test_compiling_on_the_cpu_is_refused_before_anything_loads(tmp_path, capsys)
 def test_bandwidth_bound_uses_the_weights_a_decode_step_reads(tiny_model_dir):
     from sft.modeling import load_model
 
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
     model = load_model(f"random-init:{tiny_model_dir}")  # tied embeddings: the table is read as the output layer
     assert runtime.weight_bytes_per_step(model) == sum(p.numel() * 4 for p in model.parameters())
-    assert runtime.memory_bandwidth(torch.device("cpu")) is None
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, tie_word_embeddings=False)
+    with torch.device("meta"):
+        untied = AutoModelForCausalLM.from_config(config)
+    all_bytes = sum(p.numel() * 4 for p in untied.parameters())
+    assert runtime.weight_bytes_per_step(untied) == all_bytes - 1000 * 32 * 4  # only the output table is read
+    assert runtime.memory_bandwidth(torch.device("cpu")) is None  # sft.perf: no bound on the CPU
