@@ -32,7 +32,7 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:,.{digits}f}"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
