@@ -51,11 +51,20 @@ def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler,
     root = Path(run_path) / "checkpoints"
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
+    problem = None
     if accelerator.is_main_process:
         root.mkdir(exist_ok=True)
-        check_disk(root, int(need_bytes * 1.05))
+        try:
+            check_disk(root, int(need_bytes * 1.05))
+        except CheckpointError as e:
+            problem = str(e)
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:  # every process must stop, or the others wait in the save forever
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise CheckpointError(problem)
     accelerator.save_state(str(tmp), safe_serialization=False)
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler_state.pt")

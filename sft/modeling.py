@@ -7,6 +7,7 @@ quantization entry, saves it in Hugging Face format in the cache, and later load
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -90,7 +91,8 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
     from transformers import AutoTokenizer
 
     source, kwargs = resolve_model_source(model, revision)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    with _load_errors(model, revision):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     if not tokenizer.is_fast:
         raise ConfigError(f"model: {model} has no fast tokenizer; this toolkit needs one")
     if eos_token is not None:
@@ -110,13 +112,26 @@ def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source, kwargs = resolve_model_source(model, revision)
-    if model.startswith(RANDOM_INIT):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        with torch.device(device):  # initialize where it will train: seconds on a GPU, not minutes on the CPU
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                    trust_remote_code=trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
-                                                trust_remote_code=trust_remote_code, **kwargs)
+    with _load_errors(model, revision):
+        if model.startswith(RANDOM_INIT):
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+            with torch.device(device):  # initialize where it will train: seconds on a GPU, not minutes on the CPU
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                        trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                    trust_remote_code=trust_remote_code, **kwargs)
+
+
+@contextlib.contextmanager
+def _load_errors(model: str, revision: str | None):
+    """A model that cannot be fetched or read (no network, gated, bad revision, broken files) is the
+    user's to fix: one message naming it, not a traceback from the hub client."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model: cannot load {model!r}" + (f" at revision {revision!r}" if revision else "")
+                          + f": {first_line}") from e
 
 
 def check_packing_support(model) -> None:

@@ -99,6 +99,16 @@ class RunFolder:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
 
+    def drop_samples(self, stage: str) -> None:
+        path = self.path / "samples.jsonl"
+        if not self.writable or not path.exists():
+            return
+        kept = [line + "\n" for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("stage") != stage]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
     def update_summary(self, **fields: Any) -> dict:
         path = self.path / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}

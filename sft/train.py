@@ -60,7 +60,10 @@ def main(namespace: dict) -> RunFolder:
     UPPER_CASE constants and runs it. User errors (a bad setting, file or row) end in one line on
     stderr and exit code 2, without a traceback."""
     try:
-        return run(TrainConfig(**settings_from(namespace)))
+        settings = settings_from(namespace)
+        if "experiment" not in settings:
+            raise ConfigError("EXPERIMENT: every experiment script names its experiment (the run folder's suffix)")
+        return run(TrainConfig(**settings))
     except SFTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -74,9 +77,11 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
     newest checkpoint (with that run's saved settings)."""
     cfg = resumed_config(cfg) if cfg.resume else cfg
     setup = build(cfg, data)
+    restored = restore_checkpoint(cfg, setup) if cfg.resume else None
     folder = open_run_folder(cfg, setup)
     try:
-        summary = train_loop(cfg, setup, folder)
+        summary = train_loop(cfg, setup, folder, restored)
+        finish(cfg, setup, folder, summary)
     except Interrupted as e:
         folder.update_summary(status="interrupted", reason=str(e))
         raise
@@ -86,8 +91,22 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
     except BaseException as e:
         folder.update_summary(status="failed", reason=f"{type(e).__name__}: {e}")
         raise
-    finish(cfg, setup, folder, summary)
     return folder
+
+
+def step_plan(setup: "Setup") -> list:
+    """What a checkpoint's data position means: the number of steps and the tokenized data's key."""
+    return [len(setup.steps), setup.data.stats.get("tokenization_cache", {}).get("key")]
+
+
+def restore_checkpoint(cfg: TrainConfig, setup: "Setup") -> dict:
+    """Loads the newest checkpoint into the prepared objects, before the run folder is touched, so a
+    resume that cannot work leaves the interrupted run as it was."""
+    restored = checkpoint.load_latest(setup.accelerator, Path(cfg.resume), setup.scheduler)
+    if restored["plan"] != step_plan(setup):
+        raise ConfigError(f"resume: the data or step plan differs from the interrupted run's ({restored['plan']} vs "
+                          f"{step_plan(setup)}); resume needs the same data and settings")
+    return restored
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
@@ -97,10 +116,14 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"resume: {path} is not a run folder (no config.json)")
     if not checkpoint.checkpoints(path):
         raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
-    status = json.loads((path / "summary.json").read_text()).get("status")
-    if status == "completed":
+    summary = path / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         raise ConfigError(f"resume: {path} has already completed")
     saved = json.loads((path / "config.json").read_text())["config"]
+    unknown = sorted(set(saved) - set(cfg.to_dict()))
+    if unknown:
+        raise ConfigError(f"resume: {path} was made by a version of this toolkit with settings {unknown} that this "
+                          f"version does not have")
     saved["adam_betas"] = tuple(saved["adam_betas"])
     differing = sorted(k for k, v in cfg.to_dict().items() if k != "resume" and saved.get(k) != v
                        and not (isinstance(v, tuple) and list(v) == saved.get(k)))
@@ -128,7 +151,7 @@ def open_run_folder(cfg: TrainConfig, setup: Setup) -> RunFolder:
         env = json.loads((path / "env.json").read_text())
         env.setdefault("resumes", []).append(collect_env(acc.device))
         folder.write_json("env.json", env)
-        folder.update_summary(status="running")
+        folder.update_summary(status="running", reason=None)
     else:
         folder.write_json("config.json", {"config": cfg.to_dict(), "derived": setup.derived})
         folder.write_json("env.json", collect_env(acc.device))
@@ -333,8 +356,10 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
     decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
     model = acc.unwrap_model(setup.loss_model).model
     share = my_share(len(prompts), acc)
-    replies = generate(model, setup.tokenizer, [prompts[i] for i, _ in share], decoding, cfg.generation_batch_size,
-                       synced=acc.distributed_type.name == "FSDP")
+    sharded = acc.num_processes > 1 and acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+    with acc.autocast():  # the inner model is not wrapped by accelerate's autocast; training's forward is
+        replies = generate(model, setup.tokenizer, [prompts[i] for i, _ in share], decoding,
+                           cfg.generation_batch_size, synced=sharded)
     gathered = dict(gather_object([(i, r) for (i, counts), r in zip(share, replies) if counts]))
     replies = [gathered[i] for i in range(len(prompts))]
     if folder.writable:
@@ -372,13 +397,20 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
+    def requested(self, acc) -> bool:
+        """True on every process once any process got a signal: the checkpoint save is collective."""
+        if acc.num_processes == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
 
 
-def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
+def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict | None = None) -> dict:
     acc = setup.accelerator
     total_steps = len(setup.steps)
     steps_per_epoch = setup.derived["steps_per_epoch"]
@@ -387,7 +419,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
              "train_wall": 0.0,
              "loss_x_targets": 0.0, "targets": 0, "eval_first": None, "metric_before": None,
              "window": {"loss_x_targets": 0.0, "targets": 0, "tokens": 0, "time": 0.0},
-             "plan": [total_steps, setup.data.stats.get("tokenization_cache", {}).get("key")]}
+             "plan": step_plan(setup)}
     t0 = time.perf_counter()
 
     def elapsed() -> float:
@@ -409,13 +441,10 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
         return checkpoint.save(acc, folder.path, state["step"], saved, setup.scheduler, cfg.keep_checkpoints,
                                checkpoint.state_bytes(setup.loss_model, setup.optimizer))
 
-    if cfg.resume:
-        restored = checkpoint.load_latest(acc, folder.path, setup.scheduler)
-        if restored["plan"] != state["plan"]:
-            raise ConfigError(f"resume: the data or step plan differs from the interrupted run's "
-                              f"({restored['plan']} vs {state['plan']}); resume needs the same data and settings")
+    if restored is not None:
         state.update(restored)
         folder.truncate_metrics(state["step"])
+        folder.drop_samples("after")  # a crash during the final generation pass may have left some
         print(f"resumed at step {state['step']} of {total_steps}", file=sys.stderr)
     else:
         state["eval_first"], state["metric_before"] = run_eval(0, True, "before")
@@ -455,9 +484,10 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
                 run_eval(step, False, None)
-            if stop.signal is not None:
+            if stop.requested(acc):
                 path = save_checkpoint()
-                raise Interrupted(f"{stop.signal} at step {step}; checkpoint saved: {path}")
+                raise Interrupted(f"{stop.signal or 'a signal on another process'} at step {step}; "
+                                  f"checkpoint saved: {path}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total_steps:
                 save_checkpoint()
     bar.close()
@@ -477,7 +507,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder) -> dict:
         "real_tokens": state["tokens"],
         "supervised_tokens": state["supervised"],
         "real_tokens_per_second": round(tokens_per_s, 2),
-        "mfu": mfu(setup.derived["num_parameters"], tokens_per_s, acc.device),
+        "mfu": mfu(setup.derived["num_parameters"], tokens_per_s / acc.num_processes, acc.device),
         "peak_memory_gib": round(peak_gib, 3),
         "peak_memory_kind": peak_kind,
         "eval_time_s": round(state["eval_time"], 2),
@@ -498,7 +528,7 @@ def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> 
     if cfg.save_model:
         state = acc.get_state_dict(setup.loss_model)  # a collective under FSDP / ZeRO-3: every process calls it
         if folder.writable:
-            state = {k.removeprefix("model."): v for k, v in state.items()}
+            state = {k.removeprefix("_orig_mod.").removeprefix("model."): v for k, v in state.items()}
             acc.unwrap_model(setup.loss_model).model.save_pretrained(folder.path / "model", state_dict=state)
             setup.tokenizer.save_pretrained(folder.path / "model")
     acc.wait_for_everyone()

@@ -124,6 +124,7 @@ def chat(user: str, reply: str) -> dict:
     ("no_supervised_rows", DataError, "none of its 3 rows is a usable messages conversation"),
     ("too_long", DataError, "more than max_length=16"),
     ("hub_model_unpinned", ConfigError, "needs a pinned revision"),
+    ("broken_model_folder", ConfigError, "model: cannot load"),
 ])
 def test_bad_input_stops_before_any_run_folder_is_made(tiny_config, tmp_path, case, error, message):
     good = write_jsonl(tmp_path / "good.jsonl", [chat(f"q{i}", f"answer {i}") for i in range(20)])
@@ -134,11 +135,19 @@ def test_bad_input_stops_before_any_run_folder_is_made(tiny_config, tmp_path, ca
         "no_supervised_rows": dict(dataset=str(write_jsonl(tmp_path / "e.jsonl", [chat("q", " ")] * 3)), eval_rows=1),
         "too_long": dict(dataset=str(good), max_length=16),
         "hub_model_unpinned": dict(model="someone/some-model"),
+        "broken_model_folder": dict(model=str(broken_model(tmp_path))),
     }[case]
     with pytest.raises(error) as info:
         run(tiny_config(**settings))
     assert message in str(info.value)
     assert not Path(tiny_config().runs_root).exists() or not any(Path(tiny_config().runs_root).iterdir())
+
+
+def broken_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "broken-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{ not json")
+    return folder
 
 
 def test_experiment_entry_point_prints_one_line_and_exits_2(tmp_path):
@@ -163,3 +172,11 @@ def test_padding_free_and_packed_and_padded_batching_train_alike(tiny_config):
     assert config["derived"]["packing_efficiency"] == 1.0
     assert train_losses(padded) == pytest.approx(train_losses(packed), rel=1e-5)
     assert train_losses(padded) == pytest.approx(train_losses(padding_free), rel=1e-5)
+
+
+def test_a_script_without_experiment_name_is_told_so(tmp_path):
+    script = tmp_path / "exp.py"
+    script.write_text("from sft.train import main\nLR = 1e-4\nmain(globals())\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: EXPERIMENT:")
