@@ -83,13 +83,12 @@ def _clip(text: str, width: int) -> str:
 
 
 def csv_table(path: Path, columns: list[str] | None = None) -> str:
-    """The CSV as a table (only `columns` that it has, in that order), after its `# ` provenance lines."""
+    """The CSV as a table (only the `columns` it has, in that order), after its `# ` provenance lines."""
     provenance = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")]
     frame = pd.read_csv(path, comment="#")
     if columns:
         frame = frame[[c for c in columns if c in frame.columns]]
-    header = "; ".join(provenance)
-    return (header + "\n\n" if header else "") + markdown_table(frame)
+    return "".join(f"- {line}\n" for line in provenance) + ("\n" if provenance else "") + markdown_table(frame)
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -120,7 +119,7 @@ def blocks(root: Path = ROOT) -> dict[str, str]:
             ("bench-gpu", root / "bench" / "results" / "bench_gpu.csv", BENCH_COLUMNS),
             ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS)):
         if path.exists():
-            out[name] = f"From `{path.relative_to(root)}`: " + csv_table(path, columns)
+            out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(path, columns)
     return out
 
 
