@@ -116,6 +116,7 @@ def micro_batches(examples: list[Example], *, packing: bool, rows_per_batch: int
         bins = pack_best_fit_decreasing([len(e.input_ids) for e in examples], row_length)
         rng.shuffle(bins)
         rows = [[examples[i] for i in b] for b in bins]
+        rows += [[]] * (-len(rows) % rows_per_batch)  # empty rows keep every micro-batch one shape (compile)
         return [collate_packed(rows[k:k + rows_per_batch], row_length, pad_id)
                 for k in range(0, len(rows), rows_per_batch)]
     order = list(range(len(examples)))

@@ -186,3 +186,13 @@ def test_packing_without_restarting_positions_changes_the_loss(tiny_model_dir, c
     assert abs(got[0] - want[0]) > 1e-4 * want[0]
     with pytest.raises(AssertionError):
         assert_same_loss_and_grads(got, want)
+
+
+def test_packed_micro_batches_all_have_one_shape():
+    """A compiled model sees one input shape: the last micro-batch is filled with empty rows that carry
+    no targets and no real tokens."""
+    examples = [shift_labels(list(range(1, n + 1)), list(range(1, n + 1))) for n in (5, 9, 3, 7, 2, 8, 6)]
+    batches = micro_batches(examples, packing=True, rows_per_batch=3, row_length=10, pad_id=0, seed=1)
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(3, 10)}
+    assert sum(b["num_real_tokens"] for b in batches) == sum(len(e.input_ids) for e in examples)
+    assert sum(int((b["targets"] != -100).sum()) for b in batches) == sum(e.num_targets for e in examples)
