@@ -44,7 +44,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, ba
     config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
                               temperature=decoding.temperature if decoding.do_sample else None,
                               top_p=decoding.top_p if decoding.do_sample else None,
-                              top_k=0,  # None would be filled in with transformers' default of 50
+                              top_k=0 if decoding.do_sample else None,  # None: transformers would sample top-50
                               eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
