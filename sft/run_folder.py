@@ -85,26 +85,24 @@ class RunFolder:
 
     def truncate_metrics(self, step: int) -> None:
         """Drops metric lines past `step`: a resumed run recomputes them from its checkpoint."""
-        path = self.path / "metrics.jsonl"
+        self._keep_lines("metrics.jsonl", lambda record: record["step"] <= step)
+
+    def drop_samples(self, stage: str) -> None:
+        self._keep_lines("samples.jsonl", lambda record: record.get("stage") != stage)
+
+    def _keep_lines(self, name: str, keep) -> None:
+        """Rewrites a JSONL file atomically with the records `keep` accepts; a line cut short by a
+        crash is dropped."""
+        path = self.path / name
         if not self.writable or not path.exists():
             return
         kept = []
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line)["step"] <= step:
+                if keep(json.loads(line)):
                     kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by the crash
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
-
-    def drop_samples(self, stage: str) -> None:
-        path = self.path / "samples.jsonl"
-        if not self.writable or not path.exists():
-            return
-        kept = [line + "\n" for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("stage") != stage]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
