@@ -59,20 +59,30 @@ class Variant:
     warmup: int            # steps before the clock starts
     settings: dict = field(default_factory=dict)  # TrainConfig fields (ours) or SFTConfig fields + dtype, attn
     needs_cuda: bool = False
+    max_s: float | None = None  # stop after the first timed step that ends past this many seconds
 
 
 GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs out
-    Variant("ours_1b_fp32_master", "ours", "llama-1b", 25, 5, OURS_FP32_MASTER),
-    Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention")),
-    Variant("study_1b", "study", "llama-1b", 25, 5, STUDY),
-    Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 14, 4, dict(OURS_PURE_BF16, gradient_checkpointing=True)),
-    Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 12, 4,
-            dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa")),
-    Variant("study_7b", "study", "llama-7b", 15, 4, STUDY),
-    Variant("ours_1b_pure_bf16", "ours", "llama-1b", 25, 5, OURS_PURE_BF16),
-    Variant("trl_1b_sdpa_fp32_master", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="fp32", attn="sdpa")),
-    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 25, 5, dict(OURS_FP32_MASTER, compile=True)),
-    Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 25, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa")),
+    Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True)),
+    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
+    Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
+    Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
+    Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True)),
+    Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
+    Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
+            dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60),
+    Variant("ours_1b_pure_bf16", "ours", "llama-1b", 15, 5, OURS_PURE_BF16),
+    Variant("ours_1b_fp32_master", "ours", "llama-1b", 15, 5, OURS_FP32_MASTER),
+    # TRL's fastest setting: flex attention recompiles for each new packed length (capped in time)
+    Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
+            max_s=100),
+    Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 10, 3, dict(OURS_PURE_BF16, gradient_checkpointing=True)),
+    # half the layers keep their activations: one 4096-token row per micro-batch, 4 micro-batches per step
+    Variant("ours_7b_pure_bf16_gc_half_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, gradient_checkpointing=True,
+                 checkpoint_every_n_layers=2, compile=True)),
+    Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa")),
 ]
 # The anchor (GPU.md: TRL 1.16 on one H100 80GB HBM3, 2026-11-26), printed beside GPU results.
 ANCHOR = ("anchor, real tok/s: 1B study 5,892, TRL sdpa fp32 master 10,635, TRL flex pure bf16 47,149; "
@@ -83,6 +93,9 @@ CPU_MAX_EXAMPLE = 512      # shorter examples on the CPU: sdpa builds a dense [T
 CPU_PLAN = [
     Variant("ours_tiny", "ours", "tiny", 4, 2,
             dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=2, precision="fp32")),
+    Variant("ours_tiny_compile_capped", "ours", "tiny", 4, 2, max_s=0.0,  # stops after its first timed step
+            settings=dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=1, grad_accum_steps=2, precision="fp32",
+                          compile=True)),
     Variant("trl_tiny_flex", "trl", "tiny", 4, 2, needs_cuda=True,
             settings=dict(TRL_BEST, max_length=CPU_ROW_LENGTH, dtype="bf16", attn="flex_attention")),
     Variant("trl_tiny_sdpa", "trl", "tiny", 4, 2,
@@ -117,6 +130,7 @@ def fresh_process_state(device: torch.device) -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    torch._dynamo.reset()  # compiled code of earlier variants would count toward the recompile limit
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -124,23 +138,30 @@ def fresh_process_state(device: torch.device) -> None:
 
 
 class Clock:
-    """Marks the end of the first step and of the warm-up and last steps, with token counts."""
+    """Marks the end of the first step, of the warm-up and of the last step, with token counts. The last
+    step is the planned one, or the first timed step that ends past the variant's time cap."""
 
-    def __init__(self, start: float, warmup: int, last: int, device: torch.device):
-        self.start, self.warmup, self.last, self.device = start, warmup, last, device
+    def __init__(self, start: float, warmup: int, last: int, device: torch.device, max_s: float | None = None):
+        self.start, self.warmup, self.last, self.device, self.max_s = start, warmup, last, device, max_s
         self.marks: dict[str, tuple[float, int, int]] = {}
         self.first_step_s = float("nan")
 
-    def step_done(self, step: int, real: int, padded: int) -> None:
-        if step in (1, self.warmup, self.last):
+    def step_done(self, step: int, real: int, padded: int) -> bool:
+        """Records the step; True when it is the last one."""
+        capped = (self.max_s is not None and step > self.warmup
+                  and time.perf_counter() - self.start > self.max_s)  # host time: no sync for the check
+        last = step >= self.last or capped
+        if step in (1, self.warmup) or last:
             sync(self.device)
             now = time.perf_counter()
             if step == 1:
                 self.first_step_s = now - self.start
             if step == self.warmup:
                 self.marks["warm"] = (now, real, padded)
-            if step == self.last:
+            if last:
                 self.marks["last"] = (now, real, padded)
+                self.last = step
+        return last
 
     def result(self, num_params: int) -> dict:
         (t0, real0, pad0), (t1, real1, pad1) = self.marks["warm"], self.marks["last"]
@@ -167,13 +188,14 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
     setup = build(cfg, data)
     if len(setup.steps) < variant.steps:
         raise RuntimeError(f"only {len(setup.steps)} steps of data for {variant.steps}")
-    clock = Clock(start, variant.warmup, variant.steps, device)
+    clock = Clock(start, variant.warmup, variant.steps, device, variant.max_s)
     real = padded = 0
     for step, batches in enumerate(setup.steps, start=1):
         _, _, tokens = train_step(setup, batches)
         real += tokens
         padded += sum(b["input_ids"].numel() for b in batches)
-        clock.step_done(step, real, padded)
+        if clock.step_done(step, real, padded):
+            break
     return dict(clock.result(setup.derived["num_parameters"]),
                 settings=f"{setup.derived['precision']}, master={setup.derived['master_weights']}, "
                          f"attn={setup.derived['attn_implementation']}, loss={setup.derived['loss_impl']}, "
@@ -196,7 +218,7 @@ def run_trl(variant: Variant, examples, work: Path, device: torch.device, start:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config(variant.arch), dtype=dtype, attn_implementation=attn)
     num_params = sum(p.numel() for p in model.parameters())
-    clock = Clock(start, variant.warmup, variant.steps, device)
+    clock = Clock(start, variant.warmup, variant.steps, device, variant.max_s)
     counts = {"real": 0, "padded": 0}  # device tensors until read at a mark: counting adds no sync
 
     def count_tokens(module, args, kwargs):
@@ -206,7 +228,8 @@ def run_trl(variant: Variant, examples, work: Path, device: torch.device, start:
 
     class OnStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            clock.step_done(state.global_step, int(counts["real"]), counts["padded"])
+            if clock.step_done(state.global_step, int(counts["real"]), counts["padded"]):
+                control.should_training_stop = True
 
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "completion_mask": e.completion_mask()} for e in examples])
@@ -237,7 +260,7 @@ def _installed(name: str) -> bool:
 def examples_for(plan: list[Variant], arch: str, max_example: int) -> list:
     """One synthetic set per architecture, shared by its variants: enough for the hungriest one."""
     need = max(v.steps * (v.settings.get("micro_batch_size") or v.settings.get("per_device_train_batch_size"))
-               * v.settings["max_length"] for v in plan if v.arch == arch)
+               * v.settings.get("grad_accum_steps", 1) * v.settings["max_length"] for v in plan if v.arch == arch)
     vocab = model_config(arch).vocab_size
     return synthetic_examples(int(need * 1.2), vocab, seed=SEED, max_length=max_example)
 

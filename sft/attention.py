@@ -16,10 +16,11 @@ gets a dense block-diagonal mask from transformers and loses its flash kernel.
   for it, so a model loaded with this implementation also generates.
 - varlen_attn runs flash-attention kernels: CUDA only, compute capability 8.0 or newer, bf16/fp16. The
   index helpers below are pure functions, tested on the CPU against a reference.
-- torch.compile: packed rows always have the static shape [micro_batch_size, max_length]; the segment
-  lookup runs outside the graph (`torch.compiler.disable`) and varlen_attn is a registered custom op
-  (torch 2.13 on the CPU, with a stand-in kernel: one graph, the same outputs as eager, no recompiles
-  across batches of different segmentations).
+- torch.compile: packed rows always have the static shape [micro_batch_size, max_length]. The training
+  loss (sft.loss.LossModel) computes the segments before the decoder layers and passes them down as
+  `cu_seq_lens_q`/`max_length_q` keyword arguments, so compiled layers hold no host sync; varlen_attn is
+  a registered custom op (torch >= 2.11). Callers that pass no segments (generation, direct model
+  calls) get them from a lookup that runs outside any graph (`torch.compiler.disable`).
 """
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ def unflatten_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.view(batch, -1, *x.shape[1:])
 
 
-def make_varlen_call(varlen_attn: Callable) -> Callable:
+def make_varlen_call(varlen_attn: Callable, kernel_gqa: bool = False) -> Callable:
     """Causal varlen attention (q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens, max_seqlen, scale) -> [N, Hq, D]
     through whichever signature this torch has: 2.10 takes `is_causal`; 2.11 takes `window_size=(-1, 0)`
-    and `scale`; 2.13 adds `enable_gqa`. Without it, key/value heads are repeated for grouped queries."""
+    and `scale`; 2.13 adds `enable_gqa`. Without that flag, grouped key/value heads go to the kernel as
+    they are when `kernel_gqa` (the flash kernel reads head h // groups itself: probed on the device by
+    register_varlen_attention), else they are repeated to one per query head."""
     params = inspect.signature(varlen_attn).parameters
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     native_gqa, takes_scale = "enable_gqa" in params, "scale" in params
@@ -82,7 +85,7 @@ def make_varlen_call(varlen_attn: Callable) -> Callable:
         if groups > 1:
             if native_gqa:
                 kwargs["enable_gqa"] = True
-            else:  # query head h reads key/value head h // groups, as transformers' repeat_kv
+            elif not kernel_gqa:  # query head h reads key/value head h // groups, as transformers' repeat_kv
                 key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         if takes_scale:
             kwargs["scale"] = scale
@@ -147,13 +150,29 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise ConfigError("attn_implementation: 'varlen' finds packed examples through position ids, and this "
                           "architecture does not pass them to its attention layers; use 'sdpa'")
     batch, _, length, head_dim = query.shape
-    cu_seqlens, max_seqlen = _segments.lookup(position_ids, attention_mask, batch, length, query.device)
+    if kwargs.get("cu_seq_lens_q") is not None:  # computed once per forward by the caller (segment_kwargs)
+        cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    else:
+        cu_seqlens, max_seqlen = _segments.lookup(position_ids, attention_mask, batch, length, query.device)
     query, key, value = (flatten_batch(t) for t in (query, key, value))
     if torch.is_autocast_enabled(query.device.type):  # rotary embeddings leave query and key in fp32
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = _varlen(query, key, value, cu_seqlens, max_seqlen, scaling if scaling is not None else head_dim ** -0.5)
     return unflatten_batch(out, batch), None
+
+
+def segment_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+    """The segments of a [B, T] batch as the keyword arguments transformers passes through every layer
+    to its attention function. Computed once per forward pass, before the decoder layers, so a compiled
+    layer contains no host sync and no graph break. The longest segment is given as T, an upper bound
+    that the kernel accepts, so that every batch of one shape compiles to the same graph."""
+    batch, length = position_ids.shape[0], position_ids.shape[-1]
+    positions = position_ids.expand(batch, length).cpu()
+    mask = attention_mask.cpu() if attention_mask is not None else None
+    cu_seqlens, _ = cu_seqlens_from_position_ids(positions, mask)
+    cu_seqlens = cu_seqlens.to(position_ids.device, non_blocking=True)
+    return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=length, max_length_k=length)
 
 
 def varlen_mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None,
@@ -210,5 +229,27 @@ def register_varlen_attention(device: torch.device | str) -> str:
     if torch.cuda.get_device_capability(device) < (8, 0):
         raise ConfigError(f"attn_implementation: 'varlen' needs compute capability 8.0 or newer (A100, H100, ...); "
                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
-    _varlen = make_varlen_call(varlen_attn)
+    _varlen = make_varlen_call(varlen_attn, kernel_gqa=kernel_reads_grouped_heads(varlen_attn, device))
     return register()
+
+
+def kernel_reads_grouped_heads(varlen_attn: Callable, device: torch.device) -> bool:
+    """Whether this torch's varlen kernel takes fewer key/value heads than query heads without a flag
+    (flash attention does; torch < 2.13 does not say so): one tiny forward and backward on the device,
+    compared with repeated heads. Saves a copy of keys and values per layer when it holds."""
+    params = inspect.signature(varlen_attn).parameters
+    if "enable_gqa" in params:
+        return False  # the flag is the documented way
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(24, heads, 64, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for heads in (4, 2, 2))
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=device)
+    try:
+        grouped = make_varlen_call(varlen_attn, kernel_gqa=True)(q, k, v, cu, 14, 0.125)
+        grads = torch.autograd.grad(grouped.float().square().sum(), (q, k, v))
+    except Exception:  # noqa: BLE001 - any refusal means: repeat the heads
+        return False
+    repeated = make_varlen_call(varlen_attn, kernel_gqa=False)(q, k, v, cu, 14, 0.125)
+    expected = torch.autograd.grad(repeated.float().square().sum(), (q, k, v))
+    same = lambda a, b: bool(((a.float() - b.float()).norm() <= 0.02 * b.float().norm() + 1e-6).item())
+    return same(grouped, repeated) and all(same(a, b) for a, b in zip(grads, expected))

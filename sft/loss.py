@@ -5,17 +5,19 @@ returns the loss itself. It returns the SUM of token losses; the training loop d
 of supervised tokens of the whole optimizer step (all micro-batches, all processes), which is the only
 normalization under which gradient accumulation gives the same update as one large batch.
 
-With `impl="selected"` the output projection runs only on positions that carry a target, in chunks
-whose fp32 logits are recomputed in the backward pass instead of stored: on instruction data most
-positions are prompt tokens, and a full [tokens x vocab] fp32 logit tensor is the largest activation
-of a small model.
+With `impl="selected"` the output projection runs only on positions that carry a target (on
+instruction data many positions are prompt tokens), in chunks of `chunk_tokens` positions, and the
+gradients of each chunk are computed in the forward pass, right after its loss (a fused linear
+cross-entropy): no [tokens x vocab] logit tensor is stored, and none is recomputed, so the output
+projection costs three matmuls per token as in plain autograd. A full fp32 logit tensor would be the
+largest activation of a small model.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .attention import IMPLEMENTATION as VARLEN, segment_kwargs
 from .errors import ConfigError
 from .templates import IGNORE_INDEX
 
@@ -44,6 +46,10 @@ class LossModel(torch.nn.Module):
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None) -> torch.Tensor:
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False)  # a KV cache would also switch off packed-sequence masking
+        if getattr(self.model.config, "_attn_implementation", None) == VARLEN:  # segments once, not per layer
+            positions = position_ids if position_ids is not None else \
+                torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            inputs.update(segment_kwargs(positions.expand_as(input_ids), attention_mask))
         if self.impl == "full":
             logits = self.model(**inputs).logits.float()
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
@@ -56,12 +62,58 @@ class LossModel(torch.nn.Module):
 
 def selected_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
                            chunk_tokens: int) -> torch.Tensor:
-    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
-
-    if hidden.shape[0] <= chunk_tokens:
-        return chunk_loss(hidden, targets)
+    """Summed cross-entropy of lm_head(hidden) [N, vocab] against targets [N] (all supervised), chunk by
+    chunk. Where gradients are wanted they are computed here, chunk by chunk (_LinearCrossEntropy)."""
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, dtype)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for h, y in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+    with torch.autocast(device, enabled=False):
+        for h, y in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+            logits = _chunk_logits(h, weight, bias, dtype).float()
+            total += (logits.logsumexp(-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
     return total
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    return F.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_i CE(h_i W^T + b, y_i). Forward computes, per chunk: logits in the compute dtype, the
+    loss in fp32, and d loss / d logits = softmax - onehot, which gives the chunk's gradients for h, W
+    and b at once. Backward only scales the stored gradients by the incoming one. Weight and bias
+    gradients are summed over chunks in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            w = weight.to(dtype)
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                h, y = hidden[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
+                logits = _chunk_logits(h, w, bias, dtype).float()
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                d_logits[torch.arange(y.shape[0], device=y.device), y] -= 1
+                d_logits = d_logits.to(dtype)
+                grad_hidden[start:start + chunk_tokens] = d_logits @ w
+                grad_weight += d_logits.T @ h
+                if grad_bias is not None:
+                    grad_bias += d_logits.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(weight_dtype),
+                None if grad_bias is None else (grad_bias * grad_output).to(bias_dtype), None, None, None)

@@ -144,14 +144,41 @@ def check_packing_support(model) -> None:
 
 def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
     """Recompute layer activations in the backward pass; every_n_layers > 1 checkpoints only some layers,
-    trading memory for less recomputation (transformers >= 5.24 names this activation checkpointing)."""
+    trading memory for less recomputation (transformers >= 5.24 does the selection itself and names this
+    activation checkpointing)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
-    elif every_n_layers == 1:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ConfigError("checkpoint_every_n_layers: needs transformers >= 5.24; use 1 (every layer)")
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if every_n_layers > 1:  # transformers < 5.24: the same selection (layer k is checkpointed when k % n == 0)
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for k, layer in enumerate(layers):
+            layer.gradient_checkpointing = k % every_n_layers == 0
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (the classes it names in `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model) -> int:
+    """Regional compilation: each decoder layer is compiled in place (`nn.Module.compile`), and since the
+    layers share one class and their weights are graph inputs, one compiled graph serves them all: a
+    fraction of the compile time of the whole model. Embeddings, the loss and the optimizer stay eager,
+    so data-dependent steps (selecting supervised positions, finding packed segments) cause no graph
+    breaks. Shapes are static at first; a second shape (held-out batches) recompiles once, with dynamic
+    shapes. Returns the number of layers compiled."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"compile: found no repeated decoder layers in the {model.config.model_type} architecture "
+                          f"(its _no_split_modules); set compile=False")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

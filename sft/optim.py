@@ -39,20 +39,60 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> tor
     return x.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
+def _stochastic_round(x: torch.Tensor) -> torch.Tensor:
+    """stochastic_round_to_bf16 without an explicit generator, in a form torch.compile fuses: the noise is
+    drawn inside the kernel (from torch's default generator) instead of being stored."""
+    noise = (torch.rand_like(x) * 65536.0).to(torch.int32)
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _fused_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                   hyper: torch.Tensor) -> None:
+    """One BF16AdamW step with stochastic rounding on flat tensors, written to be compiled into one kernel:
+    it reads the bf16 weight, gradient and moments once and writes them once (about 14 bytes per
+    parameter), where the eager step makes some ten passes with fp32 temporaries. `hyper` holds
+    [lr, 1 - beta1, beta2, 1 - beta2, eps, lr * weight_decay, lr / bias_correction1, sqrt(bias_correction2)]
+    as a tensor, so a changing learning rate or step count does not recompile."""
+    lr, one_minus_beta1, beta2, one_minus_beta2, eps, lr_wd, step_size, bc2_sqrt = hyper.unbind()
+    g32, p32 = grad.float(), p.float()
+    m32 = exp_avg.float() + (g32 - exp_avg.float()) * one_minus_beta1
+    v32 = exp_avg_sq.float() * beta2 + g32 * g32 * one_minus_beta2
+    new = p32 - step_size * m32 / (v32.sqrt() / bc2_sqrt + eps) - lr_wd * p32
+    p.copy_(_stochastic_round(new))
+    exp_avg.copy_(_stochastic_round(m32) if exp_avg.dtype == torch.bfloat16 else m32)
+    exp_avg_sq.copy_(_stochastic_round(v32) if exp_avg_sq.dtype == torch.bfloat16 else v32)
+
+
+_compiled_update = None
+
+
+def _fused_update(*tensors: torch.Tensor) -> None:
+    global _compiled_update
+    if _compiled_update is None:  # one graph for every parameter: flat tensors, dynamic length
+        _compiled_update = torch.compile(_fused_update_, dynamic=True, fullgraph=True)
+    _compiled_update(*tensors)
+
+
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) for bf16 parameters, with the math in fp32.
 
     rounding: "stochastic" rounds the new weight stochastically (and bf16 moments too, so they keep
     decaying); "kahan" keeps a bf16 compensation buffer per parameter; "none" rounds to nearest and
     drops small updates (for demonstration only). state_dtype=torch.bfloat16 halves the moment memory.
-    `seed` seeds the rounding noise; the generator state is saved in state_dict so resume is exact.
+
+    fused: with stochastic rounding, run each parameter's step as one compiled kernel (None: on CUDA
+    only). The eager step takes its noise from a generator seeded with `seed` and saved in state_dict,
+    so resume is bitwise exact; the fused step draws it from torch's default generator, whose state the
+    trainer's checkpoints (accelerate's save_state) also hold.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rounding: str = "stochastic",
-                 state_dtype: torch.dtype = torch.float32, seed: int = 0):
+                 state_dtype: torch.dtype = torch.float32, seed: int = 0, fused: bool | None = None):
         if rounding not in ("stochastic", "kahan", "none"):
             raise ConfigError(f"rounding={rounding!r}; expected 'stochastic', 'kahan' or 'none'")
+        if fused and rounding != "stochastic":
+            raise ConfigError(f"fused=True is implemented for stochastic rounding, not {rounding!r}")
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"state_dtype={state_dtype}; expected torch.float32 or torch.bfloat16")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -62,6 +102,9 @@ class BF16AdamW(torch.optim.Optimizer):
                     raise ConfigError(f"BF16AdamW needs bfloat16 parameters, got {p.dtype} "
                                       "(use master_weights='fp32' for fp32 parameters)")
         self.rounding, self.state_dtype, self.seed = rounding, state_dtype, seed
+        if fused is None:
+            fused = rounding == "stochastic" and all(p.is_cuda for g in self.param_groups for p in g["params"])
+        self.fused = fused
         self._generators: dict[str, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -86,6 +129,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            hyper: dict[tuple, torch.Tensor] = {}  # the fused step's scalars, one tensor per (step, device)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -101,6 +145,15 @@ class BF16AdamW(torch.optim.Optimizer):
                         state["compensation"] = torch.zeros_like(p)
                 state["step"] += 1
                 step = state["step"].item()
+                if self.fused:
+                    key = (step, p.device)
+                    if key not in hyper:
+                        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+                        hyper[key] = torch.tensor([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
+                                                  dtype=torch.float32, device=p.device)
+                    _fused_update(*(t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])),
+                                  hyper[key])
+                    continue
 
                 grad = p.grad.float()
                 exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()  # no copy if fp32
@@ -164,7 +217,7 @@ def _tensors(params_or_groups: list) -> list[torch.Tensor]:
 
 def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                    seed: int = 0, state_dtype: str = "float32") -> torch.optim.Optimizer:
+                    seed: int = 0, state_dtype: str = "float32", fused: bool | None = None) -> torch.optim.Optimizer:
     """The AdamW variant named by `master_weights` (one of MASTER_WEIGHTS); see the module docstring."""
     if master_weights not in MASTER_WEIGHTS:
         raise ConfigError(f"master_weights={master_weights!r} is not one of {', '.join(MASTER_WEIGHTS)}")
@@ -186,7 +239,17 @@ def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: floa
         return torch.optim.AdamW(params_or_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                  **fast)
     return BF16AdamW(params_or_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                     rounding=_ROUNDING[master_weights], state_dtype=_STATE_DTYPES[state_dtype], seed=seed)
+                     rounding=_ROUNDING[master_weights], state_dtype=_STATE_DTYPES[state_dtype], seed=seed,
+                     fused=fused)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """How the step runs, for the run's config: class and kernel."""
+    if isinstance(optimizer, BF16AdamW):
+        return f"BF16AdamW ({optimizer.rounding} rounding, {'fused compiled' if optimizer.fused else 'eager'} step)"
+    defaults = optimizer.defaults
+    kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "single-tensor"
+    return f"{type(optimizer).__name__} ({kernel})"
 
 
 def param_groups_for_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:

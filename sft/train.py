@@ -25,9 +25,9 @@ from .data import PreparedData, prepare_data
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, resolve_loss_impl
-from .modeling import (check_packing_support, count_parameters, enable_activation_checkpointing, load_model,
-                       load_tokenizer)
-from .optim import build_optimizer, param_groups_for_weight_decay
+from .modeling import (check_packing_support, compile_layers, count_parameters, enable_activation_checkpointing,
+                       load_model, load_tokenizer)
+from .optim import build_optimizer, describe_optimizer, param_groups_for_weight_decay
 from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
 from .perf import mfu, peak_memory, reset_peak_memory
 from .run_folder import RunFolder, collect_env
@@ -243,10 +243,11 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                                 weight_decay=cfg.weight_decay, seed=cfg.seed, state_dtype=cfg.optimizer_state_dtype)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     if cfg.compile:
-        loss_model = torch.compile(loss_model, dynamic=not cfg.packing)
+        compile_layers(model)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
-    derived = {"precision": precision, "master_weights": master, "max_grad_norm": cfg.max_grad_norm,
+    derived = {"precision": precision, "master_weights": master, "optimizer": describe_optimizer(optimizer),
+               "max_grad_norm": cfg.max_grad_norm,
                "attn_implementation": model.config._attn_implementation,
                "loss_impl": loss_impl, "template": template,
                "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,

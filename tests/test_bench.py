@@ -51,6 +51,9 @@ def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
     ours = rows["ours_tiny"]
     assert float(ours["real_tok_s"]) <= float(ours["padded_tok_s"])
     assert "attn=sdpa" in ours["settings"]  # varlen is for GPUs; "auto" picks sdpa on the CPU
+    capped = rows["ours_tiny_compile_capped"]  # the compiled trainer, stopped by its time cap
+    assert capped["status"] == "ok" and capped["timed_steps"] == "1", capped
+    assert "compile=True" in capped["settings"]
     markdown = (tmp_path / "bench_cpu.md").read_text()
     assert "| ours_tiny | ok |" in markdown and "packages: torch" in markdown
 

@@ -50,12 +50,50 @@ def saved_shapes(fn) -> list[tuple[int, ...]]:
     return shapes
 
 
-def test_chunked_loss_keeps_no_logits_for_the_backward_pass():
+def test_fused_loss_keeps_no_logits_for_the_backward_pass():
+    """Only the gradients are stored (hidden-sized and weight-sized), whatever the chunk size; plain
+    autograd would store [tokens x vocab] logits."""
     hidden, targets, head = inputs()
-    chunked = saved_shapes(lambda: selected_cross_entropy(hidden, targets, head, chunk_tokens=7))
-    unchunked = saved_shapes(lambda: selected_cross_entropy(hidden, targets, head, chunk_tokens=TOKENS))
-    assert any(VOCAB in s for s in unchunked)  # the premise: a single chunk stores its logits
-    assert not any(VOCAB in s for s in chunked)
+    plain = saved_shapes(lambda: F.cross_entropy(head(hidden).float(), targets, reduction="sum"))
+    assert (TOKENS, VOCAB) in plain  # the premise
+    for chunk_tokens in (7, TOKENS):
+        stored = saved_shapes(lambda: selected_cross_entropy(hidden, targets, head, chunk_tokens=chunk_tokens))
+        assert sorted(stored) == sorted([(VOCAB, HIDDEN), (TOKENS, HIDDEN)])
+
+
+def test_fused_loss_under_autocast_and_without_gradients_matches_plain_autograd():
+    hidden, targets, head = inputs(seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        fused = selected_cross_entropy(hidden, targets, head, chunk_tokens=16)
+    expected_grads = torch.autograd.grad(expected, [hidden, head.weight])
+    grads = torch.autograd.grad(fused, [hidden, head.weight])
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=0)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == expected_grad.dtype == torch.float32
+        torch.testing.assert_close(grad, expected_grad, rtol=2e-2, atol=2e-2 * expected_grad.abs().max().item())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: no gradients computed
+        torch.testing.assert_close(selected_cross_entropy(hidden, targets, head, chunk_tokens=16), expected.detach())
+
+
+def test_fused_loss_with_an_output_bias_and_bf16_weights():
+    hidden, targets, head = inputs(seed=2)
+    biased = torch.nn.Linear(HIDDEN, VOCAB, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.normal_()
+    for module in (biased, biased.to(torch.bfloat16)):
+        h = hidden.detach().to(module.weight.dtype).requires_grad_()
+        expected = F.cross_entropy(module(h).float(), targets, reduction="sum")
+        expected_grads = torch.autograd.grad(expected, [h, module.weight, module.bias])
+        fused = selected_cross_entropy(h, targets, module, chunk_tokens=9)
+        grads = torch.autograd.grad(fused, [h, module.weight, module.bias])
+        tol = 1e-5 if module.weight.dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(fused, expected, rtol=tol, atol=0)
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert grad.dtype == expected_grad.dtype
+            torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=tol,
+                                       atol=tol * expected_grad.float().abs().max().item())
 
 
 def test_loss_model_selected_equals_full_on_a_causal_lm(tiny_model_dir):

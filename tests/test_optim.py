@@ -160,3 +160,64 @@ def test_build_optimizer_refuses_fp32_master_weights_on_bf16_params():
         build_optimizer([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], master_weights="fp32", lr=1e-3)
     opt = build_optimizer([torch.nn.Parameter(torch.ones(2))], master_weights="fp32", lr=1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype):
+    """The compiled one-kernel step (what CUDA runs) does the eager step's math: fp32 moments agree to
+    fp32 rounding, and every bf16 value is one of the two bf16 neighbours of the eager fp32 result."""
+    torch.manual_seed(0)  # the fused step draws its noise from torch's default generator
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(3000, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(3000, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, state_dtype=torch.float32)
+    ref = torch.nn.Parameter(w0.float())  # fp32 reference trajectory with the same moments
+    ref_opt = torch.optim.AdamW([ref], foreach=False, **{k: v for k, v in hyper.items() if k != "state_dtype"})
+    w = torch.nn.Parameter(w0.clone())
+    opt = BF16AdamW([w], rounding="stochastic", fused=True, **dict(hyper, state_dtype=state_dtype))
+    assert opt.fused
+    for grad in grads:
+        ref.data.copy_(w.detach().float())  # compare one step at a time, from the same bf16 weights
+        ref.grad, w.grad = grad.float(), grad.clone()
+        if state_dtype == torch.bfloat16:  # the reference starts each step from the same (rounded) moments
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in opt.state[w]:
+                    ref_opt.state[ref][key].copy_(opt.state[w][key].float())
+        before = ref.detach().clone()
+        ref_opt.step()
+        opt.step()
+        error = (w.float() - ref.detach()) / bf16_ulp(ref.detach())
+        assert (error.abs() <= 1).all()
+        # unbiased: no drift along the weight (decay) or along the update; 3000 draws, std <= 0.5/sqrt(3000)
+        for direction in (ref.detach().sign(), (ref.detach() - before).sign()):
+            assert (error * direction).mean().abs() < 0.05
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected, got = ref_opt.state[ref][key], opt.state[w][key].float()
+            if state_dtype == torch.float32:
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # fp32 rounding of terms ~0.1
+            else:
+                assert ((got - expected).abs() <= bf16_ulp(expected)).all()
+
+
+def test_fused_step_keeps_small_updates_like_the_eager_one():
+    n, steps, lr = 4096, 200, 1e-3
+    gen = torch.Generator().manual_seed(0)
+    w0 = ((torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0) * (1 + torch.rand(n, generator=gen))).to(torch.bfloat16)
+    grad = torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0
+    ref = train_on_constant_gradients("fp32", w0, grad, steps, lr)
+    torch.manual_seed(0)  # the fused step draws its noise from torch's default generator
+    w = torch.nn.Parameter(w0.clone())
+    opt = BF16AdamW([w], lr=lr, betas=(0.9, 0.95), rounding="stochastic", fused=True)
+    for _ in range(steps):
+        w.grad = grad.to(torch.bfloat16)
+        opt.step()
+    moved = lambda x: ((w0.float() - x) * grad).mean().item()
+    assert moved(w.detach().float()) == pytest.approx(moved(ref), abs=3e-3)  # as the eager test: 5 sigma
+    assert (w.detach().float() - ref).pow(2).mean().sqrt() < 0.075
+
+
+def test_fused_is_for_stochastic_rounding_and_auto_only_on_cuda():
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    assert not BF16AdamW([w], rounding="stochastic").fused  # a CPU parameter: the eager step
+    with pytest.raises(ConfigError, match="fused=True is implemented for stochastic rounding"):
+        BF16AdamW([w], rounding="kahan", fused=True)

@@ -1,0 +1,108 @@
+"""The fast path's switches on the CPU: regional compilation gives the eager losses and gradients and
+compiles once for every batch of one shape; the training loss hands packed segments to the attention
+function once per forward pass; selective activation checkpointing picks every n-th layer on every
+transformers version."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from sft import attention
+from sft.errors import ConfigError
+from sft.loss import LossModel
+from sft.modeling import compile_layers, decoder_layers, enable_activation_checkpointing
+from sft.templates import IGNORE_INDEX
+from tests.test_attention import positions_for, reference_varlen
+
+CONFIG = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
+def packed_batch(rows: list[list[int]], seed: int) -> dict:
+    """Packed rows as the trainer feeds them: positions restart per example, prompts carry no target."""
+    positions = positions_for(rows)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 101, positions.shape, generator=gen)
+    targets = torch.randint(2, 101, positions.shape, generator=gen)
+    targets[torch.rand(positions.shape, generator=gen) < 0.4] = IGNORE_INDEX
+    return dict(input_ids=ids, targets=targets, position_ids=positions)
+
+
+def tiny_llama(attn: str = "sdpa"):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG), attn_implementation=attn)
+
+
+def loss_and_grads(loss_model: LossModel, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss_model.zero_grad(set_to_none=True)
+    loss = loss_model(**batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in loss_model.parameters()]
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients_and_compile_once():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    eager = LossModel(tiny_llama(), "selected")
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(compiled.model) == CONFIG["num_hidden_layers"]
+    for rows, seed in (([[5, 4, 3], [7, 5]], 1), ([[12], [2, 2, 8]], 2), ([[1, 11], [6, 6]], 3)):
+        batch = packed_batch(rows, seed)
+        (loss, grads), (expected, expected_grads) = loss_and_grads(compiled, batch), loss_and_grads(eager, batch)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    # one graph for all three layers and all three segmentations: packing keeps the shape, and the
+    # per-batch data (segments, supervised positions) never enters the compiled region
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_refuses_a_model_without_repeated_layers():
+    model = torch.nn.Linear(2, 2)
+    model.config = LlamaConfig(**CONFIG)
+    with pytest.raises(ConfigError, match="compile: found no repeated decoder layers"):
+        compile_layers(model)
+
+
+def test_varlen_loss_finds_segments_once_per_forward_and_equals_sdpa(monkeypatch):
+    monkeypatch.setattr(attention, "_varlen", reference_varlen)
+    calls = []
+    real = attention.cu_seqlens_from_position_ids
+    monkeypatch.setattr(attention, "cu_seqlens_from_position_ids", lambda *a: calls.append(1) or real(*a))
+    sdpa = LossModel(tiny_llama(), "selected")
+    varlen = LossModel(tiny_llama(attention.register()), "selected")
+    batch = packed_batch([[5, 4, 3], [7, 5]], seed=4)
+    (loss, grads), (expected, expected_grads) = loss_and_grads(varlen, batch), loss_and_grads(sdpa, batch)
+    assert len(calls) == 1  # in LossModel, before the layers; the layers read it from their keyword arguments
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_segment_kwargs_bound_the_longest_segment_by_the_row_length():
+    batch = packed_batch([[5, 4, 3], [7, 5]], seed=5)
+    kwargs = attention.segment_kwargs(batch["position_ids"])
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 5, 9, 12, 19, 24]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 12  # the row length: one shape, one graph
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_selective_checkpointing_marks_every_nth_layer(every):
+    model = tiny_llama()
+    enable_activation_checkpointing(model, every)
+    flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
+    assert flags == [k % every == 0 for k in range(CONFIG["num_hidden_layers"])]
+    model.train()
+    batch = packed_batch([[5, 4, 3], [7, 5]], seed=6)
+    loss, grads = loss_and_grads(LossModel(model, "selected"), batch)
+    reference = tiny_llama()
+    expected, expected_grads = loss_and_grads(LossModel(reference, "selected"), batch)
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
