@@ -64,24 +64,24 @@ class Variant:
 
 GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs out
     Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True)),
-    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
-    Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
-    Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True)),
-    Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
-    Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
-            dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60),
-    Variant("ours_1b_pure_bf16", "ours", "llama-1b", 15, 5, OURS_PURE_BF16),
-    Variant("ours_1b_fp32_master", "ours", "llama-1b", 15, 5, OURS_FP32_MASTER),
+    Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
     # TRL's fastest setting: flex attention recompiles for each new packed length (capped in time)
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
             max_s=100),
-    Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 10, 3, dict(OURS_PURE_BF16, gradient_checkpointing=True)),
+    Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
+    Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
+            dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60),
+    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
     # half the layers keep their activations: one 4096-token row per micro-batch, 4 micro-batches per step
     Variant("ours_7b_pure_bf16_gc_half_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, gradient_checkpointing=True,
                  checkpoint_every_n_layers=2, compile=True)),
+    Variant("ours_1b_pure_bf16", "ours", "llama-1b", 15, 5, OURS_PURE_BF16),
+    Variant("ours_1b_fp32_master", "ours", "llama-1b", 15, 5, OURS_FP32_MASTER),
+    Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 10, 3, dict(OURS_PURE_BF16, gradient_checkpointing=True)),
+    Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
     Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa")),
 ]
 # The anchor (GPU.md: TRL 1.16 on one H100 80GB HBM3, 2026-11-26), printed beside GPU results.
