@@ -5,30 +5,38 @@ original study's recipe; full-parameter SFT of random-init Llama shapes on synth
     python -m bench.bench_sft --cpu-smoke     # tiny model, a few steps of every variant a CPU can run
     python -m bench.bench_sft --only ours_1b,trl_1b --out DIR --budget-s 400
 
-The variants run one after the other in this process, each inside try/except, so an OOM in one leaves
-the others. Results go to <out>/bench_<gpu|cpu>.csv and .md, rewritten after every variant; METHOD
-below says how each number is measured (the same way for every variant).
+Each variant runs in its own Python process, started by this one: nothing of one variant (compiled
+code, monkey-patched model classes such as Liger's, allocator state) reaches the next, a crash or an OOM
+becomes that variant's status, and a variant that outlives its `timeout_s` is killed and recorded as a
+timeout. Results go to <out>/bench_<gpu|cpu>.csv and .md, rewritten after every variant; METHOD below
+says how each number is measured (the same way for every variant).
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime as dt
-import gc
-import sys
-import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
 
-import torch
+PROCESS_START = time.perf_counter()  # before the heavy imports: "first step s" counts them
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import datetime as dt  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from importlib import metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 from bench.synthetic import LENGTH_MEDIAN, LENGTH_RANGE, PROMPT_FRACTION, benchmark_tokenizer, model_config, \
-    model_folder, synthetic_examples
-from sft.perf import mfu
-from sft.run_folder import collect_env
+    model_folder, synthetic_examples  # noqa: E402
+from sft.perf import mfu  # noqa: E402
+from sft.run_folder import collect_env  # noqa: E402
 
 LR = 2e-5
 SEED = 0
@@ -60,6 +68,7 @@ class Variant:
     settings: dict = field(default_factory=dict)  # TrainConfig fields (ours) or SFTConfig fields + dtype, attn
     needs_cuda: bool = False
     max_s: float | None = None  # stop after the first timed step that ends past this many seconds
+    timeout_s: float = 150     # kill the variant's process after this many seconds
 
 
 GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs out
@@ -87,6 +96,10 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
 # The anchor (GPU.md: TRL 1.16 on one H100 80GB HBM3, 2026-11-26), printed beside GPU results.
 ANCHOR = ("anchor, real tok/s: 1B study 5,892, TRL sdpa fp32 master 10,635, TRL flex pure bf16 47,149; "
           "7B study 1,345, TRL sdpa pure bf16 + checkpointing 3,745, TRL flex pure bf16 + checkpointing 9,986")
+ANCHOR_TRL_BEST = {"llama-1b": 47_149, "llama-7b": 9_986}  # TRL's best in the anchor: flex attention, pure bf16
+# The goals (issue 4): real tok/s of the best "ours" row, its peak memory, and time to the first step.
+GOALS = {"llama-1b": dict(real_tok_s=70_000), "llama-7b": dict(real_tok_s=13_000, peak_gib=60)}
+FIRST_STEP_GOAL_S = 60
 
 CPU_ROW_LENGTH = 512
 CPU_MAX_EXAMPLE = 512      # shorter examples on the CPU: sdpa builds a dense [T, T] mask for packed rows
@@ -110,8 +123,8 @@ METHOD = """\
   padded tok/s counts every position fed to the model.
 - MFU: 6 x parameters x real tok/s / the device's dense bf16 peak (sft.perf).
 - peak GiB: torch.cuda.max_memory_allocated since the variant started.
-- first step s: from the variant's start (model creation, data packing or tokenization, trainer setup)
-  to the end of its first optimizer step."""
+- first step s: from the start of the variant's Python process (imports, model creation, data packing
+  or tokenization, trainer setup, compilation) to the end of its first optimizer step."""
 
 COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib",
            "first_step_s", "s_per_step", "timed_steps", "real_tokens_per_step", "settings"]
@@ -121,20 +134,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def fresh_process_state(device: torch.device) -> None:
-    """Frees the previous variant and lets the next one build its own Accelerator: accelerate keeps one
-    process-wide state that refuses a second mixed-precision setting."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch._dynamo.reset()  # compiled code of earlier variants would count toward the recompile limit
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 class Clock:
@@ -257,34 +256,60 @@ def _installed(name: str) -> bool:
         return False
 
 
-def examples_for(plan: list[Variant], arch: str, max_example: int) -> list:
-    """One synthetic set per architecture, shared by its variants: enough for the hungriest one."""
+def tokens_for(plan: list[Variant], arch: str) -> int:
+    """Synthetic tokens for one architecture: enough for its hungriest variant. Every variant of an
+    architecture trains on this one set (the generator is seeded)."""
     need = max(v.steps * (v.settings.get("micro_batch_size") or v.settings.get("per_device_train_batch_size"))
                * v.settings.get("grad_accum_steps", 1) * v.settings["max_length"] for v in plan if v.arch == arch)
-    vocab = model_config(arch).vocab_size
-    return synthetic_examples(int(need * 1.2), vocab, seed=SEED, max_length=max_example)
+    return int(need * 1.2)
 
 
-def run_variant(variant: Variant, examples, device: torch.device) -> dict:
+def run_variant(variant: Variant, tokens: int, device: torch.device, start: float) -> dict:
+    """Runs one variant in this process (the child's side of run_isolated)."""
     row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
-    if variant.needs_cuda and device.type != "cuda":
-        return dict(row, status="skipped: needs CUDA")
-    if variant.recipe != "ours" and not _installed("trl"):
-        return dict(row, status="skipped: trl not installed (pip install -r requirements-bench.txt)")
-    fresh_process_state(device)
-    print(f"[{variant.name}] starting", file=sys.stderr, flush=True)
-    start = time.perf_counter()
+    max_example = LENGTH_RANGE[1] if variant in GPU_PLAN else CPU_MAX_EXAMPLE
+    examples = synthetic_examples(tokens, model_config(variant.arch).vocab_size, seed=SEED, max_length=max_example)
     try:
         with tempfile.TemporaryDirectory(prefix=f"bench_{variant.name}_") as work:
             row.update(RUNNERS[variant.recipe](variant, examples, Path(work), device, start), status="ok")
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
-    except Exception as e:  # one variant's failure must not stop the others
+    except Exception as e:  # the error becomes the variant's status
         traceback.print_exc()
         row["status"] = f"error: {type(e).__name__}: {e}"[:300].replace("\n", " ")
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-    print(f"[{variant.name}] {row['status']} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return row
+
+
+def run_isolated(variant: Variant, tokens: int, device: torch.device) -> dict:
+    """Runs the variant in a new Python process (its own process group, killed whole on timeout) and
+    returns its row."""
+    row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
+    if variant.needs_cuda and device.type != "cuda":
+        return dict(row, status="skipped: needs CUDA")
+    if variant.recipe != "ours" and not _installed("trl"):
+        return dict(row, status="skipped: trl not installed (pip install -r requirements-bench.txt)")
+    print(f"[{variant.name}] starting", file=sys.stderr, flush=True)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_child_") as tmp:
+        result = Path(tmp) / "row.json"
+        child = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--child", variant.name,
+                                  "--child-tokens", str(tokens), "--child-result", str(result)],
+                                 cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+        try:
+            code = child.wait(timeout=variant.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)  # the trainer's dataset workers too
+            child.wait()
+            code = None
+        if code is None:
+            row["status"] = f"timeout: no result in {variant.timeout_s:.0f} s"
+        elif result.exists():
+            row = json.loads(result.read_text())
+        else:
+            row["status"] = f"error: the variant's process exited with code {code}"
+    print(f"[{variant.name}] {row['status']} in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     return row
 
 
@@ -324,10 +349,56 @@ def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> s
              "params_b", "settings"]
     table = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     table += ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows]
+    goals = ["", "Against the goals:", "", *[f"- {line}" for line in goal_lines(rows)]] if kind == "gpu" else []
     markdown = "\n".join([f"# SFT throughput side by side ({kind.upper()})", ""] + [f"- {line}" for line in lines]
-                         + ["", *table, "", METHOD, ""])
+                         + ["", *table, *goals, "", METHOD, ""])
     (out / f"bench_{kind}.md").write_text(markdown)
     return markdown
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """Per architecture: the fastest of our rows that meets the memory goal, against TRL and the study's
+    recipe (measured here, and TRL's best in the anchor) and against the goal. Rows may come from CSV
+    files (strings) or from this run."""
+    def number(row: dict, column: str) -> float:
+        try:
+            return float(row.get(column))
+        except (TypeError, ValueError):
+            return float("nan")
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    lines = []
+    for arch, goal in GOALS.items():
+        def best(recipe: str, fits=lambda r: True):
+            found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and fits(r)]
+            return max(found, key=lambda r: number(r, "real_tok_s")) if found else None
+
+        ours = best("ours", lambda r: number(r, "peak_gib") <= goal.get("peak_gib", float("inf")))
+        if ours is None:
+            lines.append(f"{arch}: no successful run of ours" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal
+                                                                  else ""))
+            continue
+        speed = number(ours, "real_tok_s")
+        parts = [f"{arch}: ours {speed:,.0f} real tok/s ({ours['variant']}, {number(ours, 'peak_gib'):.1f} GiB, "
+                 f"first step {number(ours, 'first_step_s'):.1f} s)"]
+        trl, study = best("trl"), best("study")
+        parts.append(f"{speed / ANCHOR_TRL_BEST[arch]:.2f}x TRL's best in the anchor ({ANCHOR_TRL_BEST[arch]:,})")
+        if trl is not None:
+            parts.append(f"{speed / number(trl, 'real_tok_s'):.2f}x TRL measured here ({trl['variant']}, "
+                         f"{number(trl, 'real_tok_s'):,.0f})")
+        if study is not None:
+            parts.append(f"{speed / number(study, 'real_tok_s'):.1f}x the study's recipe "
+                         f"({number(study, 'real_tok_s'):,.0f})")
+        met = speed >= goal["real_tok_s"]
+        parts.append(f"goal {goal['real_tok_s']:,}" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else "")
+                     + (": met" if met else f": not met ({speed / goal['real_tok_s']:.0%} of it)"))
+        lines.append("; ".join(parts))
+    firsts = [number(r, "first_step_s") for r in ok if r["recipe"] == "ours"]
+    if firsts:
+        worst = max(firsts)
+        lines.append(f"time to the first step, ours: at most {worst:.1f} s over {len(firsts)} runs; goal "
+                     f"{FIRST_STEP_GOAL_S} s: {'met' if worst <= FIRST_STEP_GOAL_S else 'not met'}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,24 +407,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated parts of variant names to run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--budget-s", type=float, default=None, help="start no variant after this many seconds")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # run_isolated's child: one variant by name
+    parser.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    script_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.child:
+        variant = next(v for v in GPU_PLAN + CPU_PLAN if v.name == args.child)
+        row = run_variant(variant, args.child_tokens, device, PROCESS_START)
+        args.child_result.write_text(json.dumps(row))
+        return
+    script_start = time.perf_counter()
     smoke = args.cpu_smoke or device.type != "cuda"
     plan = CPU_PLAN if smoke else GPU_PLAN
     if args.only:
         plan = [v for v in plan if any(part in v.name for part in args.only.split(","))]
     kind = "gpu" if device.type == "cuda" else "cpu"
     lines = header(device)
-    max_example = CPU_MAX_EXAMPLE if smoke else LENGTH_RANGE[1]
-    data = {arch: examples_for(plan, arch, max_example) for arch in dict.fromkeys(v.arch for v in plan)}
+    tokens = {arch: tokens_for(plan, arch) for arch in dict.fromkeys(v.arch for v in plan)}
     rows = []
     for variant in plan:
         if args.budget_s is not None and time.perf_counter() - script_start > args.budget_s:
             rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
                              status="skipped: time budget"))
         else:
-            rows.append(run_variant(variant, data[variant.arch], device))
+            rows.append(run_isolated(variant, tokens[variant.arch], device))
         markdown = write_results(rows, lines, args.out, kind)
     print(markdown)
 

@@ -172,6 +172,7 @@ def segment_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | No
     mask = attention_mask.cpu() if attention_mask is not None else None
     cu_seqlens, _ = cu_seqlens_from_position_ids(positions, mask)
     cu_seqlens = cu_seqlens.to(position_ids.device, non_blocking=True)
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)  # one entry per example: a new count must not recompile
     return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=length, max_length_k=length)
 
 

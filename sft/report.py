@@ -116,11 +116,24 @@ def blocks(root: Path = ROOT) -> dict[str, str]:
     for name, path, columns in (
             ("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv", INFERENCE_COLUMNS),
             ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv", INFERENCE_COLUMNS),
-            ("bench-gpu", root / "bench" / "results" / "bench_gpu.csv", BENCH_COLUMNS),
             ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS)):
         if path.exists():
             out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(path, columns)
+    gpu_runs = sorted((root / "bench" / "results").glob("bench_gpu*.csv"))
+    if gpu_runs:
+        out["bench-gpu"] = bench_gpu(gpu_runs, root)
     return out
+
+
+def bench_gpu(paths: list[Path], root: Path) -> str:
+    """Each GPU benchmark CSV (one per benchmark invocation) as a table, then the goals checked over the
+    rows of all of them (bench.bench_sft.goal_lines)."""
+    from bench.bench_sft import goal_lines
+
+    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(path, BENCH_COLUMNS) for path in paths]
+    rows = [row for path in paths for row in pd.read_csv(path, comment="#", dtype=str).to_dict("records")]
+    goals = "Against the goals, over the rows above:\n\n" + "".join(f"- {line}\n" for line in goal_lines(rows))
+    return "\n\n".join(tables + [goals])
 
 
 def execute_notebook(path: Path, run_dirs: list[Path]) -> None:

@@ -67,3 +67,50 @@ def test_precision_compare_writes_one_curve_per_master_weights_variant(tmp_path)
     rows = list(csv.reader(line for line in open(tmp_path / "precision_cpu.csv") if not line.startswith("#")))
     assert rows[0] == ["step", *MASTER_WEIGHTS] and len(rows) == 4
     assert (tmp_path / "precision_cpu.png").stat().st_size > 0
+
+
+def test_a_variant_past_its_timeout_is_killed_and_recorded():
+    import dataclasses
+    import time
+
+    import torch
+
+    from bench import bench_sft
+
+    variant = dataclasses.replace(bench_sft.CPU_PLAN[0], timeout_s=0.5)  # not even its imports finish
+    began = time.perf_counter()
+    row = bench_sft.run_isolated(variant, 10_000, torch.device("cpu"))
+    assert row["status"].startswith("timeout: no result in")
+    assert time.perf_counter() - began < 30
+
+
+def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
+    from bench.bench_sft import goal_lines
+
+    row = lambda variant, recipe, arch, tok, gib, first="10": dict(  # noqa: E731 - as read back from a CSV
+        variant=variant, recipe=recipe, arch=arch, status="ok", real_tok_s=str(tok), peak_gib=str(gib),
+        first_step_s=first)
+    rows = [row("ours_1b_a", "ours", "llama-1b", 71_000, 30), row("ours_1b_b", "ours", "llama-1b", 60_000, 20),
+            row("trl_1b", "trl", "llama-1b", 35_500, 10), row("study_1b", "study", "llama-1b", 7_100, 11),
+            row("ours_7b_big", "ours", "llama-7b", 14_000, 61, first="70"), row("ours_7b", "ours", "llama-7b", 6_500, 50),
+            dict(variant="ours_7b_oom", recipe="ours", arch="llama-7b", status="OOM")]
+    one_b, seven_b, first = goal_lines(rows)
+    assert one_b.startswith("llama-1b: ours 71,000 real tok/s (ours_1b_a, 30.0 GiB")
+    assert "2.00x TRL measured here (trl_1b, 35,500)" in one_b and "10.0x the study's recipe" in one_b
+    assert one_b.endswith("goal 70,000: met")
+    assert seven_b.startswith("llama-7b: ours 6,500 real tok/s (ours_7b,")  # the 61 GiB row is over the goal
+    assert seven_b.endswith("goal 13,000 within 60 GiB: not met (50% of it)")
+    assert first.endswith("goal 60 s: not met")  # the slowest start counts, whatever its speed
+
+
+def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
+    from sft import report
+
+    header = "# device: NVIDIA H100 80GB HBM3, CUDA 13.0\nvariant,recipe,arch,status,real_tok_s,peak_gib,first_step_s\n"
+    (tmp_path / "bench_gpu.csv").write_text(header + "ours_1b,ours,llama-1b,ok,80000,30,12\n")
+    (tmp_path / "bench_gpu_run2.csv").write_text(header + "ours_7b,ours,llama-7b,ok,9000,50,9\n")
+    body = report.bench_gpu(sorted(tmp_path.glob("bench_gpu*.csv")), tmp_path)
+    assert body.index("From `bench_gpu.csv`") < body.index("From `bench_gpu_run2.csv`")
+    assert "- device: NVIDIA H100 80GB HBM3, CUDA 13.0" in body
+    assert "llama-1b: ours 80,000 real tok/s" in body and "goal 70,000: met" in body
+    assert "goal 13,000 within 60 GiB: not met (69% of it)" in body

@@ -106,3 +106,38 @@ def test_selective_checkpointing_marks_every_nth_layer(every):
     torch.testing.assert_close(loss, expected)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad)
+
+
+@torch.library.custom_op("sft_test::varlen_reference", mutates_args=())
+def _varlen_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               scale: float) -> torch.Tensor:
+    return reference_varlen(query, key, value, cu_seqlens, max_seqlen, scale)
+
+
+@_varlen_op.register_fake
+def _(query, key, value, cu_seqlens, max_seqlen, scale):
+    return torch.empty_like(query)
+
+
+def _kernel_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    """torch 2.11's varlen_attn signature over a registered custom op, as torch's own is."""
+    return _varlen_op(query, key, value, cu_seq_q, max_q, scale)
+
+
+def test_compiled_varlen_layers_compile_once_whatever_the_number_of_segments(monkeypatch):
+    """cu_seqlens has one entry per packed example plus one, so its length changes from batch to batch;
+    it is marked dynamic, so the compiled layers do not recompile for it."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    monkeypatch.setattr(attention, "_varlen", attention.make_varlen_call(_kernel_211, kernel_gqa=True))
+    eager = LossModel(tiny_llama(attention.register()).to(torch.bfloat16), "selected")
+    compiled = copy.deepcopy(eager)
+    compile_layers(compiled.model)
+    with torch.no_grad():
+        for rows, seed in (([[5, 4, 3], [7, 5]], 1), ([[12], [2, 2, 8]], 2), ([[1, 1, 10], [6, 3, 3]], 3)):
+            batch = packed_batch(rows, seed)
+            torch.testing.assert_close(compiled(**batch), eager(**batch), rtol=2e-2, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1
