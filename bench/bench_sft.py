@@ -175,6 +175,7 @@ class Clock:
 
 
 def run_ours(variant: Variant, examples, work: Path, device: torch.device, start: float) -> dict:
+    from sft import attention
     from sft.config import TrainConfig
     from sft.data import PreparedData
     from sft.train import build, train_step
@@ -195,11 +196,42 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
         padded += sum(b["input_ids"].numel() for b in batches)
         if clock.step_done(step, real, padded):
             break
-    return dict(clock.result(setup.derived["num_parameters"]),
+    result = clock.result(setup.derived["num_parameters"])
+    if PROFILE_DIR is not None:  # after the measurement: the profiler's overhead is not in the numbers
+        profile_steps(setup, setup.steps[max(0, clock.last - PROFILE_STEPS):clock.last], device,
+                      PROFILE_DIR / f"profile_{variant.name}.txt")
+    return dict(result,
                 settings=f"{setup.derived['precision']}, master={setup.derived['master_weights']}, "
                          f"attn={setup.derived['attn_implementation']}, loss={setup.derived['loss_impl']}, "
                          f"rows={cfg.micro_batch_size}x{cfg.max_length}, checkpointing={cfg.gradient_checkpointing}, "
-                         f"states={cfg.optimizer_state_dtype}, compile={cfg.compile}")
+                         f"states={cfg.optimizer_state_dtype}, compile={cfg.compile}, optimizer={setup.derived['optimizer']}"
+                         + (f", grouped heads {attention.grouped_heads}" if cfg.packing and
+                            setup.derived["attn_implementation"] == attention.IMPLEMENTATION else ""))
+
+
+PROFILE_DIR: Path | None = None  # --profile DIR: ours variants also write a kernel-time table there
+PROFILE_STEPS = 3
+
+
+def profile_steps(setup, steps: list, device: torch.device, path: Path) -> None:
+    """Reruns the last few optimizer steps under torch.profiler and writes the operators that took the
+    most device time (CPU time on a CPU): where the next speedup is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sft.train import train_step
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for batches in steps:
+            train_step(setup, batches)
+        sync(device)
+    wall = time.perf_counter() - began
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{len(steps)} optimizer steps, {wall:.3f} s wall under the profiler\n"
+                    + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
 
 
 def run_trl(variant: Variant, examples, work: Path, device: torch.device, start: float) -> dict:
@@ -282,7 +314,7 @@ def run_variant(variant: Variant, tokens: int, device: torch.device, start: floa
     return row
 
 
-def run_isolated(variant: Variant, tokens: int, device: torch.device) -> dict:
+def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: Path | None = None) -> dict:
     """Runs the variant in a new Python process (its own process group, killed whole on timeout) and
     returns its row."""
     row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
@@ -295,7 +327,8 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_child_") as tmp:
         result = Path(tmp) / "row.json"
         child = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--child", variant.name,
-                                  "--child-tokens", str(tokens), "--child-result", str(result)],
+                                  "--child-tokens", str(tokens), "--child-result", str(result)]
+                                 + (["--profile", str(profile.resolve())] if profile else []),
                                  cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         try:
             code = child.wait(timeout=variant.timeout_s)
@@ -407,12 +440,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated parts of variant names to run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--budget-s", type=float, default=None, help="start no variant after this many seconds")
+    parser.add_argument("--profile", type=Path, help="ours variants also write profile_<variant>.txt here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run_isolated's child: one variant by name
     parser.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
+        global PROFILE_DIR
+        PROFILE_DIR = args.profile
         variant = next(v for v in GPU_PLAN + CPU_PLAN if v.name == args.child)
         row = run_variant(variant, args.child_tokens, device, PROCESS_START)
         args.child_result.write_text(json.dumps(row))
@@ -431,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
                              status="skipped: time budget"))
         else:
-            rows.append(run_isolated(variant, tokens[variant.arch], device))
+            rows.append(run_isolated(variant, tokens[variant.arch], device, args.profile))
         markdown = write_results(rows, lines, args.out, kind)
     print(markdown)
 

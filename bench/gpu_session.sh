@@ -44,7 +44,7 @@ step "varlen attention against sdpa on the GPU"
 timeout "$(left 120)" "$PY" -m pytest -q -rs tests/test_attention.py || echo "attention tests failed (exit $?)"
 
 step "side-by-side benchmark"
-timeout "$(left 470)" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$BENCH_BUDGET_S" || echo "benchmark stopped (exit $?)"
+timeout "$(left 470)" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$BENCH_BUDGET_S" --profile "$OUT" || echo "benchmark stopped (exit $?)"
 
 if [ "$(left 60)" -ge 45 ]; then
   step "precision comparison"

@@ -102,6 +102,7 @@ def _not_registered(*args, **kwargs):
 
 
 _varlen: Callable = _not_registered  # set by register_varlen_attention
+grouped_heads = "unset"  # how grouped key/value heads reach the kernel: "flag", "kernel" or "repeated"
 
 
 class _SegmentCache:
@@ -230,7 +231,11 @@ def register_varlen_attention(device: torch.device | str) -> str:
     if torch.cuda.get_device_capability(device) < (8, 0):
         raise ConfigError(f"attn_implementation: 'varlen' needs compute capability 8.0 or newer (A100, H100, ...); "
                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
-    _varlen = make_varlen_call(varlen_attn, kernel_gqa=kernel_reads_grouped_heads(varlen_attn, device))
+    global grouped_heads
+    kernel_gqa = kernel_reads_grouped_heads(varlen_attn, device)
+    _varlen = make_varlen_call(varlen_attn, kernel_gqa=kernel_gqa)
+    grouped_heads = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters
+                     else "kernel" if kernel_gqa else "repeated")
     return register()
 
 

@@ -35,7 +35,8 @@ def read_csv(path: Path) -> list[dict]:
 def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
     from bench.bench_sft import COLUMNS
 
-    done = subprocess.run([sys.executable, "-m", "bench.bench_sft", "--cpu-smoke", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "bench.bench_sft", "--cpu-smoke", "--out", str(tmp_path),
+                           "--profile", str(tmp_path / "profiles")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "bench_cpu.csv") as f:
@@ -51,6 +52,10 @@ def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
     ours = rows["ours_tiny"]
     assert float(ours["real_tok_s"]) <= float(ours["padded_tok_s"])
     assert "attn=sdpa" in ours["settings"]  # varlen is for GPUs; "auto" picks sdpa on the CPU
+    profile = (tmp_path / "profiles" / "profile_ours_tiny.txt").read_text()  # ours only: TRL has its own tools
+    assert profile.startswith("3 optimizer steps") and "aten::mm" in profile
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["profile_ours_tiny.txt",
+                                                                          "profile_ours_tiny_compile_capped.txt"]
     capped = rows["ours_tiny_compile_capped"]  # the compiled trainer, stopped by its time cap
     assert capped["status"] == "ok" and capped["timed_steps"] == "1", capped
     assert "compile=True" in capped["settings"]
