@@ -333,9 +333,11 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
         try:
             code = child.wait(timeout=variant.timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)  # the trainer's dataset workers too
-            child.wait()
             code = None
+        finally:  # on a timeout, and when this process is stopped (SIGTERM, Ctrl-C): no orphan keeps the GPU
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)  # the trainer's dataset workers too
+                child.wait()
         if code is None:
             row["status"] = f"timeout: no result in {variant.timeout_s:.0f} s"
         elif result.exists():
@@ -454,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         args.child_result.write_text(json.dumps(row))
         return
     script_start = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: run the cleanup in run_isolated
     smoke = args.cpu_smoke or device.type != "cuda"
     plan = CPU_PLAN if smoke else GPU_PLAN
     if args.only:

@@ -25,13 +25,24 @@ from .templates import IGNORE_INDEX
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def resolve_loss_impl(model, impl: str) -> str:
-    transformed = [a for a in _LOGIT_TRANSFORMS if getattr(model.config, a, None) not in (None, 1, 1.0)]
+def resolve_loss_impl(model, impl: str, partitioned_weights: bool = False) -> str:
+    """'selected' reads lm_head's weight and bias itself (the fused loss), so it needs a plain nn.Linear
+    head with no hooks, logits that are just lm_head(hidden), and weights that are whole on every process
+    (not DeepSpeed ZeRO-3, which gathers a weight only inside its own module's forward)."""
+    head = model.get_output_embeddings()
+    reasons = [f"this model also applies {a}" for a in _LOGIT_TRANSFORMS
+               if getattr(model.config, a, None) not in (None, 1, 1.0)]
+    if type(head) is not torch.nn.Linear:
+        reasons.append(f"its output layer is a {type(head).__name__}, not a plain torch.nn.Linear")
+    elif head._forward_hooks or head._forward_pre_hooks:
+        reasons.append("its output layer has forward hooks")
+    if partitioned_weights:
+        reasons.append("DeepSpeed ZeRO-3 partitions the output layer's weight")
     if impl == "auto":
-        return "full" if transformed else "selected"
-    if impl == "selected" and transformed:
-        raise ConfigError(f"loss_impl: 'selected' computes lm_head(hidden) directly, but this model also applies "
-                          f"{transformed}; use loss_impl='full'")
+        return "full" if reasons else "selected"
+    if impl == "selected" and reasons:
+        raise ConfigError(f"loss_impl: 'selected' computes the loss from lm_head's weight directly, but "
+                          f"{'; '.join(reasons)}; use loss_impl='full' (or 'auto')")
     return impl
 
 
@@ -89,10 +100,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_tokens, dtype):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # a frozen head needs no weight gradient
         with torch.autocast(hidden.device.type, enabled=False):
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-            grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
             w = weight.to(dtype)
             total = hidden.new_zeros((), dtype=torch.float32)
             for start in range(0, hidden.shape[0], chunk_tokens):
@@ -103,8 +115,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 d_logits[torch.arange(y.shape[0], device=y.device), y] -= 1
                 d_logits = d_logits.to(dtype)
-                grad_hidden[start:start + chunk_tokens] = d_logits @ w
-                grad_weight += d_logits.T @ h
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk_tokens] = d_logits @ w
+                if grad_weight is not None:
+                    grad_weight += d_logits.T @ h
                 if grad_bias is not None:
                     grad_bias += d_logits.float().sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -115,5 +129,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(weight_dtype),
+        return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype),
                 None if grad_bias is None else (grad_bias * grad_output).to(bias_dtype), None, None, None)

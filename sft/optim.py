@@ -81,9 +81,10 @@ class BF16AdamW(torch.optim.Optimizer):
     drops small updates (for demonstration only). state_dtype=torch.bfloat16 halves the moment memory.
 
     fused: with stochastic rounding, run each parameter's step as one compiled kernel (None: on CUDA
-    only). The eager step takes its noise from a generator seeded with `seed` and saved in state_dict,
-    so resume is bitwise exact; the fused step draws it from torch's default generator, whose state the
-    trainer's checkpoints (accelerate's save_state) also hold.
+    only). The eager step takes its noise from a generator seeded with `seed` and saved in state_dict.
+    The fused step draws it inside the kernel from torch's default generator, re-seeded from (`seed`,
+    step count) for the step and restored afterwards: the noise depends on nothing else the process
+    did, so data-parallel copies of the model round alike and stay identical, and resume is exact.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -106,6 +107,7 @@ class BF16AdamW(torch.optim.Optimizer):
             fused = rounding == "stochastic" and all(p.is_cuda for g in self.param_groups for p in g["params"])
         self.fused = fused
         self._generators: dict[str, torch.Generator] = {}
+        self._fused_steps = 0  # seeds the fused step's noise, with `seed`
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # One generator per device: CUDA noise must come from a CUDA generator.
@@ -127,6 +129,17 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.fused:
+            self._update()
+            return loss
+        self._fused_steps += 1
+        cuda = sorted({p.device.index or 0 for g in self.param_groups for p in g["params"] if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed((self.seed * 1_000_003 + self._fused_steps) % 2**63)
+            self._update()
+        return loss
+
+    def _update(self) -> None:
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             hyper: dict[tuple, torch.Tensor] = {}  # the fused step's scalars, one tensor per (step, device)
@@ -145,14 +158,14 @@ class BF16AdamW(torch.optim.Optimizer):
                         state["compensation"] = torch.zeros_like(p)
                 state["step"] += 1
                 step = state["step"].item()
-                if self.fused:
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if self.fused and all(t.is_contiguous() for t in tensors):  # else the eager step below
                     key = (step, p.device)
                     if key not in hyper:
                         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
                         hyper[key] = torch.tensor([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
                                                   dtype=torch.float32, device=p.device)
-                    _fused_update(*(t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])),
-                                  hyper[key])
+                    _fused_update(*(t.detach().view(-1) for t in tensors), hyper[key])
                     continue
 
                 grad = p.grad.float()
@@ -182,16 +195,17 @@ class BF16AdamW(torch.optim.Optimizer):
                 if self.state_dtype != torch.float32:
                     self._store(state["exp_avg"], exp_avg)
                     self._store(state["exp_avg_sq"], exp_avg_sq)
-        return loss
 
     def state_dict(self):
         sd = super().state_dict()
         sd["rng"] = {device: g.get_state() for device, g in self._generators.items()}
+        sd["fused_steps"] = self._fused_steps
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         rng = state_dict.pop("rng", {})
+        self._fused_steps = state_dict.pop("fused_steps", 0)
         super().load_state_dict(state_dict)
         # Optimizer.load_state_dict casts float state to the parameter dtype (bf16), which would round
         # fp32 moments and break exact resume, and it shares `step` with the source dict; put back

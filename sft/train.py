@@ -201,6 +201,11 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                               cpu=probe.type == "cpu")
     device = accelerator.device
     master = MASTER_WEIGHTS.get((precision, cfg.bf16_update), "fp32")
+    if accelerator.distributed_type.name == "FSDP" and master != "fp32":
+        raise ConfigError("FSDP shards parameters as DTensors, which BF16AdamW's bf16 update does not handle: use "
+                          "precision='bf16_autocast' (fp32 master weights) with FSDP, or 'bf16_pure' on one GPU or DDP")
+    zero3 = (accelerator.distributed_type.name == "DEEPSPEED"
+             and accelerator.state.deepspeed_plugin.zero_stage == 3)
     if accelerator.distributed_type.name == "DEEPSPEED" and (cfg.grad_accum_steps != 1 or master != "fp32"):
         raise ConfigError("DeepSpeed steps the optimizer inside every backward pass and keeps its own fp32 master "
                           "weights: use grad_accum_steps=1 (raise micro_batch_size or the process count) and "
@@ -236,7 +241,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
         check_packing_support(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model, cfg.checkpoint_every_n_layers)
-    loss_impl = resolve_loss_impl(model, cfg.loss_impl)
+    loss_impl = resolve_loss_impl(model, cfg.loss_impl, partitioned_weights=zero3)
     loss_model = LossModel(model, loss_impl, cfg.loss_chunk_tokens).to(device)
     optimizer = build_optimizer(param_groups_for_weight_decay(model, cfg.weight_decay), master_weights=master,
                                 lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -246,7 +251,8 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
         compile_layers(model)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
-    derived = {"precision": precision, "master_weights": master, "optimizer": describe_optimizer(optimizer),
+    derived = {"precision": precision, "master_weights": master,
+               "optimizer": describe_optimizer(getattr(optimizer, "optimizer", optimizer)),  # under accelerate's wrapper
                "max_grad_norm": cfg.max_grad_norm,
                "attn_implementation": model.config._attn_implementation,
                "loss_impl": loss_impl, "template": template,

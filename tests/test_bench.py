@@ -119,3 +119,30 @@ def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
     assert "- device: NVIDIA H100 80GB HBM3, CUDA 13.0" in body
     assert "llama-1b: ours 80,000 real tok/s" in body and "goal 70,000: met" in body
     assert "goal 13,000 within 60 GiB: not met (69% of it)" in body
+
+
+def test_stopping_the_benchmark_stops_the_variant_it_is_running(tmp_path):
+    """`timeout` (as gpu_session.sh uses it) sends SIGTERM to the benchmark: its variant's process, which
+    runs in its own session, must not live on holding the device."""
+    import signal
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--cpu-smoke", "--only", "ours_tiny_compile",
+                               "--out", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    assert "starting" in parent.stderr.readline()
+    time.sleep(2)  # the variant's process is importing torch by now
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 143
+
+    def children() -> list[str]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "bench.bench_sft --child ours_tiny_compile_capped" in cmdline:
+                found.append(cmdline)
+        return found
+
+    assert children() == []

@@ -115,14 +115,52 @@ def test_loss_model_selected_equals_full_on_a_causal_lm(tiny_model_dir):
     assert losses[0] > 0
 
 
+def stub_model(config, head: torch.nn.Module | None = None):
+    head = head if head is not None else torch.nn.Linear(4, 8, bias=False)
+    return SimpleNamespace(config=config, get_output_embeddings=lambda: head)
+
+
 def test_auto_picks_full_for_a_softcapped_model_and_selected_otherwise():
-    softcapped = SimpleNamespace(config=Gemma2Config())
+    softcapped = stub_model(Gemma2Config())
     assert softcapped.config.final_logit_softcapping
     assert resolve_loss_impl(softcapped, "auto") == "full"
     assert resolve_loss_impl(softcapped, "full") == "full"
-    assert resolve_loss_impl(SimpleNamespace(config=LlamaConfig()), "auto") == "selected"
+    assert resolve_loss_impl(stub_model(LlamaConfig()), "auto") == "selected"
 
 
 def test_forcing_selected_on_a_softcapped_model_is_a_config_error():
     with pytest.raises(ConfigError, match="final_logit_softcapping"):
-        resolve_loss_impl(SimpleNamespace(config=Gemma2Config()), "selected")
+        resolve_loss_impl(stub_model(Gemma2Config()), "selected")
+
+
+class WrappedHead(torch.nn.Module):  # what an adapter library puts in place of lm_head
+    def __init__(self):
+        super().__init__()
+        self.base = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.base(x) * 2
+
+
+def test_the_fused_loss_is_used_only_where_it_sees_the_weights_the_head_uses():
+    """The fused loss reads lm_head.weight itself: a wrapped or hooked head, or a weight that DeepSpeed
+    ZeRO-3 gathers only inside the head's own forward, would be bypassed, so 'auto' picks 'full'."""
+    hooked = torch.nn.Linear(4, 8)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    for model, partitioned, reason in ((stub_model(LlamaConfig(), WrappedHead()), False, "WrappedHead"),
+                                       (stub_model(LlamaConfig(), hooked), False, "forward hooks"),
+                                       (stub_model(LlamaConfig()), True, "ZeRO-3")):
+        assert resolve_loss_impl(model, "auto", partitioned_weights=partitioned) == "full"
+        with pytest.raises(ConfigError, match=reason):
+            resolve_loss_impl(model, "selected", partitioned_weights=partitioned)
+
+
+def test_a_frozen_head_gets_no_gradient_and_costs_no_weight_gradient():
+    hidden, targets, head = inputs(seed=3)
+    head.weight.requires_grad_(False)
+    stored = saved_shapes(lambda: selected_cross_entropy(hidden, targets, head, chunk_tokens=16))
+    assert stored == [(TOKENS, HIDDEN)]  # only the hidden-state gradient
+    loss = selected_cross_entropy(hidden, targets, head, chunk_tokens=16)
+    (grad,) = torch.autograd.grad(loss, [hidden])
+    expected = torch.autograd.grad(F.cross_entropy(head(hidden), targets, reduction="sum"), [hidden])[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)

@@ -221,3 +221,46 @@ def test_fused_is_for_stochastic_rounding_and_auto_only_on_cuda():
     assert not BF16AdamW([w], rounding="stochastic").fused  # a CPU parameter: the eager step
     with pytest.raises(ConfigError, match="fused=True is implemented for stochastic rounding"):
         BF16AdamW([w], rounding="kahan", fused=True)
+
+
+def fused_run(steps: int, seed: int, disturb: bool = False, resume_at: int | None = None) -> torch.Tensor:
+    """Trains one bf16 vector with the fused step; `disturb` draws from torch's default generator before
+    every step (what sampling or dropout does elsewhere in a process); `resume_at` restarts the
+    optimizer from its state_dict."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(2000, generator=gen).to(torch.bfloat16))
+    grads = [torch.randn(2000, generator=gen).to(torch.bfloat16) for _ in range(steps)]
+    opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed)
+    for k, grad in enumerate(grads):
+        if disturb:
+            torch.rand(k + 1)
+        if k == resume_at:
+            saved = io.BytesIO()
+            torch.save(opt.state_dict(), saved)
+            opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed)
+            opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
+        w.grad = grad
+        opt.step()
+    return w.detach().clone()
+
+
+def test_fused_rounding_noise_depends_only_on_the_seed_and_the_step():
+    """Data-parallel copies of a model must round identically, or they drift apart for good; and a
+    resumed run must continue as the uninterrupted one."""
+    torch.manual_seed(0)
+    reference = fused_run(6, seed=1)
+    torch.manual_seed(123)  # another process state, and draws in between: same weights
+    assert torch.equal(fused_run(6, seed=1, disturb=True), reference)
+    assert torch.equal(fused_run(6, seed=1, resume_at=3), reference)
+    assert not torch.equal(fused_run(6, seed=2), reference)  # the noise does come from the seed
+    state = torch.random.get_rng_state()
+    fused_run(1, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # and the process's generator is left as it was
+
+
+def test_a_non_contiguous_parameter_takes_the_eager_step():
+    w = torch.nn.Parameter(torch.randn(8, 6).to(torch.bfloat16).t())  # a transposed view: not contiguous
+    opt = BF16AdamW([w], lr=1e-2, rounding="stochastic", fused=True)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert (w.detach().float() < 10).all() and opt.state[w]["step"].item() == 1
