@@ -86,7 +86,7 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
             dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, gradient_checkpointing=True,
                  checkpoint_every_n_layers=2, compile=True)),
     # TRL's fastest setting in the anchor. Flex attention recompiles for each new packed length; in the
-    # first GPU session it had not finished 5 steps after 7 minutes, so it runs late, capped and with a timeout
+    # first GPU session it had not completed 6 steps after 7 minutes, so it runs late, capped and with a timeout
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
             max_s=100, timeout_s=130),
     Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa")),
