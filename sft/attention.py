@@ -119,12 +119,19 @@ class _SegmentCache:
         cached_pos, cached_mask, cached_shape = self.key
         if cached_pos is position_ids and cached_mask is attention_mask and cached_shape == (batch, length):
             return self.value
-        positions = position_ids.expand(batch, length).cpu()  # the one host sync of the forward pass
-        mask = attention_mask.cpu() if attention_mask is not None else None
-        cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(positions, mask)
         self.key = (position_ids, attention_mask, (batch, length))
-        self.value = (cu_seqlens.to(device), max_seqlen)
+        self.value = host_segments(position_ids, attention_mask, batch, length, device)
         return self.value
+
+
+def host_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, length: int,
+                  device: torch.device) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (on `device`) and the longest segment, computed on the host: the one host sync of a
+    forward pass."""
+    positions = position_ids.expand(batch, length).cpu()
+    mask = attention_mask.cpu() if attention_mask is not None else None
+    cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(positions, mask)
+    return cu_seqlens.to(device, non_blocking=True), max_seqlen
 
 
 _segments = _SegmentCache()
@@ -169,10 +176,7 @@ def segment_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | No
     layer contains no host sync and no graph break. The longest segment is given as T, an upper bound
     that the kernel accepts, so that every batch of one shape compiles to the same graph."""
     batch, length = position_ids.shape[0], position_ids.shape[-1]
-    positions = position_ids.expand(batch, length).cpu()
-    mask = attention_mask.cpu() if attention_mask is not None else None
-    cu_seqlens, _ = cu_seqlens_from_position_ids(positions, mask)
-    cu_seqlens = cu_seqlens.to(position_ids.device, non_blocking=True)
+    cu_seqlens, _ = host_segments(position_ids, attention_mask, batch, length, position_ids.device)
     torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)  # one entry per example: a new count must not recompile
     return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=length, max_length_k=length)
 

@@ -31,18 +31,20 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> tor
     bf16 is the top 16 bits of fp32. Adding a uniform integer in [0, 2^16) to the low bits carries into
     bit 16 with probability (low bits) / 2^16, then zeroing the low bits truncates. fp32 is
     sign-magnitude, so this acts on |x| and is unbiased for both signs. Inf and canonical NaN survive
-    because their low 16 bits are zero. Overwrites `x`.
+    because their low 16 bits are zero.
     """
-    bits = x.view(torch.int32)
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits.add_(noise).bitwise_and_(-65536)  # -65536 == 0xFFFF0000 as int32
-    return x.to(torch.bfloat16)  # exact: the low 16 bits are zero
+    return _round_with_noise(x, noise)
 
 
 def _stochastic_round(x: torch.Tensor) -> torch.Tensor:
-    """stochastic_round_to_bf16 without an explicit generator, in a form torch.compile fuses: the noise is
-    drawn inside the kernel (from torch's default generator) instead of being stored."""
-    noise = (torch.rand_like(x) * 65536.0).to(torch.int32)
+    """stochastic_round_to_bf16 in a form torch.compile fuses: the noise is drawn inside the kernel (from
+    torch's default generator) instead of being stored."""
+    return _round_with_noise(x, (torch.rand_like(x) * 65536.0).to(torch.int32))
+
+
+def _round_with_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    # -65536 == 0xFFFF0000 as int32; the result is exact in bf16 because its low 16 bits are zero
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
