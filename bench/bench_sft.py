@@ -51,6 +51,7 @@ OURS = dict(packing=True, max_length=ROW_LENGTH, micro_batch_size=ROWS, attn_imp
 OURS_FP32_MASTER = dict(OURS, precision="bf16_autocast")  # fp32 master weights, fused AdamW
 OURS_PURE_BF16 = dict(OURS, precision="bf16_pure", bf16_update="stochastic_rounding",
                       optimizer_state_dtype="bfloat16")
+OURS_INT8_STATES = dict(OURS_PURE_BF16, optimizer_state_dtype="int8")  # block-wise 8-bit moments
 # TRL's best (as in the anchor): best-fit-decreasing packing, padding-free batches, Liger kernels.
 TRL_BEST = dict(per_device_train_batch_size=ROWS, max_length=ROW_LENGTH, packing=True, packing_strategy="bfd",
                 padding_free=True, bf16=True, use_liger_kernel=True, optim="adamw_torch_fused")
@@ -75,6 +76,13 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
     Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True)),
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True)),
+    # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation
+    # with one 4096-token row per micro-batch, or every other layer recomputed with two rows
+    Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, compile=True)),
+    Variant("ours_7b_int8_states_gc_half_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
+                 checkpoint_every_n_layers=2, compile=True)),
     Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
     Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
     Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
@@ -110,6 +118,8 @@ CPU_PLAN = [
     Variant("ours_tiny_compile_capped", "ours", "tiny", 4, 2, max_s=0.0,  # stops after its first timed step
             settings=dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=1, grad_accum_steps=2, precision="fp32",
                           compile=True)),
+    Variant("ours_tiny_int8_states", "ours", "tiny", 4, 2,
+            dict(OURS_INT8_STATES, max_length=CPU_ROW_LENGTH, micro_batch_size=2)),
     Variant("trl_tiny_flex", "trl", "tiny", 4, 2, needs_cuda=True,
             settings=dict(TRL_BEST, max_length=CPU_ROW_LENGTH, dtype="bf16", attn="flex_attention")),
     Variant("trl_tiny_sdpa", "trl", "tiny", 4, 2,
@@ -204,7 +214,10 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
     return dict(result,
                 settings=f"{setup.derived['precision']}, master={setup.derived['master_weights']}, "
                          f"attn={setup.derived['attn_implementation']}, loss={setup.derived['loss_impl']}, "
-                         f"rows={cfg.micro_batch_size}x{cfg.max_length}, checkpointing={cfg.gradient_checkpointing}, "
+                         f"rows={cfg.micro_batch_size}x{cfg.max_length} x {cfg.grad_accum_steps} micro-batches, "
+                         f"checkpointing={cfg.gradient_checkpointing}"
+                         + (f" (every {cfg.checkpoint_every_n_layers} layers)" if cfg.gradient_checkpointing
+                            and cfg.checkpoint_every_n_layers > 1 else "") + ", "
                          f"states={cfg.optimizer_state_dtype}, compile={cfg.compile}, optimizer={setup.derived['optimizer']}"
                          + (f", grouped heads {attention.grouped_heads}" if cfg.packing and
                             setup.derived["attn_implementation"] == attention.IMPLEMENTATION else ""))

@@ -1,6 +1,7 @@
-"""Do small updates survive bf16 weights? Loss curves of the four AdamW variants of sft.optim on the same
-batches: fp32 master weights, bf16 + stochastic rounding, bf16 + Kahan summation, and plain bf16 (which
-rounds away every update smaller than half a bf16 step of the weight).
+"""Do small updates survive bf16 weights? Loss curves of the AdamW variants of sft.optim on the same
+batches: fp32 master weights, bf16 + stochastic rounding (with fp32 or block-wise 8-bit moments), bf16 +
+Kahan summation, and plain bf16 (which rounds away every update smaller than half a bf16 step of the
+weight).
 
     python -m bench.precision_compare [--out DIR] [--steps N]
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sft.optim import MASTER_WEIGHTS, build_optimizer
+from sft.optim import build_optimizer
 from sft.run_folder import collect_env
 
 LR = 2e-5                  # the toolkit's default finetuning learning rate
@@ -32,6 +33,12 @@ MODEL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden
              num_key_value_heads=2, max_position_embeddings=LENGTH)
 SEED = 0
 SMOOTH = 10                # steps in the plotted moving average
+# curve name: (master_weights, optimizer state dtype)
+VARIANTS = {"fp32": ("fp32", "float32"),
+            "bf16_stochastic_rounding": ("bf16_stochastic_rounding", "float32"),
+            "bf16_stochastic_rounding_int8_states": ("bf16_stochastic_rounding", "int8"),
+            "bf16_kahan": ("bf16_kahan", "float32"),
+            "bf16_plain": ("bf16_plain", "float32")}
 
 
 def markov_batches(steps: int, seed: int = SEED) -> list[torch.Tensor]:
@@ -49,14 +56,15 @@ def markov_batches(steps: int, seed: int = SEED) -> list[torch.Tensor]:
     return batches
 
 
-def train(master_weights: str, batches: list[torch.Tensor], device: torch.device) -> list[float]:
+def train(master_weights: str, state_dtype: str, batches: list[torch.Tensor], device: torch.device) -> list[float]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(SEED)  # the same initial weights for every variant (rounded to bf16 for the bf16 ones)
     dtype = torch.float32 if master_weights == "fp32" else torch.bfloat16
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**MODEL), dtype=dtype, attn_implementation="sdpa")
-    optimizer = build_optimizer(model.parameters(), master_weights=master_weights, lr=LR, betas=BETAS, seed=SEED)
+    optimizer = build_optimizer(model.parameters(), master_weights=master_weights, lr=LR, betas=BETAS, seed=SEED,
+                                state_dtype=state_dtype)
     losses = []
     for x in batches:
         x = x.to(device)
@@ -83,7 +91,7 @@ def plot(curves: dict[str, list[float]], title: str, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     reference = moving_average(curves["fp32"], SMOOTH)
-    for (name, losses), style in zip(curves.items(), ("-", "--", ":", "-")):
+    for (name, losses), style in zip(curves.items(), ("-", "--", "-.", ":", "-")):
         smooth = moving_average(losses, SMOOTH)
         line, = left.plot(smooth, style, label=name, lw=1.8)
         left.plot(losses, color=line.get_color(), alpha=0.15, lw=0.8)
@@ -108,9 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     kind = "gpu" if device.type == "cuda" else "cpu"
     batches = markov_batches(args.steps)
     curves = {}
-    for name in MASTER_WEIGHTS:
+    for name, (master_weights, state_dtype) in VARIANTS.items():
         start = time.perf_counter()
-        curves[name] = train(name, batches, device)
+        curves[name] = train(master_weights, state_dtype, batches, device)
         print(f"{name}: loss {curves[name][0]:.3f} -> {sum(curves[name][-SMOOTH:]) / SMOOTH:.3f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 

@@ -70,7 +70,7 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"              # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
     bf16_update: str = "stochastic_rounding"  # how pure-bf16 weights keep small updates
-    optimizer_state_dtype: str = "float32"    # "bfloat16" halves AdamW's memory (bf16_pure only)
+    optimizer_state_dtype: str = "float32"    # "bfloat16" halves AdamW's moments, "int8" quarters them (bf16_pure)
     gradient_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1   # with gradient_checkpointing: 1 = every layer; 2 = every other one...
     attn_implementation: str = "auto"
@@ -123,14 +123,17 @@ class TrainConfig:
         _choice("attn_implementation", self.attn_implementation, ATTENTION)
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
-        _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16"))
+        _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16", "int8"))
         if self.attn_implementation == "varlen" and self.precision == "fp32":
             raise ConfigError("attn_implementation: 'varlen' runs flash-attention kernels in bf16; use precision "
                               "'bf16_autocast' or 'bf16_pure' (or 'auto' on a GPU), or attn_implementation 'sdpa'")
         if self.padding_free and self.packing:
             raise ConfigError("padding_free: replaces packing; set packing=False to use it")
-        if self.optimizer_state_dtype == "bfloat16" and self.precision != "bf16_pure":
-            raise ConfigError("optimizer_state_dtype: 'bfloat16' needs precision='bf16_pure'")
+        if self.optimizer_state_dtype != "float32" and self.precision != "bf16_pure":
+            raise ConfigError(f"optimizer_state_dtype: {self.optimizer_state_dtype!r} needs precision='bf16_pure'")
+        if self.optimizer_state_dtype == "int8" and self.bf16_update != "stochastic_rounding":
+            raise ConfigError(f"optimizer_state_dtype: 'int8' is implemented with bf16_update='stochastic_rounding', "
+                              f"not {self.bf16_update!r}")
         if self.task_metric is not None:
             _choice("task_metric", self.task_metric, TASK_METRICS)
         if not self.experiment.strip() or any(c in self.experiment for c in "/\\ "):

@@ -12,6 +12,13 @@ finetuning step. The config field `master_weights` picks how we keep the update 
   in rounding over to the next step (Kahan summation); costs 2 bytes per parameter.
 - "bf16_plain": bf16 AdamW with round-to-nearest and no compensation. It drops small updates and exists
   only so that tests and benchmarks can show the problem; do not train with it.
+
+With bf16 weights the moments can be kept in fp32 (8 bytes per parameter), bf16 (4 bytes, stochastically
+rounded so they keep decaying) or int8 (about 2 bytes): block-wise 8-bit states as in Dettmers et al.,
+"8-bit Optimizers via Block-wise Quantization" (2110.02861), in the format of bitsandbytes' and torchao's
+8-bit Adam. Each block of 256 values stores a scale (its largest magnitude) and one byte per value, an
+index into a 256-entry "dynamic" map whose entries are spaced logarithmically, so small moments next to
+large ones keep their relative precision.
 """
 
 from collections.abc import Iterable
@@ -22,7 +29,10 @@ from sft.errors import ConfigError
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic_rounding", "bf16_kahan", "bf16_plain")
 _ROUNDING = {"bf16_stochastic_rounding": "stochastic", "bf16_kahan": "kahan", "bf16_plain": "none"}
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# int8 marks block-wise 8-bit states (uint8 codes + an fp32 scale per block), not int8 tensors
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+INT8_BLOCK = 256
+INT8_MIN_NUMEL = 4096  # smaller tensors (norm scales, biases) keep fp32 states, as in bitsandbytes and torchao
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -48,31 +58,92 @@ def _round_with_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def _adamw_(p: torch.Tensor, g32: torch.Tensor, m32: torch.Tensor, v32: torch.Tensor,
+            hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AdamW step of the compiled kernels, in fp32: writes the stochastically rounded weight into
+    bf16 `p` and returns the new moments. `hyper` holds [lr, 1 - beta1, beta2, 1 - beta2, eps,
+    lr * weight_decay, lr / bias_correction1, sqrt(bias_correction2)] as a tensor, so a changing learning
+    rate or step count does not recompile."""
+    lr, one_minus_beta1, beta2, one_minus_beta2, eps, lr_wd, step_size, bc2_sqrt = hyper.unbind()
+    p32 = p.float()
+    m32 = m32 + (g32 - m32) * one_minus_beta1
+    v32 = v32 * beta2 + g32 * g32 * one_minus_beta2
+    new = p32 - step_size * m32 / (v32.sqrt() / bc2_sqrt + eps) - lr_wd * p32
+    p.copy_(_stochastic_round(new))
+    return m32, v32
+
+
 def _fused_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                    hyper: torch.Tensor) -> None:
     """One BF16AdamW step with stochastic rounding on flat tensors, written to be compiled into one kernel:
     it reads the bf16 weight, gradient and moments once and writes them once (about 14 bytes per
-    parameter), where the eager step makes some ten passes with fp32 temporaries. `hyper` holds
-    [lr, 1 - beta1, beta2, 1 - beta2, eps, lr * weight_decay, lr / bias_correction1, sqrt(bias_correction2)]
-    as a tensor, so a changing learning rate or step count does not recompile."""
-    lr, one_minus_beta1, beta2, one_minus_beta2, eps, lr_wd, step_size, bc2_sqrt = hyper.unbind()
-    g32, p32 = grad.float(), p.float()
-    m32 = exp_avg.float() + (g32 - exp_avg.float()) * one_minus_beta1
-    v32 = exp_avg_sq.float() * beta2 + g32 * g32 * one_minus_beta2
-    new = p32 - step_size * m32 / (v32.sqrt() / bc2_sqrt + eps) - lr_wd * p32
-    p.copy_(_stochastic_round(new))
+    parameter), where the eager step makes some ten passes with fp32 temporaries."""
+    m32, v32 = _adamw_(p, grad.float(), exp_avg.float(), exp_avg_sq.float(), hyper)
     exp_avg.copy_(_stochastic_round(m32) if exp_avg.dtype == torch.bfloat16 else m32)
     exp_avg_sq.copy_(_stochastic_round(v32) if exp_avg_sq.dtype == torch.bfloat16 else v32)
 
 
-_compiled_update = None
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256 values an 8-bit state can take, relative to its block's largest magnitude: 0, 1, and for
+    k = 0..6 the decade [0.1, 1] * 10^(k-6) cut into 2^k (signed: each sign) or 2^(k+1) (unsigned) equal
+    parts, represented by their midpoints. This is the dynamic map of bitsandbytes' 8-bit optimizers
+    (Dettmers et al. 2110.02861): dense near the block's maximum, still able to represent values six
+    decades below it."""
+    values = [0.0, 1.0]
+    for k in range(7):
+        edges = torch.linspace(0.1, 1, (2**k if signed else 2 ** (k + 1)) + 1, dtype=torch.float64)
+        mids = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - 6)).tolist()
+        values += mids + ([-v for v in mids] if signed else [])
+    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def _fused_update(*tensors: torch.Tensor) -> None:
-    global _compiled_update
-    if _compiled_update is None:  # one graph for every parameter: flat tensors, dynamic length
-        _compiled_update = torch.compile(_fused_update_, dynamic=True, fullgraph=True)
-    _compiled_update(*tensors)
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    return (qmap[codes.int()].view(-1, INT8_BLOCK) * scale.view(-1, 1)).view(-1)
+
+
+def _quantize_(x32: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor) -> None:
+    """Block-wise: each block is divided by its largest magnitude, then each value takes the nearest
+    entry of the map, found among the midpoints between entries (round to nearest: the moments are
+    running averages, unbiased rounding buys nothing there)."""
+    blocks = x32.view(-1, INT8_BLOCK)
+    block_max = blocks.abs().amax(-1).clamp_min(1e-30)
+    midpoints = (qmap[1:] + qmap[:-1]) * 0.5
+    codes.copy_(torch.bucketize(blocks / block_max.view(-1, 1), midpoints).view(-1))
+    scale.copy_(block_max)
+
+
+def _int8_update_(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_scale: torch.Tensor,
+                  v_codes: torch.Tensor, v_scale: torch.Tensor, signed_map: torch.Tensor, unsigned_map: torch.Tensor,
+                  hyper: torch.Tensor) -> None:
+    """The step with 8-bit moments, on flat tensors whose length is a multiple of INT8_BLOCK: dequantize,
+    update in fp32, quantize again. The weight update uses the fp32 moments of this step."""
+    m32, v32 = _adamw_(p, grad.float(), _dequantize(m_codes, m_scale, signed_map),
+                       _dequantize(v_codes, v_scale, unsigned_map), hyper)
+    _quantize_(m32, m_codes, m_scale, signed_map)
+    _quantize_(v32, v_codes, v_scale, unsigned_map)
+
+
+_compiled: dict = {}
+
+
+def _kernel(fn, compiled: bool):
+    """`fn` compiled once for every parameter (flat tensors, dynamic length), or `fn` itself."""
+    if not compiled:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[fn]
+
+
+_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _int8_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed (first moment) and unsigned (second moment) dynamic maps, on the device."""
+    key = str(device)
+    if key not in _maps:
+        _maps[key] = (dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device))
+    return _maps[key]
 
 
 class BF16AdamW(torch.optim.Optimizer):
@@ -80,13 +151,15 @@ class BF16AdamW(torch.optim.Optimizer):
 
     rounding: "stochastic" rounds the new weight stochastically (and bf16 moments too, so they keep
     decaying); "kahan" keeps a bf16 compensation buffer per parameter; "none" rounds to nearest and
-    drops small updates (for demonstration only). state_dtype=torch.bfloat16 halves the moment memory.
+    drops small updates (for demonstration only). state_dtype=torch.bfloat16 halves the moment memory;
+    torch.int8 keeps them as block-wise 8-bit states (see the module docstring; stochastic rounding only).
 
     fused: with stochastic rounding, run each parameter's step as one compiled kernel (None: on CUDA
     only). The eager step takes its noise from a generator seeded with `seed` and saved in state_dict.
-    The fused step draws it inside the kernel from torch's default generator, re-seeded from (`seed`,
-    step count) for the step and restored afterwards: the noise depends on nothing else the process
-    did, so data-parallel copies of the model round alike and stay identical, and resume is exact.
+    The fused step, and the 8-bit step compiled or not, draw it inside the kernel from torch's default
+    generator, re-seeded from (`seed`, step count) for the step and restored afterwards: the noise
+    depends on nothing else the process did, so data-parallel copies of the model round alike and stay
+    identical, and resume is exact.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -96,8 +169,10 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ConfigError(f"rounding={rounding!r}; expected 'stochastic', 'kahan' or 'none'")
         if fused and rounding != "stochastic":
             raise ConfigError(f"fused=True is implemented for stochastic rounding, not {rounding!r}")
-        if state_dtype not in (torch.float32, torch.bfloat16):
-            raise ConfigError(f"state_dtype={state_dtype}; expected torch.float32 or torch.bfloat16")
+        if state_dtype not in _STATE_DTYPES.values():
+            raise ConfigError(f"state_dtype={state_dtype}; expected torch.float32, torch.bfloat16 or torch.int8")
+        if state_dtype == torch.int8 and rounding != "stochastic":
+            raise ConfigError(f"8-bit states are implemented for stochastic rounding, not {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         for group in self.param_groups:
             for p in group["params"]:
@@ -131,7 +206,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.fused:
+        if not (self.fused or self.state_dtype == torch.int8):  # the eager step's own generator
             self._update()
             return loss
         self._fused_steps += 1
@@ -154,20 +229,36 @@ class BF16AdamW(torch.optim.Optimizer):
                 if not state:
                     # step as a CPU fp32 scalar tensor, like torch.optim.AdamW, so checkpoints look alike.
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    if self._int8(p):
+                        for name in ("exp_avg", "exp_avg_sq"):
+                            state[f"{name}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                            state[f"{name}_scale"] = torch.zeros(p.numel() // INT8_BLOCK, device=p.device)
+                    else:
+                        dtype = torch.float32 if self.state_dtype == torch.int8 else self.state_dtype
+                        state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
                     if self.rounding == "kahan":
                         state["compensation"] = torch.zeros_like(p)
                 state["step"] += 1
                 step = state["step"].item()
+                key = (step, p.device)
+                if key not in hyper and (self.fused or "exp_avg_codes" in state):
+                    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+                    hyper[key] = torch.tensor([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
+                                              dtype=torch.float32, device=p.device)
+                if "exp_avg_codes" in state:
+                    work = p.detach().contiguous()  # p itself unless p is a strided view
+                    _kernel(_int8_update_, self.fused)(
+                        work.view(-1), p.grad.contiguous().view(-1),
+                        *(state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes",
+                                                      "exp_avg_sq_scale")),
+                        *_int8_maps(p.device), hyper[key])
+                    if work.data_ptr() != p.data_ptr():
+                        p.copy_(work)
+                    continue
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if self.fused and all(t.is_contiguous() for t in tensors):  # else the eager step below
-                    key = (step, p.device)
-                    if key not in hyper:
-                        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-                        hyper[key] = torch.tensor([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
-                                                  dtype=torch.float32, device=p.device)
-                    _fused_update(*(t.detach().view(-1) for t in tensors), hyper[key])
+                    _kernel(_fused_update_, True)(*(t.detach().view(-1) for t in tensors), hyper[key])
                     continue
 
                 grad = p.grad.float()
@@ -194,9 +285,13 @@ class BF16AdamW(torch.optim.Optimizer):
                 else:
                     self._store(p, p32.add_(delta))
 
-                if self.state_dtype != torch.float32:
+                if state["exp_avg"].dtype != torch.float32:
                     self._store(state["exp_avg"], exp_avg)
                     self._store(state["exp_avg_sq"], exp_avg_sq)
+
+    def _int8(self, p: torch.Tensor) -> bool:
+        return (self.state_dtype == torch.int8 and p.numel() >= INT8_MIN_NUMEL
+                and p.numel() % INT8_BLOCK == 0)
 
     def state_dict(self):
         sd = super().state_dict()
@@ -248,7 +343,7 @@ def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: floa
             raise ConfigError("master_weights='fp32' needs float32 parameters; load the model in float32 "
                               "(bf16 autocast is fine) or pick a bf16_* master_weights")
         if state_dtype != "float32":
-            raise ConfigError("state_dtype='bfloat16' needs a bf16_* master_weights; with 'fp32' the "
+            raise ConfigError(f"state_dtype={state_dtype!r} needs a bf16_* master_weights; with 'fp32' the "
                               "optimizer states are fp32 like the parameters")
         # fused kernels exist only for CUDA; foreach is the fast path elsewhere.
         fast = {"fused": True} if tensors and all(p.is_cuda for p in tensors) else {"foreach": True}
@@ -262,7 +357,9 @@ def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: floa
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     """How the step runs, for the run's config: class and kernel."""
     if isinstance(optimizer, BF16AdamW):
-        return f"BF16AdamW ({optimizer.rounding} rounding, {'fused compiled' if optimizer.fused else 'eager'} step)"
+        states = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "8-bit block-wise"}[optimizer.state_dtype]
+        return (f"BF16AdamW ({optimizer.rounding} rounding, {states} states, "
+                f"{'fused compiled' if optimizer.fused else 'eager'} step)")
     defaults = optimizer.defaults
     kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "single-tensor"
     return f"{type(optimizer).__name__} ({kernel})"

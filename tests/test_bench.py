@@ -54,8 +54,11 @@ def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
     assert "attn=sdpa" in ours["settings"]  # varlen is for GPUs; "auto" picks sdpa on the CPU
     profile = (tmp_path / "profiles" / "profile_ours_tiny.txt").read_text()  # ours only: TRL has its own tools
     assert profile.startswith("3 optimizer steps") and "aten::mm" in profile
-    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["profile_ours_tiny.txt",
-                                                                          "profile_ours_tiny_compile_capped.txt"]
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == [
+        "profile_ours_tiny.txt", "profile_ours_tiny_compile_capped.txt", "profile_ours_tiny_int8_states.txt"]
+    int8 = rows["ours_tiny_int8_states"]  # pure bf16 weights with 8-bit moments
+    assert int8["status"] == "ok" and "states=int8" in int8["settings"], int8
+    assert "8-bit block-wise states" in int8["settings"]
     capped = rows["ours_tiny_compile_capped"]  # the compiled trainer, stopped by its time cap
     assert capped["status"] == "ok" and capped["timed_steps"] == "1", capped
     assert "compile=True" in capped["settings"]
@@ -68,9 +71,11 @@ def test_precision_compare_writes_one_curve_per_master_weights_variant(tmp_path)
     from sft.optim import MASTER_WEIGHTS
 
     curves = precision_compare.main(["--out", str(tmp_path), "--steps", "3"])
-    assert list(curves) == list(MASTER_WEIGHTS)
+    assert {master for master, _ in precision_compare.VARIANTS.values()} == set(MASTER_WEIGHTS)
+    assert ("bf16_stochastic_rounding", "int8") in precision_compare.VARIANTS.values()
+    assert list(curves) == list(precision_compare.VARIANTS)
     rows = list(csv.reader(line for line in open(tmp_path / "precision_cpu.csv") if not line.startswith("#")))
-    assert rows[0] == ["step", *MASTER_WEIGHTS] and len(rows) == 4
+    assert rows[0] == ["step", *precision_compare.VARIANTS] and len(rows) == 4
     assert (tmp_path / "precision_cpu.png").stat().st_size > 0
 
 

@@ -84,3 +84,11 @@ def test_replace_validates_the_new_value():
     assert cfg.replace(lr=1e-3).lr == 1e-3
     with pytest.raises(ConfigError, match="^lr:"):
         cfg.replace(lr=0.0)
+
+
+def test_int8_optimizer_states_need_pure_bf16_and_stochastic_rounding():
+    TrainConfig(experiment="x", precision="bf16_pure", optimizer_state_dtype="int8")
+    with pytest.raises(ConfigError, match="^optimizer_state_dtype: 'int8' needs precision='bf16_pure'"):
+        TrainConfig(experiment="x", precision="bf16_autocast", optimizer_state_dtype="int8")
+    with pytest.raises(ConfigError, match="^optimizer_state_dtype: 'int8' is implemented with bf16_update"):
+        TrainConfig(experiment="x", precision="bf16_pure", bf16_update="kahan", optimizer_state_dtype="int8")

@@ -199,7 +199,8 @@ def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype):
                 assert ((got - expected).abs() <= bf16_ulp(expected)).all()
 
 
-def test_fused_step_keeps_small_updates_like_the_eager_one():
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
+def test_fused_step_keeps_small_updates_like_the_eager_one(state_dtype):
     n, steps, lr = 4096, 200, 1e-3
     gen = torch.Generator().manual_seed(0)
     w0 = ((torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0) * (1 + torch.rand(n, generator=gen))).to(torch.bfloat16)
@@ -207,7 +208,7 @@ def test_fused_step_keeps_small_updates_like_the_eager_one():
     ref = train_on_constant_gradients("fp32", w0, grad, steps, lr)
     torch.manual_seed(0)  # the fused step draws its noise from torch's default generator
     w = torch.nn.Parameter(w0.clone())
-    opt = BF16AdamW([w], lr=lr, betas=(0.9, 0.95), rounding="stochastic", fused=True)
+    opt = BF16AdamW([w], lr=lr, betas=(0.9, 0.95), rounding="stochastic", fused=True, state_dtype=state_dtype)
     for _ in range(steps):
         w.grad = grad.to(torch.bfloat16)
         opt.step()
@@ -223,38 +224,40 @@ def test_fused_is_for_stochastic_rounding_and_auto_only_on_cuda():
         BF16AdamW([w], rounding="kahan", fused=True)
 
 
-def fused_run(steps: int, seed: int, disturb: bool = False, resume_at: int | None = None) -> torch.Tensor:
+def fused_run(steps: int, seed: int, disturb: bool = False, resume_at: int | None = None,
+              state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Trains one bf16 vector with the fused step; `disturb` draws from torch's default generator before
     every step (what sampling or dropout does elsewhere in a process); `resume_at` restarts the
     optimizer from its state_dict."""
     gen = torch.Generator().manual_seed(5)
-    w = torch.nn.Parameter(torch.randn(2000, generator=gen).to(torch.bfloat16))
-    grads = [torch.randn(2000, generator=gen).to(torch.bfloat16) for _ in range(steps)]
-    opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed)
+    w = torch.nn.Parameter(torch.randn(4096, generator=gen).to(torch.bfloat16))
+    grads = [torch.randn(4096, generator=gen).to(torch.bfloat16) for _ in range(steps)]
+    opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed, state_dtype=state_dtype)
     for k, grad in enumerate(grads):
         if disturb:
             torch.rand(k + 1)
         if k == resume_at:
             saved = io.BytesIO()
             torch.save(opt.state_dict(), saved)
-            opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed)
+            opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed, state_dtype=state_dtype)
             opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
         w.grad = grad
         opt.step()
     return w.detach().clone()
 
 
-def test_fused_rounding_noise_depends_only_on_the_seed_and_the_step():
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
+def test_fused_rounding_noise_depends_only_on_the_seed_and_the_step(state_dtype):
     """Data-parallel copies of a model must round identically, or they drift apart for good; and a
-    resumed run must continue as the uninterrupted one."""
+    resumed run must continue as the uninterrupted one (8-bit states included)."""
     torch.manual_seed(0)
-    reference = fused_run(6, seed=1)
+    reference = fused_run(6, seed=1, state_dtype=state_dtype)
     torch.manual_seed(123)  # another process state, and draws in between: same weights
-    assert torch.equal(fused_run(6, seed=1, disturb=True), reference)
-    assert torch.equal(fused_run(6, seed=1, resume_at=3), reference)
-    assert not torch.equal(fused_run(6, seed=2), reference)  # the noise does come from the seed
+    assert torch.equal(fused_run(6, seed=1, disturb=True, state_dtype=state_dtype), reference)
+    assert torch.equal(fused_run(6, seed=1, resume_at=3, state_dtype=state_dtype), reference)
+    assert not torch.equal(fused_run(6, seed=2, state_dtype=state_dtype), reference)  # the noise does come from the seed
     state = torch.random.get_rng_state()
-    fused_run(1, seed=1)
+    fused_run(1, seed=1, state_dtype=state_dtype)
     assert torch.equal(torch.random.get_rng_state(), state)  # and the process's generator is left as it was
 
 
@@ -264,3 +267,73 @@ def test_a_non_contiguous_parameter_takes_the_eager_step():
     w.grad = torch.ones_like(w)
     opt.step()
     assert (w.detach().float() < 10).all() and opt.state[w]["step"].item() == 1
+
+
+def test_int8_states_round_each_value_to_the_nearest_entry_of_the_dynamic_map():
+    from sft.optim import INT8_BLOCK, _dequantize, _int8_maps, _quantize_
+
+    gen = torch.Generator().manual_seed(7)
+    n = 4 * INT8_BLOCK
+    magnitude = 10 ** (-4 * torch.rand(n, generator=gen))  # values over four decades inside each block
+    x = torch.randn(n, generator=gen).sign() * magnitude
+    x[-INT8_BLOCK:] = 0.0  # an all-zero block (a moment that never moved) stays exactly zero
+    signed, unsigned = _int8_maps(torch.device("cpu"))
+    for values, qmap in ((x, signed), (x * x, unsigned)):
+        codes, scale = torch.empty(n, dtype=torch.uint8), torch.empty(n // INT8_BLOCK)
+        _quantize_(values, codes, scale, qmap)
+        blocks = values.view(-1, INT8_BLOCK)
+        torch.testing.assert_close(scale[:-1], blocks.abs().amax(-1)[:-1])
+        restored = _dequantize(codes, scale, qmap)
+        per_value_scale = scale.repeat_interleave(INT8_BLOCK)
+        nearest = (qmap[None, :] * per_value_scale[:, None] - values[:, None]).abs().min(-1).values
+        assert ((restored - values).abs() <= nearest + 1e-6 * per_value_scale).all()
+        assert (restored[-INT8_BLOCK:] == 0).all()
+        if qmap is signed:  # first moments four decades below their block's largest keep their sign
+            assert (restored[:-INT8_BLOCK].sign() == values[:-INT8_BLOCK].sign()).all()
+
+
+def test_int8_states_take_about_two_bytes_per_parameter_and_small_tensors_keep_fp32():
+    layer = torch.nn.Linear(128, 64).to(torch.bfloat16)  # weight: 8192 values, bias: 64
+    opt = BF16AdamW(layer.parameters(), lr=1e-3, state_dtype=torch.int8)
+    layer(torch.randn(4, 128, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    weight, bias = opt.state[layer.weight], opt.state[layer.bias]
+    assert weight["exp_avg_codes"].dtype == weight["exp_avg_sq_codes"].dtype == torch.uint8
+    state_bytes = sum(v.numel() * v.element_size() for k, v in weight.items() if k != "step")
+    assert state_bytes / layer.weight.numel() == pytest.approx(2 + 8 / 256)
+    assert bias["exp_avg"].dtype == torch.float32 and "exp_avg_codes" not in bias
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_int8_states_follow_fp32_adamw_on_a_regression(fused):
+    """bf16 weights with stochastic rounding and 8-bit moments take the fp32-master trajectory: the loss
+    tracks torch.optim.AdamW's from 1.6 down by four orders of magnitude."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 128, generator=gen)
+    y = x @ (0.1 * torch.randn(128, 64, generator=gen))
+
+    def losses(make_optimizer, dtype):
+        torch.manual_seed(1)
+        layer = torch.nn.Linear(128, 64, bias=False).to(dtype)
+        opt = make_optimizer(layer.parameters())
+        out = []
+        for _ in range(100):
+            loss = (layer(x.to(dtype)).float() - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    reference = losses(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0), torch.float32)
+    int8 = losses(lambda p: BF16AdamW(p, lr=1e-2, state_dtype=torch.int8, fused=fused), torch.bfloat16)
+    assert reference[-1] < 1e-3 * reference[0]
+    for step in (10, 30, 60):
+        assert int8[step] == pytest.approx(reference[step], rel=0.1)
+    assert int8[-1] < 3 * reference[-1]
+
+
+def test_int8_states_need_stochastic_rounding():
+    w = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    with pytest.raises(ConfigError, match="8-bit states are implemented for stochastic rounding"):
+        BF16AdamW([w], rounding="kahan", state_dtype=torch.int8)

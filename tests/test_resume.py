@@ -103,3 +103,23 @@ def test_checkpoint_refuses_to_start_without_disk_space(tiny_config, monkeypatch
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 0))
     with pytest.raises(CheckpointError, match="not enough free disk space"):
         run(tiny_config(max_steps=3, checkpoint_every=1))
+
+
+def test_a_run_with_8bit_optimizer_states_resumes_bitwise(tiny_config, tmp_path):
+    """Pure bf16 weights with stochastic rounding and block-wise 8-bit moments (the tied embedding is
+    large enough to be quantized; the small layers keep fp32 moments): preempted at step 3 and resumed,
+    the run repeats the uninterrupted one's losses exactly."""
+    settings = tiny_config(max_steps=4, max_rows=96, checkpoint_every=2, precision="bf16_pure",
+                           optimizer_state_dtype="int8", task_metric=None, num_samples=0).to_dict()
+    reference = run(TrainConfig(**dict(settings, runs_root=str(tmp_path / "reference")))).path
+    derived = json.loads((reference / "config.json").read_text())["derived"]
+    assert derived["optimizer"] == "BF16AdamW (stochastic rounding, 8-bit block-wise states, eager step)"
+    assert derived["master_weights"] == "bf16_stochastic_rounding"
+
+    settings = dict(settings, runs_root=str(tmp_path / "killed"))
+    proc = run_child(settings, 3, "SIGTERM")
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    (folder,) = list((tmp_path / "killed").iterdir())
+    run(TrainConfig(**dict(settings, resume=str(folder))))
+    assert losses(folder) == losses(reference)
+    assert final_eval_loss(folder) == final_eval_loss(reference)
