@@ -76,23 +76,20 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
     Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True)),
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True)),
-    # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation
-    # with one 4096-token row per micro-batch, or every other layer recomputed with two rows
+    # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation,
+    # with one 4096-token row per micro-batch and 4 micro-batches per step
     Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, compile=True)),
-    Variant("ours_7b_int8_states_gc_half_compile", "ours", "llama-7b", 10, 3,
-            dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
-                 checkpoint_every_n_layers=2, compile=True)),
     Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
     Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
     Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
     Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
             dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60),
-    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
-    # half the layers keep their activations: one 4096-token row per micro-batch, 4 micro-batches per step
-    Variant("ours_7b_pure_bf16_gc_half_compile", "ours", "llama-7b", 10, 3,
-            dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, gradient_checkpointing=True,
+    # the same 8-bit moments with two rows per micro-batch, every other layer recomputed
+    Variant("ours_7b_int8_states_gc_half_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
                  checkpoint_every_n_layers=2, compile=True)),
+    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
     # TRL's fastest setting in the anchor. Flex attention recompiles for each new packed length; in the
     # first GPU session it had not completed 6 steps after 7 minutes, so it runs late, capped and with a timeout
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),

@@ -46,9 +46,9 @@ timeout "$(left 120)" "$PY" -m pytest -q -rs tests/test_attention.py || echo "at
 step "side-by-side benchmark"
 timeout "$(left 470)" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$BENCH_BUDGET_S" --profile "$OUT" || echo "benchmark stopped (exit $?)"
 
-if [ "$(left 90)" -ge 60 ]; then
+if [ "$(left 120)" -ge 90 ]; then
   step "precision comparison"
-  timeout "$(left 90)" "$PY" -m bench.precision_compare --out "$OUT" || echo "precision comparison stopped (exit $?)"
+  timeout "$(left 120)" "$PY" -m bench.precision_compare --out "$OUT" || echo "precision comparison stopped (exit $?)"
 else
   echo "precision comparison skipped: session budget spent"
 fi

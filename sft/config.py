@@ -71,6 +71,7 @@ class TrainConfig:
     precision: str = "auto"              # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
     bf16_update: str = "stochastic_rounding"  # how pure-bf16 weights keep small updates
     optimizer_state_dtype: str = "float32"    # "bfloat16" halves AdamW's moments, "int8" quarters them (bf16_pure)
+    optimizer_in_backward: bool = False  # step each parameter in the backward pass, freeing its gradient (bf16_pure)
     gradient_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1   # with gradient_checkpointing: 1 = every layer; 2 = every other one...
     attn_implementation: str = "auto"
@@ -134,6 +135,17 @@ class TrainConfig:
         if self.optimizer_state_dtype == "int8" and self.bf16_update != "stochastic_rounding":
             raise ConfigError(f"optimizer_state_dtype: 'int8' is implemented with bf16_update='stochastic_rounding', "
                               f"not {self.bf16_update!r}")
+        if self.optimizer_in_backward:
+            if self.precision != "bf16_pure":
+                raise ConfigError("optimizer_in_backward: needs precision='bf16_pure', whose AdamW steps one "
+                                  "parameter at a time (fp32 master weights use torch's fused AdamW over all at once)")
+            if self.grad_accum_steps != 1:
+                raise ConfigError(f"optimizer_in_backward: the parameters step in every backward pass, so it needs "
+                                  f"grad_accum_steps=1, got {self.grad_accum_steps} (raise micro_batch_size instead)")
+            if self.max_grad_norm is not None:
+                raise ConfigError(f"optimizer_in_backward: clipping to max_grad_norm={self.max_grad_norm} needs the "
+                                  f"norm of every gradient before the first parameter steps; set max_grad_norm=None "
+                                  f"(the gradient norm is still logged)")
         if self.task_metric is not None:
             _choice("task_metric", self.task_metric, TASK_METRICS)
         if not self.experiment.strip() or any(c in self.experiment for c in "/\\ "):

@@ -21,11 +21,13 @@ index into a 256-entry "dynamic" map whose entries are spaced logarithmically, s
 large ones keep their relative precision.
 """
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 
 from sft.errors import ConfigError
+from sft.kernels import kernel
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic_rounding", "bf16_kahan", "bf16_plain")
 _ROUNDING = {"bf16_stochastic_rounding": "stochastic", "bf16_kahan": "kahan", "bf16_plain": "none"}
@@ -97,6 +99,14 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """A small fp32 tensor on `device` without waiting for the device: a plain host-to-GPU copy
+    synchronizes the stream, which would stall the host until the backward pass has finished and then
+    leave the GPU idle while the host launches the optimizer's kernels one by one."""
+    values = torch.tensor(values, dtype=torch.float32)
+    return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.to(device)
+
+
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     return (qmap[codes.int()].view(-1, INT8_BLOCK) * scale.view(-1, 1)).view(-1)
 
@@ -123,18 +133,6 @@ def _int8_update_(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_
     _quantize_(v32, v_codes, v_scale, unsigned_map)
 
 
-_compiled: dict = {}
-
-
-def _kernel(fn, compiled: bool):
-    """`fn` compiled once for every parameter (flat tensors, dynamic length), or `fn` itself."""
-    if not compiled:
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[fn]
-
-
 _maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -156,10 +154,11 @@ class BF16AdamW(torch.optim.Optimizer):
 
     fused: with stochastic rounding, run each parameter's step as one compiled kernel (None: on CUDA
     only). The eager step takes its noise from a generator seeded with `seed` and saved in state_dict.
-    The fused step, and the 8-bit step compiled or not, draw it inside the kernel from torch's default
-    generator, re-seeded from (`seed`, step count) for the step and restored afterwards: the noise
-    depends on nothing else the process did, so data-parallel copies of the model round alike and stay
-    identical, and resume is exact.
+    The fused step, and with 8-bit states every step, compiled or not, draws it inside the kernel from
+    torch's default generator, seeded from (`seed`, parameter, its step count) and restored afterwards:
+    the noise depends on nothing else the process did, so data-parallel copies of the model round alike
+    and stay identical, resume is exact, and stepping parameters in another order (in the backward
+    pass) changes nothing.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -184,7 +183,11 @@ class BF16AdamW(torch.optim.Optimizer):
             fused = rounding == "stochastic" and all(p.is_cuda for g in self.param_groups for p in g["params"])
         self.fused = fused
         self._generators: dict[str, torch.Generator] = {}
-        self._fused_steps = 0  # seeds the fused step's noise, with `seed`
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._index = {p: i for i, p in enumerate(params)}  # seeds each parameter's noise
+        # group positions, not the dicts: load_state_dict (which accelerate calls) replaces the dicts
+        self._group_of = {p: k for k, g in enumerate(self.param_groups) for p in g["params"]}
+        self._cuda_devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # One generator per device: CUDA noise must come from a CUDA generator.
@@ -206,88 +209,104 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not (self.fused or self.state_dtype == torch.int8):  # the eager step's own generator
-            self._update()
-            return loss
-        self._fused_steps += 1
-        cuda = sorted({p.device.index or 0 for g in self.param_groups for p in g["params"] if p.is_cuda})
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed((self.seed * 1_000_003 + self._fused_steps) % 2**63)
-            self._update()
+        with self._kernel_noise():
+            for group in self.param_groups:
+                hyper: dict[tuple, torch.Tensor] = {}  # the kernels' scalars, one tensor per (step, device)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._update(p, group, hyper)
         return loss
 
-    def _update(self) -> None:
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            hyper: dict[tuple, torch.Tensor] = {}  # the fused step's scalars, one tensor per (step, device)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("BF16AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    # step as a CPU fp32 scalar tensor, like torch.optim.AdamW, so checkpoints look alike.
-                    state["step"] = torch.tensor(0.0)
-                    if self._int8(p):
-                        for name in ("exp_avg", "exp_avg_sq"):
-                            state[f"{name}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                            state[f"{name}_scale"] = torch.zeros(p.numel() // INT8_BLOCK, device=p.device)
-                    else:
-                        dtype = torch.float32 if self.state_dtype == torch.int8 else self.state_dtype
-                        state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
-                    if self.rounding == "kahan":
-                        state["compensation"] = torch.zeros_like(p)
-                state["step"] += 1
-                step = state["step"].item()
-                key = (step, p.device)
-                if key not in hyper and (self.fused or "exp_avg_codes" in state):
-                    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-                    hyper[key] = torch.tensor([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
-                                              dtype=torch.float32, device=p.device)
-                if "exp_avg_codes" in state:
-                    work = p.detach().contiguous()  # p itself unless p is a strided view
-                    _kernel(_int8_update_, self.fused)(
-                        work.view(-1), p.grad.contiguous().view(-1),
-                        *(state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes",
-                                                      "exp_avg_sq_scale")),
-                        *_int8_maps(p.device), hyper[key])
-                    if work.data_ptr() != p.data_ptr():
-                        p.copy_(work)
-                    continue
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if self.fused and all(t.is_contiguous() for t in tensors):  # else the eager step below
-                    _kernel(_fused_update_, True)(*(t.detach().view(-1) for t in tensors), hyper[key])
-                    continue
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor) -> None:
+        """Updates one parameter from its gradient: the optimizer step inside the backward pass
+        (`StepInBackward`). With the same seed it gives the same weights as `step()` wherever the noise
+        is drawn in a kernel (fused or 8-bit steps), since that noise is seeded per parameter."""
+        with self._kernel_noise():
+            self._update(p, self.param_groups[self._group_of[p]], {})
 
-                grad = p.grad.float()
-                exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()  # no copy if fp32
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    def _noise_in_kernels(self) -> bool:
+        return self.fused or self.state_dtype == torch.int8
 
-                # Same order of operations as torch.optim.AdamW (single-tensor path), but as a delta so
-                # Kahan can compensate it: delta = -lr*wd*p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
-                bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
-                delta = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(eps)
-                torch.div(exp_avg, delta, out=delta).mul_(-lr / bias_correction1)
-                p32 = p.float()
-                if wd != 0:
-                    delta.add_(p32, alpha=-lr * wd)
-                if self.rounding == "kahan":
-                    comp = state["compensation"]
-                    delta.add_(comp)
-                    new = (p32 + delta).to(torch.bfloat16)
-                    # Carry what rounding lost, delta - (new - old), to the next step; old and new are
-                    # nearby bf16 values, so their difference is exact in fp32.
-                    comp.copy_(p32.sub_(new).add_(delta))
-                    p.copy_(new)
-                else:
-                    self._store(p, p32.add_(delta))
+    def _kernel_noise(self):
+        """Kernels draw their rounding noise from torch's default generators; fork them, so the
+        process's random streams are left as they were (see _update for the seeding)."""
+        if not self._noise_in_kernels():
+            return contextlib.nullcontext()
+        return torch.random.fork_rng(devices=self._cuda_devices)
 
-                if state["exp_avg"].dtype != torch.float32:
-                    self._store(state["exp_avg"], exp_avg)
-                    self._store(state["exp_avg_sq"], exp_avg_sq)
+    def _update(self, p: torch.Tensor, group: dict, hyper: dict[tuple, torch.Tensor]) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if p.grad.is_sparse:
+            raise RuntimeError("BF16AdamW does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            # step as a CPU fp32 scalar tensor, like torch.optim.AdamW, so checkpoints look alike.
+            state["step"] = torch.tensor(0.0)
+            if self._int8(p):
+                for name in ("exp_avg", "exp_avg_sq"):
+                    state[f"{name}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    state[f"{name}_scale"] = torch.zeros(p.numel() // INT8_BLOCK, device=p.device)
+            else:
+                dtype = torch.float32 if self.state_dtype == torch.int8 else self.state_dtype
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+            if self.rounding == "kahan":
+                state["compensation"] = torch.zeros_like(p)
+        state["step"] += 1
+        step = state["step"].item()
+        int8 = "exp_avg_codes" in state
+        tensors = None if int8 else (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        # with noise drawn in kernels, every contiguous parameter takes the kernels' path (compiled when fused)
+        if int8 or (self._noise_in_kernels() and all(t.is_contiguous() for t in tensors)):
+            key = (step, p.device)
+            if key not in hyper:
+                bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+                hyper[key] = _to_device([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
+                                        p.device)
+            # The noise of this parameter's step depends only on (seed, parameter, step): the same in
+            # every data-parallel process, on resume, and whatever order the parameters step in.
+            torch.manual_seed(hash((self.seed, self._index[p], int(step))) % 2**63)
+            if int8:
+                work = p.detach().contiguous()  # p itself unless p is a strided view
+                kernel(_int8_update_, self.fused)(
+                    work.view(-1), p.grad.contiguous().view(-1),
+                    *(state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes",
+                                                  "exp_avg_sq_scale")),
+                    *_int8_maps(p.device), hyper[key])
+                if work.data_ptr() != p.data_ptr():
+                    p.copy_(work)
+            else:
+                kernel(_fused_update_, self.fused)(*(t.detach().view(-1) for t in tensors), hyper[key])
+            return
+
+        grad = p.grad.float()
+        exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()  # no copy if fp32
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+        # Same order of operations as torch.optim.AdamW (single-tensor path), but as a delta so
+        # Kahan can compensate it: delta = -lr*wd*p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        delta = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(eps)
+        torch.div(exp_avg, delta, out=delta).mul_(-lr / bias_correction1)
+        p32 = p.float()
+        if wd != 0:
+            delta.add_(p32, alpha=-lr * wd)
+        if self.rounding == "kahan":
+            comp = state["compensation"]
+            delta.add_(comp)
+            new = (p32 + delta).to(torch.bfloat16)
+            # Carry what rounding lost, delta - (new - old), to the next step; old and new are
+            # nearby bf16 values, so their difference is exact in fp32.
+            comp.copy_(p32.sub_(new).add_(delta))
+            p.copy_(new)
+        else:
+            self._store(p, p32.add_(delta))
+
+        if state["exp_avg"].dtype != torch.float32:
+            self._store(state["exp_avg"], exp_avg)
+            self._store(state["exp_avg_sq"], exp_avg_sq)
 
     def _int8(self, p: torch.Tensor) -> bool:
         return (self.state_dtype == torch.int8 and p.numel() >= INT8_MIN_NUMEL
@@ -296,13 +315,11 @@ class BF16AdamW(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["rng"] = {device: g.get_state() for device, g in self._generators.items()}
-        sd["fused_steps"] = self._fused_steps
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         rng = state_dict.pop("rng", {})
-        self._fused_steps = state_dict.pop("fused_steps", 0)
         super().load_state_dict(state_dict)
         # Optimizer.load_state_dict casts float state to the parameter dtype (bf16), which would round
         # fp32 moments and break exact resume, and it shares `step` with the source dict; put back
@@ -316,6 +333,39 @@ class BF16AdamW(torch.optim.Optimizer):
         self._generators = {}
         for device, g_state in rng.items():
             self._generator(torch.device(device)).set_state(g_state)
+
+
+class StepInBackward:
+    """The optimizer step inside the backward pass (torchtune's "optimizer in backward"): each parameter
+    is updated as soon as its gradient is complete, and the gradient is freed right away, so the whole
+    model's gradients never exist at once. In bf16 that saves 2 bytes per parameter (12.6 GiB at 7B). It
+    needs one backward pass per optimizer step (no gradient accumulation) and cannot clip to a global
+    gradient norm, which is known only after the last gradient; the norm is still measured, for the log.
+    A parameter's weights change only after autograd has used them for the last time: its gradient is
+    complete only once every use of it has been differentiated."""
+
+    def __init__(self, optimizer: BF16AdamW):
+        self.optimizer = optimizer
+        self._squared_norm: torch.Tensor | None = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._step)
+                         for group in optimizer.param_groups for p in group["params"]]
+
+    def _step(self, p: torch.Tensor) -> None:
+        squared = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
+        self._squared_norm = squared if self._squared_norm is None else self._squared_norm + squared
+        self.optimizer.step_parameter(p)
+        p.grad = None
+
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of all the gradients of the backward pass just run; starts the next count."""
+        if self._squared_norm is None:
+            raise RuntimeError("no gradient reached the optimizer in this backward pass")
+        norm, self._squared_norm = self._squared_norm.sqrt(), None
+        return norm
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _as_list(params) -> list[torch.Tensor]:

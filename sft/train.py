@@ -27,7 +27,7 @@ from .generation import Decoding, exact_match, generate
 from .loss import LossModel, resolve_loss_impl
 from .modeling import (check_packing_support, compile_layers, count_parameters, enable_activation_checkpointing,
                        load_model, load_tokenizer)
-from .optim import build_optimizer, describe_optimizer, param_groups_for_weight_decay
+from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
 from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
 from .perf import mfu, peak_memory, reset_peak_memory
 from .run_folder import RunFolder, collect_env
@@ -53,6 +53,7 @@ class Setup:
     steps: list[list[dict]]
     eval_batches: list[dict]
     derived: dict
+    in_backward: StepInBackward | None = None  # set when the optimizer steps inside the backward pass
 
 
 def main(namespace: dict) -> RunFolder:
@@ -204,6 +205,10 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     if accelerator.distributed_type.name == "FSDP" and master != "fp32":
         raise ConfigError("FSDP shards parameters as DTensors, which BF16AdamW's bf16 update does not handle: use "
                           "precision='bf16_autocast' (fp32 master weights) with FSDP, or 'bf16_pure' on one GPU or DDP")
+    if cfg.optimizer_in_backward and accelerator.num_processes > 1:
+        raise ConfigError(f"optimizer_in_backward: with {accelerator.num_processes} processes the gradients are "
+                          f"averaged across processes after each one's backward pass, too late for a step inside "
+                          f"it; run it in one process")
     zero3 = (accelerator.distributed_type.name == "DEEPSPEED"
              and accelerator.state.deepspeed_plugin.zero_stage == 3)
     if accelerator.distributed_type.name == "DEEPSPEED" and (cfg.grad_accum_steps != 1 or master != "fp32"):
@@ -250,9 +255,12 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     if cfg.compile:
         compile_layers(model)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    in_backward = StepInBackward(inner_optimizer) if cfg.optimizer_in_backward else None
 
     derived = {"precision": precision, "master_weights": master,
-               "optimizer": describe_optimizer(getattr(optimizer, "optimizer", optimizer)),  # under accelerate's wrapper
+               "optimizer": describe_optimizer(inner_optimizer)
+               + (", stepped per parameter in the backward pass" if in_backward else ""),
                "max_grad_norm": cfg.max_grad_norm,
                "attn_implementation": model.config._attn_implementation,
                "loss_impl": loss_impl, "template": template,
@@ -263,7 +271,8 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                "train_examples": len(data.train), "eval_examples": len(data.eval),
                "packing_efficiency": round(packing_efficiency([b for s in steps for b in s]), 4)}
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
-    return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived)
+    return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived,
+                 in_backward)
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
@@ -314,11 +323,14 @@ def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, in
             loss = setup.loss_model(**_to_device(step_batches[i], acc.device))
             acc.backward(loss * (weight * world / total_targets))
         loss_sum += loss.detach() * weight
-    grad_norm = acc.clip_grad_norm_(setup.loss_model.parameters(), setup.derived.get("max_grad_norm") or math.inf)
-    grad_norm = float("nan") if grad_norm is None else grad_norm  # DeepSpeed clips inside its engine
-    setup.optimizer.step()
+    if setup.in_backward is not None:  # every parameter has already stepped, inside the backward pass
+        grad_norm = setup.in_backward.grad_norm()
+    else:
+        grad_norm = acc.clip_grad_norm_(setup.loss_model.parameters(), setup.derived.get("max_grad_norm") or math.inf)
+        grad_norm = float("nan") if grad_norm is None else grad_norm  # DeepSpeed clips inside its engine
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
     setup.scheduler.step()
-    setup.optimizer.zero_grad(set_to_none=True)
     loss_sum = acc.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
     real_tokens = sum(b["num_real_tokens"] for b in step_batches)
     return loss_sum.item() / total_targets, float(grad_norm), real_tokens

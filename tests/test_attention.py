@@ -269,4 +269,5 @@ def test_compiled_layers_with_flash_varlen_on_gpu_match_eager_and_compile_once()
         (expected, expected_grad), (loss, grad) = results
         torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
         assert (grad - expected_grad).norm() / expected_grad.norm() < 0.05
-    assert counters["stats"]["unique_graphs"] == 1  # no recompile, no graph break in the layers
+    # one graph for the layers and one for the loss's softmax gradient: no recompile, no graph break
+    assert counters["stats"]["unique_graphs"] == 2

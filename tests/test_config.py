@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -92,3 +93,13 @@ def test_int8_optimizer_states_need_pure_bf16_and_stochastic_rounding():
         TrainConfig(experiment="x", precision="bf16_autocast", optimizer_state_dtype="int8")
     with pytest.raises(ConfigError, match="^optimizer_state_dtype: 'int8' is implemented with bf16_update"):
         TrainConfig(experiment="x", precision="bf16_pure", bf16_update="kahan", optimizer_state_dtype="int8")
+
+
+def test_optimizer_in_backward_needs_pure_bf16_one_micro_batch_and_no_clipping():
+    TrainConfig(experiment="x", precision="bf16_pure", optimizer_in_backward=True, max_grad_norm=None)
+    for settings, message in ((dict(precision="bf16_autocast", max_grad_norm=None), "needs precision='bf16_pure'"),
+                              (dict(precision="bf16_pure", max_grad_norm=None, grad_accum_steps=2),
+                               "needs grad_accum_steps=1, got 2"),
+                              (dict(precision="bf16_pure"), "clipping to max_grad_norm=1.0")):
+        with pytest.raises(ConfigError, match=f"^optimizer_in_backward: .*{re.escape(message)}"):
+            TrainConfig(experiment="x", optimizer_in_backward=True, **settings)

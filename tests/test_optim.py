@@ -337,3 +337,45 @@ def test_int8_states_need_stochastic_rounding():
     w = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     with pytest.raises(ConfigError, match="8-bit states are implemented for stochastic rounding"):
         BF16AdamW([w], rounding="kahan", state_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("rounding,state_dtype", [("kahan", torch.float32), ("stochastic", torch.int8)])
+def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_at_a_time(rounding, state_dtype):
+    """Kahan's update has no noise, and the 8-bit step seeds its noise per parameter: stepping inside the
+    backward pass, in the backward's order, gives the very weights of stepping after it."""
+    from sft.optim import StepInBackward
+
+    gen = torch.Generator().manual_seed(8)
+    batches = [torch.randn(16, 64, generator=gen).to(torch.bfloat16) for _ in range(3)]
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+
+    def loss(net, x):
+        return net(x).float().pow(2).mean()
+
+    reference = model()
+    ref_opt = BF16AdamW(reference.parameters(), lr=1e-2, rounding=rounding, state_dtype=state_dtype)
+    ref_norms = []
+    for x in batches:
+        loss(reference, x).backward()
+        ref_norms.append(torch.nn.utils.get_total_norm([p.grad.float() for p in reference.parameters()]))
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    net = model()
+    opt = BF16AdamW(net.parameters(), lr=1e-2, rounding=rounding, state_dtype=state_dtype)
+    in_backward = StepInBackward(opt)
+    live, step_parameter = [], opt.step_parameter
+    opt.step_parameter = lambda p: (live.append(sum(q.grad is not None for q in net.parameters())), step_parameter(p))
+    for x, ref_norm in zip(batches, ref_norms):
+        loss(net, x).backward()
+        torch.testing.assert_close(in_backward.grad_norm(), ref_norm, rtol=1e-5, atol=0)
+        assert all(p.grad is None for p in net.parameters())
+    assert live == [1] * 4 * len(batches)  # each parameter steps alone: no other gradient is held
+    for a, b in zip(net.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    in_backward.remove()
+    loss(net, batches[0]).backward()  # hooks removed: gradients stay for a normal step
+    assert all(p.grad is not None for p in net.parameters())
