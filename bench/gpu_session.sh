@@ -2,7 +2,8 @@
 # All the GPU work of the benchmark in one call on one H100, from the repository root:
 #   bash bench/gpu_session.sh      (on the device machine: carry .whl, timeout_s about 30 s over SESSION_S)
 # 1. installs the wheels carried in .whl/ (datasets, trl, liger-kernel, pytest: see bench/README.md)
-# 2. checks the varlen attention path on the GPU against sdpa, eager and compiled (tests/test_attention.py)
+# 2. checks the varlen attention path on the GPU against sdpa, eager and compiled (tests/test_attention.py),
+#    and the CUDA cases of the compiled optimizer steps and loss kernel (tests/test_optim.py, test_loss.py)
 # 3. runs the side-by-side benchmark (bench.bench_sft; starts no variant past BENCH_BUDGET_S)
 # 4. runs the precision comparison on the GPU (bench.precision_compare), if time is left
 # 5. runs inf_tests/runtime.py with the flags in $INF_ARGS, when set and if time is left
@@ -42,6 +43,9 @@ EOF
 
 step "varlen attention against sdpa on the GPU"
 timeout "$(left 120)" "$PY" -m pytest -q -rs tests/test_attention.py || echo "attention tests failed (exit $?)"
+
+step "compiled optimizer steps, optimizer in backward and loss kernel on the GPU"
+timeout "$(left 120)" "$PY" -m pytest -q -rs tests/test_optim.py tests/test_loss.py -k cuda || echo "GPU kernel tests failed (exit $?)"
 
 step "side-by-side benchmark"
 timeout "$(left 470)" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$BENCH_BUDGET_S" --profile "$OUT" || echo "benchmark stopped (exit $?)"

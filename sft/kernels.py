@@ -4,6 +4,7 @@ wanted (the CPU by default); compiled, each becomes one or two fused kernels tha
 tensors once, where eager torch makes a pass per operation with fp32 temporaries."""
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -18,3 +19,9 @@ def kernel(fn: Callable, compiled: bool) -> Callable:
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
     return _compiled[fn]
+
+
+def compile_available(device: torch.device) -> bool:
+    """Whether these functions are compiled by default on `device`: on CUDA, where torch.compile generates
+    Triton kernels (when Triton is installed, as it is with torch's Linux CUDA wheels)."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .attention import IMPLEMENTATION as VARLEN, segment_kwargs
 from .errors import ConfigError
-from .kernels import kernel
+from .kernels import compile_available, kernel
 from .templates import IGNORE_INDEX
 
 # Config attributes of architectures whose logits are not simply lm_head(hidden): these need impl="full".
@@ -95,14 +95,15 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's summed cross-entropy (computed in fp32) and d loss / d logits = softmax - onehot, in the
-    logits' dtype. Compiled (on GPUs), this reads the [tokens x vocab] logits twice and writes the
-    gradient once; eager torch makes some seven passes and holds an fp32 copy (2 GB per 4096 tokens of
-    a 128k vocabulary)."""
-    logits32 = logits.float()
+    logits' dtype. Eager, the softmax overwrites one fp32 copy of the logits; compiled (on GPUs), the
+    whole function reads the [tokens x vocab] logits twice and writes the gradient once, where eager
+    torch makes some seven passes (over 2 GB each, per 4096 tokens of a 128k vocabulary)."""
+    logits32 = logits.float()  # a copy, unless the logits are fp32 already (a temporary either way)
     lse = logits32.logsumexp(-1)
     loss = (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum()
-    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
-    return loss, ((logits32 - lse[:, None]).exp() - onehot.float()).to(logits.dtype)
+    grad = logits32.sub_(lse[:, None]).exp_()
+    grad[torch.arange(targets.shape[0], device=targets.device), targets] -= 1
+    return loss, grad.to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -121,9 +122,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
             w = weight.to(dtype)
             total = hidden.new_zeros((), dtype=torch.float32)
-            loss_and_grad = kernel(_loss_and_logit_grad, compiled=hidden.is_cuda)
+            compiled = kernel(_loss_and_logit_grad, compiled=compile_available(hidden.device))
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h, y = hidden[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
+                # a one-token chunk would compile a second, specialized graph; it is cheap eagerly
+                loss_and_grad = compiled if y.shape[0] > 1 else _loss_and_logit_grad
                 loss, d_logits = loss_and_grad(_chunk_logits(h, w, bias, dtype), y)
                 total += loss
                 if grad_hidden is not None:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 
 from sft.errors import ConfigError
-from sft.kernels import kernel
+from sft.kernels import compile_available, kernel
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic_rounding", "bf16_kahan", "bf16_plain")
 _ROUNDING = {"bf16_stochastic_rounding": "stochastic", "bf16_kahan": "kahan", "bf16_plain": "none"}
@@ -172,22 +172,28 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ConfigError(f"state_dtype={state_dtype}; expected torch.float32, torch.bfloat16 or torch.int8")
         if state_dtype == torch.int8 and rounding != "stochastic":
             raise ConfigError(f"8-bit states are implemented for stochastic rounding, not {rounding!r}")
+        self._index: dict[torch.Tensor, int] = {}  # seeds each parameter's noise
+        self._group_of: dict[torch.Tensor, int] = {}
+        self._cuda_devices: set[int] = set()
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype != torch.bfloat16:
-                    raise ConfigError(f"BF16AdamW needs bfloat16 parameters, got {p.dtype} "
-                                      "(use master_weights='fp32' for fp32 parameters)")
         self.rounding, self.state_dtype, self.seed = rounding, state_dtype, seed
         if fused is None:
-            fused = rounding == "stochastic" and all(p.is_cuda for g in self.param_groups for p in g["params"])
+            fused = rounding == "stochastic" and all(compile_available(p.device) for g in self.param_groups
+                                                     for p in g["params"])
         self.fused = fused
         self._generators: dict[str, torch.Generator] = {}
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._index = {p: i for i, p in enumerate(params)}  # seeds each parameter's noise
-        # group positions, not the dicts: load_state_dict (which accelerate calls) replaces the dicts
-        self._group_of = {p: k for k, g in enumerate(self.param_groups) for p in g["params"]}
-        self._cuda_devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.dtype != torch.bfloat16:
+                raise ConfigError(f"BF16AdamW needs bfloat16 parameters, got {p.dtype} "
+                                  "(use master_weights='fp32' for fp32 parameters)")
+            self._index.setdefault(p, len(self._index))
+            # the group's position, not its dict: load_state_dict (which accelerate calls) replaces the dicts
+            self._group_of[p] = len(self.param_groups) - 1
+            if p.is_cuda:
+                self._cuda_devices.add(p.device.index or 0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # One generator per device: CUDA noise must come from a CUDA generator.
@@ -233,7 +239,7 @@ class BF16AdamW(torch.optim.Optimizer):
         process's random streams are left as they were (see _update for the seeding)."""
         if not self._noise_in_kernels():
             return contextlib.nullcontext()
-        return torch.random.fork_rng(devices=self._cuda_devices)
+        return torch.random.fork_rng(devices=sorted(self._cuda_devices))
 
     def _update(self, p: torch.Tensor, group: dict, hyper: dict[tuple, torch.Tensor]) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -355,6 +361,10 @@ class StepInBackward:
         self._squared_norm = squared if self._squared_norm is None else self._squared_norm + squared
         self.optimizer.step_parameter(p)
         p.grad = None
+        # What optimizer.step() sets for LR schedulers (torch's own flag): without it every scheduler step
+        # warns that it came before the optimizer's and that the schedule's first value is skipped, which
+        # is not so here.
+        self.optimizer._opt_called = True
 
     def grad_norm(self) -> torch.Tensor:
         """The norm of all the gradients of the backward pass just run; starts the next count."""

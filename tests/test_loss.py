@@ -166,7 +166,9 @@ def test_a_frozen_head_gets_no_gradient_and_costs_no_weight_gradient():
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_softmax_gradient_matches_autograd_with_one_graph_for_every_chunk_length():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_compiled_softmax_gradient_matches_autograd_with_one_graph_for_every_chunk_length(device):
     """The per-chunk loss and logit gradient that GPUs run compiled: equal to cross_entropy and its
     autograd gradient, in bf16 as in training, and compiled once for chunks of any length."""
     from torch._dynamo.utils import counters
@@ -179,8 +181,8 @@ def test_compiled_softmax_gradient_matches_autograd_with_one_graph_for_every_chu
     compiled = kernel(_loss_and_logit_grad, compiled=True)
     gen = torch.Generator().manual_seed(4)
     for tokens in (37, 64, 5):
-        logits = (3 * torch.randn(tokens, 1000, generator=gen)).to(torch.bfloat16)
-        targets = torch.randint(0, 1000, (tokens,), generator=gen)
+        logits = (3 * torch.randn(tokens, 1000, generator=gen)).to(torch.bfloat16).to(device)
+        targets = torch.randint(0, 1000, (tokens,), generator=gen).to(device)
         reference = logits.float().requires_grad_()
         expected = F.cross_entropy(reference, targets, reduction="sum")
         expected.backward()

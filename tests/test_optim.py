@@ -1,9 +1,15 @@
 import io
+import warnings
 
 import pytest
 import torch
 
 from sft.errors import ConfigError
+
+# The CUDA cases run where a GPU is (bench/gpu_session.sh runs them with `-k cuda`): there the steps are
+# compiled into Triton kernels and the optimizer's scalars travel through pinned memory.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+DEVICES = ["cpu", CUDA]
 from sft.optim import (MASTER_WEIGHTS, BF16AdamW, build_optimizer, param_groups_for_weight_decay,
                        stochastic_round_to_bf16)
 
@@ -162,8 +168,9 @@ def test_build_optimizer_refuses_fp32_master_weights_on_bf16_params():
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype):
+def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype, device):
     """The compiled one-kernel step (what CUDA runs) does the eager step's math: fp32 moments agree to
     fp32 rounding, and every bf16 value is one of the two bf16 neighbours of the eager fp32 result."""
     torch.manual_seed(0)  # the fused step draws its noise from torch's default generator
@@ -173,12 +180,12 @@ def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype):
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, state_dtype=torch.float32)
     ref = torch.nn.Parameter(w0.float())  # fp32 reference trajectory with the same moments
     ref_opt = torch.optim.AdamW([ref], foreach=False, **{k: v for k, v in hyper.items() if k != "state_dtype"})
-    w = torch.nn.Parameter(w0.clone())
+    w = torch.nn.Parameter(w0.clone().to(device))
     opt = BF16AdamW([w], rounding="stochastic", fused=True, **dict(hyper, state_dtype=state_dtype))
     assert opt.fused
     for grad in grads:
         ref.data.copy_(w.detach().float())  # compare one step at a time, from the same bf16 weights
-        ref.grad, w.grad = grad.float(), grad.clone()
+        ref.grad, w.grad = grad.float(), grad.clone().to(device)
         if state_dtype == torch.bfloat16:  # the reference starts each step from the same (rounded) moments
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in opt.state[w]:
@@ -186,13 +193,13 @@ def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype):
         before = ref.detach().clone()
         ref_opt.step()
         opt.step()
-        error = (w.float() - ref.detach()) / bf16_ulp(ref.detach())
+        error = (w.detach().float().cpu() - ref.detach()) / bf16_ulp(ref.detach())
         assert (error.abs() <= 1).all()
         # unbiased: no drift along the weight (decay) or along the update; 3000 draws, std <= 0.5/sqrt(3000)
         for direction in (ref.detach().sign(), (ref.detach() - before).sign()):
             assert (error * direction).mean().abs() < 0.05
         for key in ("exp_avg", "exp_avg_sq"):
-            expected, got = ref_opt.state[ref][key], opt.state[w][key].float()
+            expected, got = ref_opt.state[ref][key], opt.state[w][key].float().cpu()
             if state_dtype == torch.float32:
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # fp32 rounding of terms ~0.1
             else:
@@ -225,17 +232,17 @@ def test_fused_is_for_stochastic_rounding_and_auto_only_on_cuda():
 
 
 def fused_run(steps: int, seed: int, disturb: bool = False, resume_at: int | None = None,
-              state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              state_dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
     """Trains one bf16 vector with the fused step; `disturb` draws from torch's default generator before
     every step (what sampling or dropout does elsewhere in a process); `resume_at` restarts the
     optimizer from its state_dict."""
     gen = torch.Generator().manual_seed(5)
-    w = torch.nn.Parameter(torch.randn(4096, generator=gen).to(torch.bfloat16))
-    grads = [torch.randn(4096, generator=gen).to(torch.bfloat16) for _ in range(steps)]
+    w = torch.nn.Parameter(torch.randn(4096, generator=gen).to(torch.bfloat16).to(device))
+    grads = [torch.randn(4096, generator=gen).to(torch.bfloat16).to(device) for _ in range(steps)]
     opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed, state_dtype=state_dtype)
     for k, grad in enumerate(grads):
         if disturb:
-            torch.rand(k + 1)
+            torch.rand(k + 1, device=device)
         if k == resume_at:
             saved = io.BytesIO()
             torch.save(opt.state_dict(), saved)
@@ -246,19 +253,23 @@ def fused_run(steps: int, seed: int, disturb: bool = False, resume_at: int | Non
     return w.detach().clone()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
-def test_fused_rounding_noise_depends_only_on_the_seed_and_the_step(state_dtype):
+def test_fused_rounding_noise_depends_only_on_the_seed_and_the_step(state_dtype, device):
     """Data-parallel copies of a model must round identically, or they drift apart for good; and a
     resumed run must continue as the uninterrupted one (8-bit states included)."""
+    run = lambda steps, seed, **kw: fused_run(steps, seed, state_dtype=state_dtype, device=device, **kw)
     torch.manual_seed(0)
-    reference = fused_run(6, seed=1, state_dtype=state_dtype)
+    reference = run(6, 1)
     torch.manual_seed(123)  # another process state, and draws in between: same weights
-    assert torch.equal(fused_run(6, seed=1, disturb=True, state_dtype=state_dtype), reference)
-    assert torch.equal(fused_run(6, seed=1, resume_at=3, state_dtype=state_dtype), reference)
-    assert not torch.equal(fused_run(6, seed=2, state_dtype=state_dtype), reference)  # the noise does come from the seed
-    state = torch.random.get_rng_state()
-    fused_run(1, seed=1, state_dtype=state_dtype)
-    assert torch.equal(torch.random.get_rng_state(), state)  # and the process's generator is left as it was
+    assert torch.equal(run(6, 1, disturb=True), reference)
+    assert torch.equal(run(6, 1, resume_at=3), reference)
+    assert not torch.equal(run(6, 2), reference)  # the noise does come from the seed
+    states = torch.random.get_rng_state(), torch.cuda.get_rng_state() if device == "cuda" else None
+    run(1, 1)
+    assert torch.equal(torch.random.get_rng_state(), states[0])  # the process's generators are left as they were
+    if device == "cuda":
+        assert torch.equal(torch.cuda.get_rng_state(), states[1])
 
 
 def test_a_non_contiguous_parameter_takes_the_eager_step():
@@ -339,18 +350,21 @@ def test_int8_states_need_stochastic_rounding():
         BF16AdamW([w], rounding="kahan", state_dtype=torch.int8)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rounding,state_dtype", [("kahan", torch.float32), ("stochastic", torch.int8)])
-def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_at_a_time(rounding, state_dtype):
+def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_at_a_time(rounding, state_dtype,
+                                                                                          device):
     """Kahan's update has no noise, and the 8-bit step seeds its noise per parameter: stepping inside the
     backward pass, in the backward's order, gives the very weights of stepping after it."""
     from sft.optim import StepInBackward
 
     gen = torch.Generator().manual_seed(8)
-    batches = [torch.randn(16, 64, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    batches = [torch.randn(16, 64, generator=gen).to(torch.bfloat16).to(device) for _ in range(3)]
 
     def model():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+        return net.to(torch.bfloat16).to(device)
 
     def loss(net, x):
         return net(x).float().pow(2).mean()
@@ -366,11 +380,15 @@ def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_
 
     net = model()
     opt = BF16AdamW(net.parameters(), lr=1e-2, rounding=rounding, state_dtype=state_dtype)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     in_backward = StepInBackward(opt)
     live, step_parameter = [], opt.step_parameter
     opt.step_parameter = lambda p: (live.append(sum(q.grad is not None for q in net.parameters())), step_parameter(p))
     for x, ref_norm in zip(batches, ref_norms):
         loss(net, x).backward()
+        with warnings.catch_warnings():  # the scheduler knows the optimizer has stepped
+            warnings.filterwarnings("error", message=".*lr_scheduler.step.*")
+            schedule.step()
         torch.testing.assert_close(in_backward.grad_norm(), ref_norm, rtol=1e-5, atol=0)
         assert all(p.grad is None for p in net.parameters())
     assert live == [1] * 4 * len(batches)  # each parameter steps alone: no other gradient is held
@@ -379,3 +397,14 @@ def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_
     in_backward.remove()
     loss(net, batches[0]).backward()  # hooks removed: gradients stay for a normal step
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_parameters_added_later_get_their_own_noise_seed_and_the_dtype_check():
+    first, second = (torch.nn.Parameter(torch.randn(4096).to(torch.bfloat16)) for _ in range(2))
+    opt = BF16AdamW([first], lr=1e-3, state_dtype=torch.int8)
+    opt.add_param_group({"params": [second], "lr": 1e-2})
+    first.grad, second.grad = torch.ones_like(first), torch.ones_like(second)
+    opt.step()
+    assert opt.state[second]["step"].item() == 1 and opt._index[second] == 1
+    with pytest.raises(ConfigError, match="BF16AdamW needs bfloat16 parameters"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))]})
