@@ -85,6 +85,10 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
     Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
     Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
             dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60),
+    # in case the first 8-bit variant passes 60 GiB: every 8th layer recomputed (4 of 32, about 2 GiB less)
+    Variant("ours_7b_int8_states_gc_every8_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, gradient_checkpointing=True,
+                 checkpoint_every_n_layers=8, compile=True)),
     # the same 8-bit moments with two rows per micro-batch, every other layer recomputed
     Variant("ours_7b_int8_states_gc_half_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
