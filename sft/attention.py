@@ -9,7 +9,7 @@ gets a dense block-diagonal mask from transformers and loses its flash kernel.
 
 - The segments are found once per forward pass: every layer receives the same `position_ids` tensor,
   so the index math and its device-to-host copy (one host sync per forward, not per layer) are cached
-  on that tensor.
+  on that tensor. The trainer computes them on the host before the batch moves, so it has no sync.
 - A padding mask (held-out batches, left-padded generation prompts) adds segment boundaries where it
   switches between padding and tokens, so padding is never attended to by real tokens.
 - Decoding against a KV cache (fewer queries than keys) goes to sdpa with the mask transformers builds
@@ -170,13 +170,17 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return unflatten_batch(out, batch), None
 
 
-def segment_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+def segment_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   cu_seqlens: torch.Tensor | None = None) -> dict:
     """The segments of a [B, T] batch as the keyword arguments transformers passes through every layer
     to its attention function. Computed once per forward pass, before the decoder layers, so a compiled
-    layer contains no host sync and no graph break. The longest segment is given as T, an upper bound
-    that the kernel accepts, so that every batch of one shape compiles to the same graph."""
+    layer contains no host sync and no graph break; `cu_seqlens` computed on the host beforehand (from
+    the batch's CPU tensors, see sft.loss.host_indices) saves the one sync left. The longest segment is
+    given as T, an upper bound that the kernel accepts, so that every batch of one shape compiles to the
+    same graph."""
     batch, length = position_ids.shape[0], position_ids.shape[-1]
-    cu_seqlens, _ = host_segments(position_ids, attention_mask, batch, length, position_ids.device)
+    if cu_seqlens is None:
+        cu_seqlens, _ = host_segments(position_ids, attention_mask, batch, length, position_ids.device)
     torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)  # one entry per example: a new count must not recompile
     return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=length, max_length_k=length)
 

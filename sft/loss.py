@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import IMPLEMENTATION as VARLEN, segment_kwargs
+from .attention import IMPLEMENTATION as VARLEN, cu_seqlens_from_position_ids, segment_kwargs
 from .errors import ConfigError
 from .kernels import compile_available, kernel
 from .templates import IGNORE_INDEX
@@ -55,21 +55,44 @@ class LossModel(torch.nn.Module):
         self.impl = impl
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, targets, position_ids=None, attention_mask=None) -> torch.Tensor:
+    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,
+                loss_positions=None) -> torch.Tensor:
+        """`cu_seqlens` and `loss_positions` (host_indices) are optional: without them they are found on
+        the device, at the cost of a host sync each."""
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False)  # a KV cache would also switch off packed-sequence masking
         if getattr(self.model.config, "_attn_implementation", None) == VARLEN:  # segments once, not per layer
             positions = position_ids if position_ids is not None else \
                 torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            inputs.update(segment_kwargs(positions.expand_as(input_ids), attention_mask))
+            inputs.update(segment_kwargs(positions.expand_as(input_ids), attention_mask, cu_seqlens))
         if self.impl == "full":
             logits = self.model(**inputs).logits.float()
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum")
         hidden = self.model.base_model(**inputs).last_hidden_state
-        keep = targets != IGNORE_INDEX
-        return selected_cross_entropy(hidden[keep], targets[keep], self.model.get_output_embeddings(),
-                                      self.chunk_tokens)
+        if loss_positions is None:
+            loss_positions = supervised_positions(targets)
+        return selected_cross_entropy(hidden.flatten(0, 1).index_select(0, loss_positions),
+                                      targets.flatten().index_select(0, loss_positions),
+                                      self.model.get_output_embeddings(), self.chunk_tokens)
+
+
+def supervised_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions of a [B, T] batch that carry a target (their count is data, so on a
+    GPU this copies back to the host)."""
+    return (targets != IGNORE_INDEX).flatten().nonzero().flatten()
+
+
+def host_indices(batch: dict) -> dict:
+    """The index tensors LossModel.forward would otherwise compute on the device, each at the cost of a
+    host sync, computed from a micro-batch's CPU tensors before they move: the packed segments (for
+    varlen attention) and the supervised positions (for the selected loss)."""
+    input_ids = batch["input_ids"]
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    cu_seqlens, _ = cu_seqlens_from_position_ids(positions, batch.get("attention_mask"))
+    return {"cu_seqlens": cu_seqlens, "loss_positions": supervised_positions(batch["targets"])}
 
 
 def selected_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,

@@ -24,7 +24,7 @@ from .config import TrainConfig, settings_from
 from .data import PreparedData, prepare_data
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
-from .loss import LossModel, resolve_loss_impl
+from .loss import LossModel, host_indices, resolve_loss_impl
 from .modeling import (check_packing_support, compile_layers, count_parameters, enable_activation_checkpointing,
                        load_model, load_tokenizer)
 from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
@@ -297,6 +297,8 @@ def lr_lambda(cfg: TrainConfig, total: int):
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
+    """The micro-batch's tensors on the device, with the loss's index tensors made on the host first."""
+    batch = dict(batch, **host_indices(batch))
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 

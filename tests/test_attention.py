@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sft import attention
 from sft.errors import ConfigError
+from sft.templates import IGNORE_INDEX
 
 
 def reference_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
@@ -271,3 +272,38 @@ def test_compiled_layers_with_flash_varlen_on_gpu_match_eager_and_compile_once()
         assert (grad - expected_grad).norm() / expected_grad.norm() < 0.05
     # one graph for the layers and one for the loss's softmax gradient: no recompile, no graph break
     assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.skipif(not attention.varlen_available("cuda"), reason="varlen attention needs a CUDA GPU (sm80+)")
+def test_training_forward_on_gpu_never_waits_for_the_device():
+    """With the index tensors made on the host (host_indices), the forward pass of a compiled varlen model,
+    the fused loss included, holds no host sync: the host keeps queueing work while the GPU computes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sft.loss import LossModel, host_indices
+    from sft.modeling import compile_layers
+
+    name = attention.register_varlen_attention("cuda")
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LossModel(AutoModelForCausalLM.from_config(config, attn_implementation=name, dtype=torch.bfloat16))
+    compile_layers(model.model)
+    for seed, rows in enumerate(([[300, 100, 112], [512]], [[1, 200, 311], [256, 256]])):
+        positions = positions_for(rows)
+        gen = torch.Generator().manual_seed(seed)
+        targets = torch.randint(0, 512, positions.shape, generator=gen)
+        targets[torch.rand(positions.shape, generator=gen) < 0.4] = IGNORE_INDEX
+        batch = dict(input_ids=torch.randint(0, 512, positions.shape, generator=gen), position_ids=positions,
+                     targets=targets)
+        batch = {k: v.cuda() for k, v in dict(batch, **host_indices(batch)).items()}
+        expected = model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "loss_positions")})
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = model(**batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(loss, expected)  # the same segments and positions as found on the device
+        loss.backward()

@@ -84,6 +84,32 @@ def test_varlen_loss_finds_segments_once_per_forward_and_equals_sdpa(monkeypatch
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_indices_made_on_the_host_replace_the_device_lookups(monkeypatch):
+    """The trainer hands LossModel the segments and supervised positions it computed from the CPU batch
+    (host_indices): the loss and gradients are those of the device lookups, which are then never called."""
+    from sft import loss as loss_module
+    from sft.loss import host_indices
+    from sft.packing import Example, collate_padded
+
+    monkeypatch.setattr(attention, "_varlen", reference_varlen)
+    model = LossModel(tiny_llama(attention.register()), "selected")
+    padded = collate_padded([Example([5, 6, 7, 8], [6, 7, 8, IGNORE_INDEX]),
+                             Example([9, 10], [IGNORE_INDEX, 11])], pad_id=0)
+    del padded["num_real_tokens"]
+    for batch in (packed_batch([[5, 4, 3], [7, 5]], seed=7), padded):
+        expected, expected_grads = loss_and_grads(model, batch)
+        indices = host_indices(batch)
+        with monkeypatch.context() as patch:
+            patch.setattr(attention, "host_segments", lambda *a: pytest.fail("segments looked up on the device"))
+            patch.setattr(loss_module, "supervised_positions", lambda *a: pytest.fail("positions found on the device"))
+            loss, grads = loss_and_grads(model, dict(batch, **indices))
+        assert loss == expected
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert torch.equal(grad, expected_grad)
+    assert indices["cu_seqlens"].tolist() == [0, 4, 6, 8]  # each row's tokens, then its padding
+    assert indices["loss_positions"].tolist() == [0, 1, 2, 5]
+
+
 def test_segment_kwargs_bound_the_longest_segment_by_the_row_length():
     batch = packed_batch([[5, 4, 3], [7, 5]], seed=5)
     kwargs = attention.segment_kwargs(batch["position_ids"])
