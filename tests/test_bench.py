@@ -49,6 +49,10 @@ def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
         assert float(rows[name]["real_tok_s"]) > 0 and float(rows[name]["first_step_s"]) > 0
     study = rows["study_tiny"]
     assert float(study["real_tok_s"]) < 0.9 * float(study["padded_tok_s"])  # padding to 512 is not counted
+    static = rows["trl_tiny_sdpa_static"]  # padding-free, padded to one shape: that padding is not counted either
+    assert static["status"] == "ok", static
+    assert float(static["real_tok_s"]) < float(static["padded_tok_s"])
+    assert float(rows["trl_tiny_sdpa"]["real_tok_s"]) == float(rows["trl_tiny_sdpa"]["padded_tok_s"])
     ours = rows["ours_tiny"]
     assert float(ours["real_tok_s"]) <= float(ours["padded_tok_s"])
     assert "attn=sdpa" in ours["settings"]  # varlen is for GPUs; "auto" picks sdpa on the CPU
