@@ -98,6 +98,19 @@ def test_a_variant_past_its_timeout_is_killed_and_recorded():
     assert time.perf_counter() - began < 30
 
 
+def test_a_fallback_variant_runs_only_when_the_one_it_stands_in_for_missed_the_memory_goal():
+    from bench.bench_sft import Variant, fallback_needed
+
+    fallback = Variant("ours_7b_every8", "ours", "llama-7b", 10, 3, fallback_for="ours_7b")
+    ran = lambda status, gib=None: [dict(variant="ours_7b", status=status, peak_gib=gib)]  # noqa: E731
+    assert not fallback_needed(fallback, ran("ok", 58.9))
+    assert fallback_needed(fallback, ran("ok", 60.2))
+    assert fallback_needed(fallback, ran("OOM"))
+    assert fallback_needed(fallback, ran("error: RuntimeError: ..."))
+    assert fallback_needed(fallback, [])  # the first did not run (--only): the fallback is all there is
+    assert fallback_needed(Variant("ours_1b", "ours", "llama-1b", 15, 5), ran("OOM"))  # not a fallback
+
+
 def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
     from bench.bench_sft import goal_lines
 
