@@ -236,24 +236,31 @@ def test_flash_varlen_on_gpu_matches_sdpa(precision):
     assert (grad - expected_grad).norm() / expected_grad.norm() < 0.05
 
 
-@pytest.mark.skipif(not attention.varlen_available("cuda"), reason="varlen attention needs a CUDA GPU (sm80+)")
-def test_compiled_layers_with_flash_varlen_on_gpu_match_eager_and_compile_once():
-    import copy
-
-    from torch._dynamo.utils import counters
+def gpu_varlen_loss_model():
+    """A small bf16 Llama on the GPU with the flash varlen attention, wrapped in the training loss."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sft.loss import LossModel
-    from sft.modeling import compile_layers
 
-    torch._dynamo.reset()
-    counters.clear()
     name = attention.register_varlen_attention("cuda")
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        eager = LossModel(AutoModelForCausalLM.from_config(config, attn_implementation=name, dtype=torch.bfloat16))
+        return LossModel(AutoModelForCausalLM.from_config(config, attn_implementation=name, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not attention.varlen_available("cuda"), reason="varlen attention needs a CUDA GPU (sm80+)")
+def test_compiled_layers_with_flash_varlen_on_gpu_match_eager_and_compile_once():
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from sft.modeling import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = gpu_varlen_loss_model()
     compiled = copy.deepcopy(eager)
     compile_layers(compiled.model)
     for seed, rows in enumerate(([[300, 100, 112], [512]], [[1, 200, 311], [256, 256]])):
@@ -278,17 +285,10 @@ def test_compiled_layers_with_flash_varlen_on_gpu_match_eager_and_compile_once()
 def test_training_forward_on_gpu_never_waits_for_the_device():
     """With the index tensors made on the host (host_indices), the forward pass of a compiled varlen model,
     the fused loss included, holds no host sync: the host keeps queueing work while the GPU computes."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from sft.loss import LossModel, host_indices
+    from sft.loss import host_indices
     from sft.modeling import compile_layers
 
-    name = attention.register_varlen_attention("cuda")
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LossModel(AutoModelForCausalLM.from_config(config, attn_implementation=name, dtype=torch.bfloat16))
+    model = gpu_varlen_loss_model()
     compile_layers(model.model)
     for seed, rows in enumerate(([[300, 100, 112], [512]], [[1, 200, 311], [256, 256]])):
         positions = positions_for(rows)
