@@ -226,8 +226,12 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
             break
     result = clock.result(setup.derived["num_parameters"])
     if PROFILE_DIR is not None:  # after the measurement: the profiler's overhead is not in the numbers
-        profile_steps(setup, setup.steps[max(0, clock.last - PROFILE_STEPS):clock.last], device,
-                      PROFILE_DIR / f"profile_{variant.name}.txt")
+        path = PROFILE_DIR / f"profile_{variant.name}.txt"
+        try:
+            profile_steps(setup, setup.steps[max(0, clock.last - PROFILE_STEPS):clock.last], device, path)
+        except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the measured row
+            traceback.print_exc()
+            path.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
     return dict(result,
                 settings=f"{setup.derived['precision']}, master={setup.derived['master_weights']}, "
                          f"attn={setup.derived['attn_implementation']}, loss={setup.derived['loss_impl']}, "
@@ -259,10 +263,16 @@ def profile_steps(setup, steps: list, device: torch.device, path: Path) -> None:
             train_step(setup, batches)
         sync(device)
     wall = time.perf_counter() - began
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    busy = ""
+    if device.type == "cuda":  # the device's idle time is what host overhead (launches, syncs) costs
+        kernels = sum(e.self_device_time_total for e in events  # kernel events only, as the table's total
+                      if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+        busy = f"; device busy {kernels:.3f} s ({kernels / wall:.0%} of the wall time)"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{len(steps)} optimizer steps, {wall:.3f} s wall under the profiler\n"
-                    + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
+    path.write_text(f"{len(steps)} optimizer steps, {wall:.3f} s wall under the profiler{busy}\n"
+                    + events.table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
 
 
 def run_trl(variant: Variant, examples, work: Path, device: torch.device, start: float) -> dict:

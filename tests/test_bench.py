@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 from bench.synthetic import LENGTH_RANGE, synthetic_examples
 from sft.templates import IGNORE_INDEX
@@ -85,9 +88,6 @@ def test_precision_compare_writes_one_curve_per_master_weights_variant(tmp_path)
 
 def test_a_variant_past_its_timeout_is_killed_and_recorded():
     import dataclasses
-    import time
-
-    import torch
 
     from bench import bench_sft
 
@@ -109,6 +109,20 @@ def test_a_fallback_variant_runs_only_when_the_one_it_stands_in_for_missed_the_m
     assert fallback_needed(fallback, ran("error: RuntimeError: ..."))
     assert fallback_needed(fallback, [])  # the first did not run (--only): the fallback is all there is
     assert fallback_needed(Variant("ours_1b", "ours", "llama-1b", 15, 5), ran("OOM"))  # not a fallback
+
+
+def test_a_failing_profiler_leaves_the_measured_row(tmp_path, monkeypatch):
+    from bench import bench_sft
+
+    def broken(*args):
+        raise RuntimeError("no such sort key")
+
+    monkeypatch.setattr(bench_sft, "PROFILE_DIR", tmp_path)
+    monkeypatch.setattr(bench_sft, "profile_steps", broken)
+    variant = next(v for v in bench_sft.CPU_PLAN if v.name == "ours_tiny")
+    row = bench_sft.run_variant(variant, 4_000, torch.device("cpu"), time.perf_counter())
+    assert row["status"] == "ok" and float(row["real_tok_s"]) > 0, row
+    assert (tmp_path / "profile_ours_tiny.txt").read_text() == "profiling failed: RuntimeError: no such sort key\n"
 
 
 def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
@@ -147,7 +161,6 @@ def test_stopping_the_benchmark_stops_the_variant_it_is_running(tmp_path):
     """`timeout` (as gpu_session.sh uses it) sends SIGTERM to the benchmark: its variant's process, which
     runs in its own session, must not live on holding the device."""
     import signal
-    import time
 
     parent = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--cpu-smoke", "--only", "ours_tiny_compile",
                                "--out", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
