@@ -65,6 +65,10 @@ class LossModel(torch.nn.Module):
             positions = position_ids if position_ids is not None else \
                 torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             inputs.update(segment_kwargs(positions.expand_as(input_ids), attention_mask, cu_seqlens))
+            if attention_mask is None:  # the segments already isolate each row's padding
+                # Given no mask, transformers scans position_ids for packed rows (a host sync), for a result
+                # varlen does not read: it has the segments.
+                inputs["attention_mask"] = torch.ones_like(input_ids, dtype=torch.bool)
         if self.impl == "full":
             logits = self.model(**inputs).logits.float()
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,

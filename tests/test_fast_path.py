@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sft import attention
@@ -167,3 +168,34 @@ def test_compiled_varlen_layers_compile_once_whatever_the_number_of_segments(mon
             batch = packed_batch(rows, seed)
             torch.testing.assert_close(compiled(**batch), eager(**batch), rtol=2e-2, atol=0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+class ReadsBackFromTheDevice(TorchDispatchMode):
+    """Fails on every operator that, on a GPU, copies data back to the host and so waits for the device:
+    scalar reads (.item(), `if tensor:`) and outputs whose size depends on the data (nonzero, masked
+    select, boolean indexing). On the CPU it is the only way to see the syncs a GPU forward pass would hit."""
+
+    READS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero, torch.ops.aten.nonzero,
+             torch.ops.aten.masked_select, torch.ops.aten.equal, torch.ops.aten._unique2}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.READS:
+            raise AssertionError(f"{func} reads data back from the device")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_training_forward_pass_reads_nothing_back_from_the_device(monkeypatch):
+    """With the indices made on the host, the forward pass that training runs (varlen attention, the fused
+    loss and its gradients) has no operator that would make the host wait for a GPU."""
+    from sft.loss import host_indices
+
+    monkeypatch.setattr(attention, "_varlen", attention.make_varlen_call(_kernel_211, kernel_gqa=True))
+    model = LossModel(tiny_llama(attention.register()).to(torch.bfloat16), "selected")
+    batch = packed_batch([[5, 4, 3], [7, 5]], seed=8)
+    batch = dict(batch, **host_indices(batch))
+    expected = model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "loss_positions")})
+    with ReadsBackFromTheDevice():
+        loss = model(**batch)
+    assert loss == expected
+    with pytest.raises(AssertionError, match="reads data back"), ReadsBackFromTheDevice():
+        model(**{k: v for k, v in batch.items() if k != "loss_positions"})  # the check itself works
