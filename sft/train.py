@@ -356,8 +356,9 @@ def evaluate_loss(setup: Setup) -> float:
     for i, counts in my_share(len(setup.eval_batches), acc):
         batch = setup.eval_batches[i]
         loss = setup.loss_model(**_to_device(batch, acc.device))
-        if counts:
-            total += torch.tensor([loss.item(), _num_targets(batch)], device=acc.device, dtype=torch.float64)
+        if counts:  # summed on the device: no host sync per batch
+            total[0] += loss.double()
+            total[1] += _num_targets(batch)
     setup.loss_model.train()
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="sum")
