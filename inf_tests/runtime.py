@@ -26,6 +26,8 @@ import torch
 
 from sft.config import EMBEDDED_MODEL
 from sft.errors import ConfigError, SFTError
+from sft.generation import Decoding, only_given_settings
+from sft.generation import generation_config as sft_generation_config
 from sft.perf import memory_bandwidth
 
 # Llama-2-7B's layer shapes with random weights, built directly on the device (no download). The vocabulary
@@ -213,21 +215,15 @@ def prompt_batch(tokenizer, prompt_tokens: int, batch_size: int) -> torch.Tensor
 
 
 def generation_config(variant: str, tokenizer, settings: Settings):
-    """Every decoding setting explicit: transformers fills any field left None from the model's
-    generation_config.json and then its own defaults (top_k=50, which would cut sampling short)."""
-    from transformers import CompileConfig, GenerationConfig
-
-    from sft.generation import stop_token_ids
+    """Every decoding setting explicit (sft.generation), exactly `new_tokens` of them, and the variant's cache."""
+    from transformers import CompileConfig
 
     fast_path = {"generate": {"cache_implementation": "dynamic", "disable_compile": True},
                  "static_cache": {"cache_implementation": "static", "disable_compile": True},
                  "static_cache+compile": {"cache_implementation": "static", "disable_compile": False,
                                           "compile_config": CompileConfig(mode=COMPILE_MODE)}}[variant]
-    sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-                if settings.do_sample else {"do_sample": False})
-    return GenerationConfig(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, num_beams=1,
-                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            **sampling, **fast_path)
+    decoding = Decoding(settings.new_tokens, settings.do_sample, settings.temperature, settings.top_p, settings.seed)
+    return sft_generation_config(tokenizer, decoding, min_new_tokens=settings.new_tokens, **fast_path)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -262,13 +258,13 @@ class Timing:
 @torch.no_grad()
 def timed_generate(model, input_ids: torch.Tensor, config, seed: int) -> Timing:
     clock = TokenClock()
-    torch.manual_seed(seed)
-    _sync(input_ids.device)
-    start = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                         streamer=clock)
-    _sync(input_ids.device)
-    end = time.perf_counter()
+    with only_given_settings(model, seed):
+        _sync(input_ids.device)
+        start = time.perf_counter()
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             generation_config=config, streamer=clock)
+        _sync(input_ids.device)
+        end = time.perf_counter()
     new = out[:, input_ids.shape[1]:].cpu()
     if new.shape[1] != config.max_new_tokens or len(clock.times) != config.max_new_tokens:
         raise RuntimeError(f"generate returned {new.shape[1]} new tokens in {len(clock.times)} steps, not "

@@ -66,6 +66,9 @@ def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler,
     if problem:
         raise CheckpointError(problem)
     accelerator.save_state(str(tmp), safe_serialization=False)
+    # save_state ends without a barrier: every process's files (its random states, FSDP's shards) must be
+    # written before the main process renames the folder and so declares the checkpoint complete.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))

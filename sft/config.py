@@ -44,6 +44,8 @@ class TrainConfig:
     max_rows: int | None = None          # first N rows of the source (streamed from the hub)
     eval_dataset: str | None = None      # a separate held-out source; else `eval_rows` are split off
     eval_dataset_split: str = "test"     # the split of `eval_dataset`, when it is a hub dataset
+    eval_dataset_revision: str | None = None  # None: dataset_revision when eval_dataset is the same repo
+    eval_dataset_files: str | None = None     # files inside eval_dataset's hub repo (never dataset_files)
     eval_rows: int | float | None = None  # count or fraction split off; None: 5%, or all of eval_dataset
     template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain
     eos_token: str | None = None         # end-of-turn token to learn, if not the tokenizer's EOS (e.g. "<|im_end|>")
@@ -168,6 +170,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.max_grad_norm is not None:
             _positive("max_grad_norm", self.max_grad_norm)
+        if not 0 <= self.seed < 2**32:  # the range torch, numpy and random all accept
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -221,7 +225,7 @@ def _expected_types(hint: str) -> tuple[type, ...] | None:
 
 
 def _describe(hint: str) -> str:
-    return hint.replace("|", " or ").replace("None", "None")
+    return " or ".join(part.strip() for part in hint.split("|"))
 
 
 def settings_from(namespace: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """From a dataset source to tokenized train and held-out examples, with the statistics of every step.
 
 rows (sft.sources) -> conversations (sft.formats) -> held-out split -> token ids and labels
-(sft.templates.encode_chat) -> length and supervision checks -> `Example`s (sft.packing).
+(sft.templates.encode_chat) -> special-token text, length and supervision checks -> `Example`s (sft.packing).
 
 Tokenization runs in `num_proc` processes and is cached on disk under a key made of everything that
 determines its output (the conversations, the tokenizer files, the chat template, max_length,
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .modeling import cache_root
 from .packing import Example, shift_labels
 from .templates import IGNORE_INDEX, encode_chat
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_EVAL_FRACTION = 0.05
 
 
@@ -40,15 +41,14 @@ class PreparedData:
     cache_hit: bool = False
 
 
-def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None,
-                       split: str) -> tuple[list[list[dict]], dict]:
+def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None, split: str, *,
+                       revision: str | None, data_files: str | None) -> tuple[list[list[dict]], dict]:
     if source == EMBEDDED_DATASET:
         rows = demo_rows(max_rows)
     elif source.startswith("embedded:"):
         raise DataError(f"dataset: unknown embedded dataset {source!r}; the embedded one is {EMBEDDED_DATASET!r}")
     else:
-        rows = sources.load_rows(source, revision=cfg.dataset_revision, split=split, max_rows=max_rows,
-                                 data_files=cfg.dataset_files)
+        rows = sources.load_rows(source, revision=revision, split=split, max_rows=max_rows, data_files=data_files)
     columns = sorted({k for row in rows[:100] for k in row})
     try:
         fmt = formats.detect_format(columns) if cfg.dataset_format == "auto" else cfg.dataset_format
@@ -66,10 +66,15 @@ def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None,
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
-    conversations, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split)
+    conversations, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split,
+                                                   revision=cfg.dataset_revision, data_files=cfg.dataset_files)
     if cfg.eval_dataset is not None:
         train_convs = sources.shuffle_rows(conversations, cfg.seed)
-        eval_convs, eval_read = read_conversations(cfg.eval_dataset, cfg, cfg.eval_rows, cfg.eval_dataset_split)
+        same_repo = cfg.eval_dataset == cfg.dataset
+        eval_convs, eval_read = read_conversations(
+            cfg.eval_dataset, cfg, cfg.eval_rows, cfg.eval_dataset_split,
+            revision=cfg.eval_dataset_revision or (cfg.dataset_revision if same_repo else None),
+            data_files=cfg.eval_dataset_files)
         read_stats["eval_source"] = eval_read
     else:
         eval_rows = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION
@@ -96,8 +101,11 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
         os.replace(tmp, path)
         hit = False
     if not train:
-        raise DataError(f"dataset {cfg.dataset}: no training example is left after the length checks "
+        raise DataError(f"dataset {cfg.dataset}: no training example is left after the checks "
                         f"({tok_stats['train']['dropped']})")
+    if not evals:
+        raise DataError(f"dataset {cfg.eval_dataset or cfg.dataset}: no held-out example is left after the "
+                        f"checks ({tok_stats['eval']['dropped']}); the held-out loss would be undefined")
     kept_eval = [c for c, keep in zip(eval_convs, tok_stats["eval"]["kept_mask"]) if keep]
     stats = {**read_stats, "train_conversations": len(train_convs), "eval_conversations": len(eval_convs),
              **{k: {kk: vv for kk, vv in v.items() if kk != "kept_mask"} for k, v in tok_stats.items()},
@@ -120,7 +128,12 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Trai
     kept_mask: list[bool] = []
     dropped: Counter = Counter()
     truncated = 0
-    for i, (ids, labels) in enumerate(encoded):
+    for i, enc in enumerate(encoded):
+        if enc is None:
+            dropped["special_token_text"] += 1
+            kept_mask.append(False)
+            continue
+        ids, labels = enc
         n_sup = sum(l != IGNORE_INDEX for l in labels)
         if n_sup == 0:
             raise DataError(f"{split} conversation {i} has no supervised tokens: {_preview(conversations[i])}")
@@ -142,7 +155,7 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Trai
             dropped["no_supervised_tokens_after_truncation"] += 1
             kept_mask.append(False)
             continue
-        truncated += len(ids) < len(encoded[i][0])
+        truncated += len(ids) < len(enc[0])
         examples.append(example)
         kept_mask.append(True)
     return examples, {"examples": len(examples), "dropped": dict(dropped), "truncated": truncated,
@@ -154,10 +167,22 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer, loss_on: str) -> None:
     """Each tokenization process receives the tokenizer once, not once per conversation."""
-    _WORKER.update(tokenizer=tokenizer, loss_on=loss_on)
+    _WORKER.update(tokenizer=tokenizer, loss_on=loss_on, special=special_token_pattern(tokenizer))
 
 
-def _encode(conversation: list[dict]) -> tuple[list[int], list[int]]:
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """Matches the text of the tokenizer's special tokens. The tokenizer turns such text inside a message
+    into the control token itself: an assistant reply holding "<|im_end|>" would teach the model to stop
+    mid-reply, and a user turn holding "<|im_start|>assistant" would fake a turn."""
+    texts = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content})
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def _encode(conversation: list[dict]) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels, or None for a conversation whose text holds a special token's text."""
+    special = _WORKER["special"]
+    if special is not None and any(special.search(m["content"]) for m in conversation):
+        return None
     enc = encode_chat(_WORKER["tokenizer"], conversation, loss_on=_WORKER["loss_on"])
     return enc.input_ids, enc.labels
 

@@ -1,10 +1,11 @@
 """Generation for samples and the task metric, from prompts encoded exactly as in training.
 
 Decoding settings are explicit and recorded: the model's own generation_config (which may carry a
-temperature or top_p that greedy decoding would silently ignore) is never consulted.
+repetition penalty, a temperature or a top_k) is never consulted.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import asdict, dataclass
 
@@ -34,38 +35,64 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i >= 0)
 
 
+def generation_config(tokenizer, decoding: Decoding, **fixed):
+    """The GenerationConfig of `decoding`, stopping at end of turn; `fixed`: further fields (cache, length)."""
+    from transformers import GenerationConfig
+
+    sampling = ({"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
+                 "top_k": 0}  # left None, transformers would sample from the top 50 only
+                if decoding.do_sample else {"do_sample": False})
+    return GenerationConfig(max_new_tokens=decoding.max_new_tokens, num_beams=1, **sampling,
+                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **fixed)
+
+
+@contextlib.contextmanager
+def only_given_settings(model, seed: int):
+    """Inside, `model.generate(generation_config=...)` decodes with exactly the given config, and sampling
+    draws from `seed` without touching the caller's random stream.
+
+    transformers fills every field the given config leaves None from the model's generation_config.json
+    (Qwen2.5-Instruct ships repetition_penalty=1.05): a blank one stands in for it meanwhile. The random
+    state is forked so that a generation pass between training steps leaves training's stream as it was.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    saved = model.generation_config
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.generation_config = GenerationConfig()
+        try:
+            yield
+        finally:
+            model.generation_config = saved
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int = 16,
              synced: bool = False) -> list[str]:
     """Replies to each prompt (a conversation ending with a user turn), stopping at end of turn.
     `synced`: the model is sharded (FSDP), so every process keeps stepping until all have finished."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
-                              temperature=decoding.temperature if decoding.do_sample else None,
-                              top_p=decoding.top_p if decoding.do_sample else None,
-                              top_k=0 if decoding.do_sample else None,  # None: transformers would sample top-50
-                              eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config = generation_config(tokenizer, decoding)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    if decoding.do_sample:
-        torch.manual_seed(decoding.seed)
     encoded = [encode_chat(tokenizer, p, add_generation_prompt=True).input_ids for p in prompts]
     replies: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        longest = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), longest), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), longest), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            ids[row, longest - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, longest - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             synced_gpus=synced)
-        for row, i in enumerate(idx):
-            replies[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
+    with only_given_settings(model, decoding.seed):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            longest = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), longest), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), longest), dtype=torch.long)
+            for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+                ids[row, longest - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, longest - len(encoded[i]):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 synced_gpus=synced)
+            for row, i in enumerate(idx):
+                replies[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
     model.train(was_training)
     return replies
 

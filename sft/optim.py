@@ -147,9 +147,9 @@ def _int8_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) for bf16 parameters, with the math in fp32.
 
-    rounding: "stochastic" rounds the new weight stochastically (and bf16 moments too, so they keep
-    decaying); "kahan" keeps a bf16 compensation buffer per parameter; "none" rounds to nearest and
-    drops small updates (for demonstration only). state_dtype=torch.bfloat16 halves the moment memory;
+    rounding: "stochastic" rounds the new weight stochastically; "kahan" keeps a bf16 compensation
+    buffer per parameter; "none" rounds to nearest and drops small updates (for demonstration only).
+    bf16 moments are rounded stochastically (except with "none"), so they keep decaying. state_dtype=torch.bfloat16 halves the moment memory;
     torch.int8 keeps them as block-wise 8-bit states (see the module docstring; stochastic rounding only).
 
     fused: with stochastic rounding, run each parameter's step as one compiled kernel (None: on CUDA
@@ -202,9 +202,9 @@ class BF16AdamW(torch.optim.Optimizer):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
 
-    def _store(self, dst: torch.Tensor, src32: torch.Tensor) -> None:
+    def _store(self, dst: torch.Tensor, src32: torch.Tensor, stochastic: bool) -> None:
         """Write the fp32 scratch `src32` (which may be overwritten) into `dst`."""
-        if dst.dtype == torch.bfloat16 and self.rounding == "stochastic":
+        if dst.dtype == torch.bfloat16 and stochastic:
             dst.copy_(stochastic_round_to_bf16(src32, self._generator(dst.device)))
         else:
             dst.copy_(src32)
@@ -308,11 +308,13 @@ class BF16AdamW(torch.optim.Optimizer):
             comp.copy_(p32.sub_(new).add_(delta))
             p.copy_(new)
         else:
-            self._store(p, p32.add_(delta))
+            self._store(p, p32.add_(delta), stochastic=self.rounding == "stochastic")
 
         if state["exp_avg"].dtype != torch.float32:
-            self._store(state["exp_avg"], exp_avg)
-            self._store(state["exp_avg_sq"], exp_avg_sq)
+            # bf16 moments round stochastically with Kahan weights too: rounded to nearest, v * beta2 lies
+            # within half a bf16 step of v, so the second moment would never decay.
+            self._store(state["exp_avg"], exp_avg, stochastic=self.rounding != "none")
+            self._store(state["exp_avg_sq"], exp_avg_sq, stochastic=self.rounding != "none")
 
     def _int8(self, p: torch.Tensor) -> bool:
         return (self.state_dtype == torch.int8 and p.numel() >= INT8_MIN_NUMEL

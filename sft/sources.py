@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from pathlib import Path
@@ -203,11 +204,19 @@ def _one_line(e: Exception) -> str:
 
 def _iter_csv(path: Path) -> Iterator[dict]:
     # Every cell is text; without keep_default_na an empty cell would become NaN, a float.
+    # index_col=False: by default, rows with one field more than the header (a trailing comma, an
+    # unnamed column) make pandas read the first field as the index and shift every column left.
+    # It then warns that it drops the extra fields; that warning is an error here.
     try:
-        for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024):
-            yield from chunk.to_dict("records")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024, index_col=False):
+                yield from chunk.to_dict("records")
     except pd.errors.EmptyDataError:
         return
+    except pd.errors.ParserWarning:
+        raise DataError(f"cannot parse CSV file {path}: its rows have more fields than its header "
+                        f"(a trailing comma, or a column without a name)") from None
     except pd.errors.ParserError as e:
         raise DataError(f"cannot parse CSV file {path}: {_one_line(e)}") from None
 

@@ -233,6 +233,10 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     steps_per_epoch = math.ceil(len(steps) / cfg.epochs)
     if cfg.max_steps is not None:
         steps = steps[:cfg.max_steps]
+    if cfg.warmup_ratio > 0 and warmup_steps(cfg, len(steps)) >= len(steps):
+        raise ConfigError(f"warmup_ratio: {cfg.warmup_ratio} of this run's {len(steps)} optimizer steps is "
+                          f"{warmup_steps(cfg, len(steps))} warmup steps, so the learning rate would never reach "
+                          f"lr; lower warmup_ratio or train for more steps")
     eval_batches = [collate_padded(sorted(data.eval, key=lambda e: len(e.input_ids))[k:k + cfg.eval_batch_size],
                                    tokenizer.pad_token_id)
                     for k in range(0, len(data.eval), cfg.eval_batch_size)]
@@ -254,6 +258,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     if cfg.compile:
         compile_layers(model)
+    num_parameters = count_parameters(model)  # before prepare: DeepSpeed ZeRO-3 leaves each process a shard
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
     in_backward = StepInBackward(inner_optimizer) if cfg.optimizer_in_backward else None
@@ -267,7 +272,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,
                "optimizer_steps": len(steps), "steps_per_epoch": steps_per_epoch,
                "warmup_steps": warmup_steps(cfg, len(steps)), "micro_batches_per_step": cfg.grad_accum_steps * world,
-               "rows_per_optimizer_step": per_step, "num_parameters": count_parameters(model),
+               "rows_per_optimizer_step": per_step, "num_parameters": num_parameters,
                "train_examples": len(data.train), "eval_examples": len(data.eval),
                "packing_efficiency": round(packing_efficiency([b for s in steps for b in s]), 4)}
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
@@ -351,6 +356,7 @@ def my_share(n: int, acc) -> list[tuple[int, bool]]:
 def evaluate_loss(setup: Setup) -> float:
     """Token-weighted mean loss over the held-out examples (all processes together)."""
     acc = setup.accelerator
+    was_training = setup.loss_model.training
     setup.loss_model.eval()
     total = torch.zeros(2, device=acc.device, dtype=torch.float64)
     for i, counts in my_share(len(setup.eval_batches), acc):
@@ -359,7 +365,7 @@ def evaluate_loss(setup: Setup) -> float:
         if counts:  # summed on the device: no host sync per batch
             total[0] += loss.double()
             total[1] += _num_targets(batch)
-    setup.loss_model.train()
+    setup.loss_model.train(was_training)
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="sum")
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
@@ -470,6 +476,9 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
         print(f"resumed at step {state['step']} of {total_steps}", file=sys.stderr)
     else:
         state["eval_first"], state["metric_before"] = run_eval(0, True, "before")
+    # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing and
+    # dropout; a resumed run has no step-0 evaluation that would happen to leave it in training mode.
+    setup.loss_model.train()
     reset_peak_memory(acc.device)
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.experiment, disable=not acc.is_local_main_process,

@@ -38,6 +38,8 @@ BAD_SETTINGS = [
     ("max_steps", 0),
     ("adam_betas", (0.9, 1.0)),
     ("max_grad_norm", 0.0),
+    ("seed", -1),
+    ("seed", 2**32),
 ]
 
 

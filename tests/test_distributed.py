@@ -1,5 +1,6 @@
 """Two processes under `accelerate launch` (gloo on the CPU) train like one process with the same
-global batch: the same losses within float tolerance, one run folder written by rank 0 only."""
+global batch: the same losses within float tolerance, one run folder written by rank 0 only, and
+checkpoints that hold every rank's files."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,17 @@ from sft.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
-import json, sys
+import json, os, sys, time
 import torch
+import accelerate.checkpointing
 torch.set_num_threads(1)
 from sft import train
+save = accelerate.checkpointing.torch.save
+def late_save(obj, path, *args, **kwargs):  # rank 1 writes its random states after rank 0 has finished
+    if os.environ["RANK"] == "1" and "random_states" in str(path):
+        time.sleep(2)
+    return save(obj, path, *args, **kwargs)
+accelerate.checkpointing.torch.save = late_save
 train.main({k.upper(): v for k, v in json.loads(sys.argv[1]).items()})
 """
 # Gradients are all-reduced in a different summation order than one process adds them, so equality
@@ -39,7 +47,8 @@ def metrics(folder: Path, kind: str, key: str) -> list[float]:
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_config, tmp_path):
     one = run(tiny_config(micro_batch_size=2, grad_accum_steps=2, runs_root=str(tmp_path / "one")))
-    settings = tiny_config(micro_batch_size=2, grad_accum_steps=1, runs_root=str(tmp_path / "two")).to_dict()
+    settings = tiny_config(micro_batch_size=2, grad_accum_steps=1, runs_root=str(tmp_path / "two"),
+                           checkpoint_every=2).to_dict()
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -54,5 +63,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_config,
     assert metrics(two, "train", "tokens") == metrics(one.path, "train", "tokens")  # counted over both ranks
     assert metrics(two, "eval", "eval_loss") == pytest.approx(metrics(one.path, "eval", "eval_loss"), rel=TOLERANCE)
     assert json.loads((two / "summary.json").read_text())["status"] == "completed"
+    # the checkpoint of step 2 was declared complete only after the slower rank had written its files
+    saved = {p.name for p in (two / "checkpoints" / "step-000002").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= saved
     samples = [json.loads(l) for l in (two / "samples.jsonl").read_text().splitlines()]
     assert [(s["stage"], s["index"]) for s in samples] == [("before", 0), ("before", 1), ("after", 0), ("after", 1)]

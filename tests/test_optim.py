@@ -104,7 +104,7 @@ def test_lr_is_read_per_param_group_each_step():
 
 @pytest.mark.parametrize("master_weights,state_dtype", [("bf16_stochastic_rounding", "float32"),
                                                         ("bf16_stochastic_rounding", "bfloat16"),
-                                                        ("bf16_kahan", "float32")])
+                                                        ("bf16_kahan", "float32"), ("bf16_kahan", "bfloat16")])
 def test_resume_from_state_dict_continues_bitwise_identically(master_weights, state_dtype):
     torch.manual_seed(3)
     data = [(torch.randn(8, 16).to(torch.bfloat16), torch.randn(8, 4).to(torch.bfloat16)) for _ in range(6)]
@@ -408,3 +408,17 @@ def test_parameters_added_later_get_their_own_noise_seed_and_the_dtype_check():
     assert opt.state[second]["step"].item() == 1 and opt._index[second] == 1
     with pytest.raises(ConfigError, match="BF16AdamW needs bfloat16 parameters"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))]})
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_bf16_second_moment_keeps_decaying_with_either_weight_rounding(rounding):
+    """v <- 0.999 v moves v by less than half a bf16 step: rounded to nearest, v would stay where it is."""
+    w = torch.zeros(4096, dtype=torch.bfloat16, requires_grad=True)
+    opt = BF16AdamW([w], lr=1e-3, betas=(0.9, 0.999), rounding=rounding, state_dtype=torch.bfloat16, fused=False)
+    v_exact = torch.zeros(())
+    for g in [1.0] + [1e-3] * 1999:
+        w.grad = torch.full_like(w, g)
+        opt.step()
+        v_exact = 0.999 * v_exact + 0.001 * g * g
+    v = opt.state[w]["exp_avg_sq"].float().mean()
+    assert v == pytest.approx(float(v_exact), rel=0.02)  # about 1.36e-4; round-to-nearest leaves about 1e-3

@@ -49,10 +49,26 @@ def run_child(settings: dict, kill_at: int, sig: str) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def dropout_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with attention dropout: its losses depend on the random stream and on training mode
+    (from_pretrained returns a model in eval mode, where dropout is off), so a resume must restore both."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("dropout-llama")
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.attention_dropout = 0.3
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    return path
+
+
 @pytest.fixture
-def settings(tiny_config, tmp_path):
-    return tiny_config(max_steps=6, max_rows=160, checkpoint_every=2, keep_checkpoints=2, lr_schedule="cosine",
-                       warmup_ratio=0.2, task_metric_rows=2, num_samples=1).to_dict()
+def settings(tiny_config, dropout_model_dir):
+    return tiny_config(model=str(dropout_model_dir), max_steps=6, max_rows=160, checkpoint_every=2,
+                       keep_checkpoints=2, lr_schedule="cosine", warmup_ratio=0.2, task_metric_rows=2,
+                       num_samples=1).to_dict()
 
 
 @pytest.fixture

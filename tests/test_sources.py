@@ -109,6 +109,14 @@ def test_empty_file_is_an_error(tmp_path, name, content):
         load_rows(tmp_path / name)
 
 
+@pytest.mark.parametrize("body", ["What is 2+2?,4,math\nhi,there,x\n", "What is 2+2?,4,\nhi,there,\n"])
+def test_csv_rows_with_more_fields_than_the_header_are_an_error_not_a_column_shift(tmp_path, body):
+    # pandas' default reads the extra first field as the index: 'prompt' would get the completion
+    (tmp_path / "d.csv").write_text("prompt,completion\n" + body)
+    with pytest.raises(DataError, match="rows have more fields than its header"):
+        load_rows(tmp_path / "d.csv")
+
+
 def test_empty_parquet_is_an_error(tmp_path):
     pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(tmp_path / "e.parquet")
     with pytest.raises(DataError, match="has no rows"):

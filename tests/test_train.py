@@ -84,6 +84,13 @@ def test_schedule_warms_up_then_decays_to_the_floor_at_the_real_end():
     assert [round(linear(s), 2) for s in range(10)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
 
 
+def test_warmup_that_covers_the_whole_run_is_refused_before_the_model_loads(tiny_config, monkeypatch):
+    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=r"^warmup_ratio: 0.9 of this run's 3 optimizer steps is 3 warmup steps"):
+        run(tiny_config(warmup_ratio=0.9))
+    assert not Path(tiny_config().runs_root).exists()
+
+
 def test_failure_after_start_is_recorded_and_keeps_earlier_metrics(tiny_config, monkeypatch):
     real_step = train_mod.train_step
     calls = {"n": 0}
