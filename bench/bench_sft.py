@@ -19,7 +19,6 @@ PROCESS_START = time.perf_counter()  # before the heavy imports: "first step s" 
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -35,8 +34,8 @@ import torch  # noqa: E402
 
 from bench.synthetic import LENGTH_MEDIAN, LENGTH_RANGE, PROMPT_FRACTION, benchmark_tokenizer, model_config, \
     model_folder, synthetic_examples  # noqa: E402
-from sft.perf import mfu  # noqa: E402
-from sft.run_folder import collect_env  # noqa: E402
+from sft.perf import mfu, synchronize  # noqa: E402
+from sft.run_folder import provenance  # noqa: E402
 
 LR = 2e-5
 SEED = 0
@@ -159,11 +158,6 @@ COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "pad
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Clock:
     """Marks the end of the first step, of the warm-up and of the last step, with token counts. The last
     step is the planned one, or the first timed step that ends past the variant's time cap."""
@@ -179,7 +173,7 @@ class Clock:
                   and time.perf_counter() - self.start > self.max_s)  # host time: no sync for the check
         last = step >= self.last or capped
         if step in (1, self.warmup) or last:
-            sync(self.device)
+            synchronize(self.device)
             now = time.perf_counter()
             if step == 1:
                 self.first_step_s = now - self.start
@@ -256,12 +250,12 @@ def profile_steps(setup, steps: list, device: torch.device, path: Path) -> None:
     from sft.train import train_step
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
+    synchronize(device)
     began = time.perf_counter()
     with profile(activities=activities) as prof:
         for batches in steps:
             train_step(setup, batches)
-        sync(device)
+        synchronize(device)
     wall = time.perf_counter() - began
     events = prof.key_averages()
     busy = ""
@@ -393,22 +387,17 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
 
 
 def header(device: torch.device) -> list[str]:
-    env = collect_env(device)
-    versions = {name: env["packages"].get(name) for name in ("torch", "transformers", "accelerate", "datasets")}
-    for name in ("trl", "liger-kernel"):
-        versions[name] = metadata.version(name) if _installed(name) else "not installed"
-    git = env["git"]
-    commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
-    return [f"device: {env['device']['name']}" + (f", CUDA {env['device']['cuda']}" if device.type == "cuda" else
-                                                  f", {env['device']['threads']} threads"),
-            f"date: {dt.datetime.now().isoformat(timespec='seconds')}, git {commit}, python {env['python']}",
-            "packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-            f"data: synthetic, lognormal lengths (median {LENGTH_MEDIAN}, clipped to {LENGTH_RANGE[0]}.."
-            f"{LENGTH_RANGE[1]}), {PROMPT_FRACTION[0]:.0%}-{PROMPT_FRACTION[1]:.0%} prompt without loss; "
-            "random-init Llama shapes"] + ([ANCHOR] if device.type == "cuda" else [])
+    return provenance(device, ("torch", "transformers", "accelerate", "datasets", "trl", "liger-kernel")) + [
+        f"data: synthetic, lognormal lengths (median {LENGTH_MEDIAN}, clipped to {LENGTH_RANGE[0]}.."
+        f"{LENGTH_RANGE[1]}), {PROMPT_FRACTION[0]:.0%}-{PROMPT_FRACTION[1]:.0%} prompt without loss; "
+        "random-init Llama shapes"] + ([ANCHOR] if device.type == "cuda" else [])
 
 
 def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> str:
+    import pandas as pd  # here, not at the top: a variant's child process would count the import
+
+    from sft.report import markdown_table
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"bench_{kind}.csv", "w", newline="") as f:
         f.writelines(f"# {line}\n" for line in lines)
@@ -426,8 +415,7 @@ def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> s
 
     shown = ["variant", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib", "first_step_s", "s_per_step",
              "params_b", "settings"]
-    table = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    table += ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows]
+    table = [markdown_table(pd.DataFrame([[cell(r, c) for c in shown] for r in rows], columns=shown))]
     goals = ["", "Against the goals:", "", *[f"- {line}" for line in goal_lines(rows)]] if kind == "gpu" else []
     markdown = "\n".join([f"# SFT throughput side by side ({kind.upper()})", ""] + [f"- {line}" for line in lines]
                          + ["", *table, *goals, "", METHOD, ""])
@@ -515,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = CPU_PLAN if smoke else GPU_PLAN
     if args.only:
         plan = [v for v in plan if any(part in v.name for part in args.only.split(","))]
-    kind = "gpu" if device.type == "cuda" else "cpu"
+    # the output's name says which plan ran: the README's GPU table reads bench_gpu.* only
+    kind = "cpu" if device.type != "cuda" else "gpu_smoke" if smoke else "gpu"
     lines = header(device)
     tokens = {arch: tokens_for(plan, arch) for arch in dict.fromkeys(v.arch for v in plan)}
     rows = []

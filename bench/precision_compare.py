@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sft.optim import build_optimizer
-from sft.run_folder import collect_env
+from sft.run_folder import provenance
 
 LR = 2e-5                  # the toolkit's default finetuning learning rate
 BETAS = (0.9, 0.95)
@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         print(f"{name}: loss {curves[name][0]:.3f} -> {sum(curves[name][-SMOOTH:]) / SMOOTH:.3f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    env = collect_env(device)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"precision_{kind}.csv", "w", newline="") as f:
-        f.write(f"# device: {env['device']['name']}; torch {env['packages']['torch']}, transformers "
-                f"{env['packages']['transformers']}\n")
+        f.writelines(f"# {line}\n" for line in provenance(device))
         f.write(f"# lr {LR}, betas {BETAS}, {BATCH}x{LENGTH} tokens per step, model {MODEL}, bf16 autocast compute\n")
         writer = csv.writer(f)
         writer.writerow(["step", *curves])

@@ -28,7 +28,8 @@ from sft.config import EMBEDDED_MODEL
 from sft.errors import ConfigError, SFTError
 from sft.generation import Decoding, only_given_settings
 from sft.generation import generation_config as sft_generation_config
-from sft.perf import memory_bandwidth
+from sft.run_folder import provenance
+from sft.perf import max_rss_bytes, memory_bandwidth, synchronize
 
 # Llama-2-7B's layer shapes with random weights, built directly on the device (no download). The vocabulary
 # is the embedded tokenizer's (49,152 tokens instead of Llama-2's 32,000), so the prompts are real chat text.
@@ -155,7 +156,7 @@ def load(spec: str, settings: Settings):
     tokenizer = load_tokenizer(name, revision)
     setup_template(tokenizer, "auto")
     torch.manual_seed(settings.seed)  # the same random-init weights in every run
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     if spec == LLAMA_7B:
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008,
@@ -176,7 +177,7 @@ def load(spec: str, settings: Settings):
         with torch.no_grad():
             for p in model.parameters():
                 p.sum()
-    _sync(device)
+    synchronize(device)
     return model, tokenizer, time.perf_counter() - start
 
 
@@ -259,11 +260,11 @@ class Timing:
 def timed_generate(model, input_ids: torch.Tensor, config, seed: int) -> Timing:
     clock = TokenClock()
     with only_given_settings(model, seed):
-        _sync(input_ids.device)
+        synchronize(input_ids.device)
         start = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              generation_config=config, streamer=clock)
-        _sync(input_ids.device)
+        synchronize(input_ids.device)
         end = time.perf_counter()
     new = out[:, input_ids.shape[1]:].cpu()
     if new.shape[1] != config.max_new_tokens or len(clock.times) != config.max_new_tokens:
@@ -315,11 +316,6 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _proc_status_bytes(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -332,12 +328,7 @@ def _proc_status_bytes(key: str) -> int | None:
 
 def _rss_now() -> int:
     rss = _proc_status_bytes("VmRSS")
-    return rss if rss is not None else _max_rss()
-
-
-def _max_rss() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return rss if rss is not None else max_rss_bytes()
 
 
 def _reset_peak_memory(device: torch.device) -> bool:
@@ -358,7 +349,7 @@ def _peak_memory(device: torch.device, rss_before: int | None, reset: bool) -> t
     above what it was before the row's first generate call (weights excluded: they were resident already)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
-    peak = _proc_status_bytes("VmHWM") if reset else _max_rss()
+    peak = _proc_status_bytes("VmHWM") if reset else max_rss_bytes()
     kind = "process_peak_rss_growth" if reset else "process_lifetime_peak_rss_growth"
     return max(peak - rss_before, 0) / 2**30, kind
 
@@ -533,7 +524,9 @@ def main(argv=None) -> int:
     kind = "gpu" if settings.device == "cuda" else "cpu"
     stem = f"runtime_{kind}" + (f"_{settings.tag}" if settings.tag else "")
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    frame.round(3).to_csv(settings.out_dir / f"{stem}.csv", index=False)
+    with open(settings.out_dir / f"{stem}.csv", "w", newline="") as f:
+        f.writelines(f"# {line}\n" for line in provenance(torch.device(settings.device)))
+        frame.round(3).to_csv(f, index=False)
     title = (f"{frame['device'].iloc[0]}, {settings.dtype}, {settings.attn_implementation}, "
              f"{settings.new_tokens} new tokens, torch {torch.__version__}")
     plot(frame, title).savefig(settings.out_dir / f"{stem}.png", dpi=120)

@@ -124,7 +124,9 @@ def resolve_runs(run_dirs=(), runs_root="runs", environ=None) -> list[Path]:
 
     The environment variable SFT_RUNS (folders separated by os.pathsep) overrides `run_dirs`, and
     SFT_RUNS_ROOT overrides `runs_root`. With no folders, the newest run under the runs root. An
-    entry that is not an existing folder is taken as the name of a run under the runs root.
+    entry that is not an existing folder is taken as the name of a run under the runs root; so is the
+    last part of a path that does not exist from here ("runs/<name>" given from the repository root to
+    a notebook that runs in its own folder).
     """
     environ = os.environ if environ is None else environ
     runs_root = Path(environ.get("SFT_RUNS_ROOT") or runs_root)
@@ -132,7 +134,8 @@ def resolve_runs(run_dirs=(), runs_root="runs", environ=None) -> list[Path]:
         run_dirs = [d for d in environ["SFT_RUNS"].split(os.pathsep) if d]
     if not run_dirs:
         return [latest_run(runs_root)]
-    return [Path(d) if Path(d).is_dir() else runs_root / d for d in run_dirs]
+    return [next((c for c in (Path(d), runs_root / d, runs_root / Path(d).name) if c.is_dir()), runs_root / d)
+            for d in run_dirs]
 
 
 def flatten(settings: dict, prefix: str = "") -> dict:
@@ -190,14 +193,15 @@ def compare_runs(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for run, settings in zip(runs, flat):
         row = {"name": run.name, "status": run.status}
+        trained = run.evals[run.evals["step"] > 0]  # "final" and "after" never fall back on the step-0 eval
         row.update({key: settings.get(key) for key in differing})
         row.update(
             train_loss_final=_last(run.train, "loss"),
             eval_loss_first=_summary_or(run, "eval_loss_first", _first(run.evals, "eval_loss")),
-            eval_loss_final=_summary_or(run, "eval_loss_final", _last(run.evals, "eval_loss")),
+            eval_loss_final=_summary_or(run, "eval_loss_final", _last(trained, "eval_loss")),
             task_metric_name=_summary_or(run, "task_metric_name", _last(run.evals, "task_metric_name")),
             task_metric_before=_summary_or(run, "task_metric_before", _first(run.evals, "task_metric")),
-            task_metric_after=_summary_or(run, "task_metric_after", _last(run.evals, "task_metric")),
+            task_metric_after=_summary_or(run, "task_metric_after", _last(trained, "task_metric")),
             train_runtime=run.summary.get("train_runtime"),
             real_tokens_per_second=run.summary.get("real_tokens_per_second"),
         )

@@ -113,6 +113,24 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     return PreparedData(train, evals, kept_eval, stats, hit)
 
 
+def set_aside(stats: dict) -> list[str]:
+    """One line per step that set data aside (rejected rows, dropped or truncated examples), for the
+    console: counted in data_stats.json either way, but a run should not lose rows unannounced."""
+    lines = []
+    for read in (stats, stats.get("eval_source")):
+        if read and read["rows_rejected"]:
+            lines.append(f"dataset {read['source']}: {sum(read['rows_rejected'].values())} of {read['rows_read']} "
+                         f"rows are not usable {read['format']} conversations and were left out "
+                         f"({read['rows_rejected']})")
+    for split in ("train", "eval"):
+        if stats[split]["dropped"]:
+            lines.append(f"{split}: {sum(stats[split]['dropped'].values())} examples dropped "
+                         f"({stats[split]['dropped']})")
+        if stats[split]["truncated"]:
+            lines.append(f"{split}: {stats[split]['truncated']} examples truncated to max_length")
+    return lines
+
+
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: TrainConfig,
                            split: str) -> tuple[list[Example], dict]:
     """Encodes each conversation and applies the length and supervision rules, counting every drop."""

@@ -192,7 +192,7 @@ def convert_rows(rows: Iterable[dict], fmt: str) -> tuple[list[list[dict]], Coun
     kept, rejected = [], Counter()
     for row in rows:
         try:
-            kept.append(validate_conversation(_CONVERTERS[fmt](row)))
+            kept.append(row_to_messages(row, fmt))
         except MalformedRow as e:
             rejected[e.reason] += 1
     return kept, rejected

@@ -77,6 +77,9 @@ def resolve_model_source(model: str, revision: str | None) -> tuple[str, dict]:
     if path.exists():
         if not (path / "config.json").exists():
             raise ConfigError(f"model: {path} exists but has no config.json (not a Hugging Face model folder)")
+        if (path / "metrics.jsonl").exists():  # its config.json holds training settings, not a model's
+            raise ConfigError(f"model: {path} is a run folder, not a model folder; its finetuned model is in "
+                              f"{path / 'model'}")
         return str(path), {}
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ConfigError(f"model: {model!r} is neither an existing folder nor a hub id of the form owner/name")

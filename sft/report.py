@@ -62,19 +62,22 @@ def demo_results(run: Run) -> str:
              f"{_fmt(s.get('train_runtime'), 1)} s, {_fmt(s.get('real_tokens_per_second'), 1)} real tokens/s, "
              f"peak memory {_fmt(s.get('peak_memory_gib'), 2)} GiB ({s.get('peak_memory_kind')}); "
              f"precision {derived.get('precision')}, master weights {derived.get('master_weights')}. "
-             f"Device: {device.get('type')} {device.get('name')} ({device.get('threads', device.get('count'))} "
-             f"threads); torch {packages.get('torch')}, transformers {packages.get('transformers')}.")
+             f"Device: {device.get('type')} {device.get('name')} ({_device_count(device)}); "
+             f"torch {packages.get('torch')}, transformers {packages.get('transformers')}.")
     samples = samples_side_by_side(run).head(6)
-    samples = samples.assign(prompt=samples["prompt"].map(_last_user_turn))
+    # the question as asked, whatever the template: the last turn of each sample's prompt messages
+    asked = run.samples.drop_duplicates("index", keep="last").set_index("index")["messages"]
+    samples = samples.assign(prompt=samples["index"].map(lambda i: _clip(asked[i][-1]["content"], 60)))
     sample_table = markdown_table(samples[["prompt", "reference", "response_before", "response_after"]]
                                   .rename(columns={"response_before": "before", "response_after": "after"})
                                   .assign(before=lambda f: f["before"].map(lambda t: _clip(t, 70))))
     return f"{table}\n\n{facts}\n\n{sample_table}"
 
 
-def _last_user_turn(prompt: str) -> str:
-    match = re.findall(r"user\n(.*?)<\|im_end\|>", prompt or "", flags=re.S)
-    return match[-1] if match else _clip(prompt, 60)
+def _device_count(device: dict) -> str:
+    if "threads" in device:  # a CPU
+        return f"{device['threads']} threads"
+    return f"{device.get('count')} GPU" + ("s" if device.get("count") != 1 else "")
 
 
 def _clip(text: str, width: int) -> str:

@@ -116,12 +116,7 @@ class RunFolder:
 
 
 def collect_env(device: torch.device) -> dict:
-    packages = {}
-    for name in PACKAGES:
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
+    packages = {name: _version(name) for name in PACKAGES}
     if device.type == "cuda":
         dev = {"type": "cuda", "name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count(),
                "cuda": torch.version.cuda}
@@ -130,6 +125,25 @@ def collect_env(device: torch.device) -> dict:
                "count": 1, "threads": torch.get_num_threads()}
     return {"python": sys.version.split()[0], "packages": packages, "device": dev, "git": _git_state(),
             "command": sys.argv, "hostname": platform.node(), "started_at": dt.datetime.now().isoformat()}
+
+
+def provenance(device: torch.device, packages: tuple[str, ...] = ("torch", "transformers")) -> list[str]:
+    """Where a measurement comes from, as lines for the head of a results file: device, date, commit, versions."""
+    env = collect_env(device)
+    dev, git = env["device"], env["git"]
+    commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
+    versions = {name: env["packages"].get(name, _version(name)) or "not installed" for name in packages}
+    return [f"device: {dev['name']}" + (f", CUDA {dev['cuda']}" if dev["type"] == "cuda" else
+                                        f", {dev['threads']} threads"),
+            f"date: {dt.datetime.now().isoformat(timespec='seconds')}, git {commit}, python {env['python']}",
+            "packages: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _git_state() -> dict:

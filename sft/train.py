@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import TrainConfig, settings_from
-from .data import PreparedData, prepare_data
+from .data import PreparedData, prepare_data, set_aside
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, host_indices, resolve_loss_impl
@@ -29,7 +29,7 @@ from .modeling import (check_packing_support, compile_layers, count_parameters, 
                        load_model, load_tokenizer)
 from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
 from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
-from .perf import mfu, peak_memory, reset_peak_memory
+from .perf import mfu, peak_memory, reset_peak_memory, synchronize
 from .run_folder import RunFolder, collect_env
 from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template
 
@@ -218,7 +218,11 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
 
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code, cfg.eos_token)
     template = setup_template(tokenizer, cfg.template)
-    data = data if data is not None else prepare_data(cfg, tokenizer)
+    if data is None:
+        data = prepare_data(cfg, tokenizer)
+        if accelerator.is_main_process:
+            for line in set_aside(data.stats):
+                print(f"note: {line}", file=sys.stderr)
 
     world = accelerator.num_processes
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
@@ -489,8 +493,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
             lr = setup.scheduler.get_last_lr()[0]
             t = time.perf_counter()
             loss, grad_norm, real_tokens = train_step(setup, step_batches)
-            if acc.device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(acc.device)
             dt = time.perf_counter() - t
             if not math.isfinite(loss):
                 raise TrainingError(f"the training loss became {loss} at step {step}; lower lr or check the data"

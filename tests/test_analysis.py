@@ -156,6 +156,25 @@ def test_running_run_compares_with_metrics_written_so_far(tmp_path):
     assert row["train_loss_final"] == pytest.approx(1.6)
 
 
+def test_unfinished_run_never_shows_the_step_0_eval_as_its_result(tmp_path):
+    run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "failed"}))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(l) for l in lines if json.loads(l)["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    kept = [l for l in lines if json.loads(l)["kind"] == "train" or json.loads(l)["step"] < 4]  # died before step 4's
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+    row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
+    assert row["task_metric_before"] == 0.1 and row["task_metric_after"] is None  # step 2 measured no metric
+    assert row["eval_loss_final"] == pytest.approx(evals[1]["eval_loss"])
+
+    only_step_0 = [l for l in kept if json.loads(l)["kind"] == "eval" and json.loads(l)["step"] == 0]
+    (run_dir / "metrics.jsonl").write_text("\n".join(only_step_0) + "\n")
+    row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
+    assert row["eval_loss_first"] == 2.0 and row["eval_loss_final"] is None
+
+
 def test_truncated_last_metrics_line_is_skipped_with_a_warning(tmp_path):
     run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo", status="failed")
     with open(run_dir / "metrics.jsonl", "a") as f:
@@ -199,6 +218,8 @@ def test_resolve_runs_prefers_environment_then_arguments_then_newest(tmp_path):
     assert analysis.resolve_runs([old.name], tmp_path, environ={}) == [old]
     assert analysis.resolve_runs([old.name], tmp_path, environ={"SFT_RUNS": f"{new}{os.pathsep}{old}"}) == [new, old]
     assert analysis.resolve_runs([], tmp_path, environ={"SFT_RUNS_ROOT": str(other_root)}) == [other]
+    # a path given from elsewhere (the repository root) that does not exist from here: its run name counts
+    assert analysis.resolve_runs([f"no/such/place/{old.name}"], tmp_path, environ={}) == [old]
 
 
 def test_compare_runs_shows_only_the_settings_that_differ(tmp_path):

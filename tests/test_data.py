@@ -241,3 +241,20 @@ def test_conversations_holding_special_token_text_are_dropped_and_counted(tiny_c
     for e in prepared.train:  # each reply's one end-of-turn, where it ends
         supervised = [t for t in e.targets if t != -100]
         assert supervised.count(im_end) == 1 and supervised[-1] == im_end
+
+
+def test_rows_and_examples_set_aside_are_announced_with_their_counts(tiny_config, tokenizer, tmp_path):
+    from sft.data import set_aside
+
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS[:8] + [MALFORMED, LONG_REPLY])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", ROWS[8:12] + [MALFORMED])
+    prepared = prepare_data(tiny_config(dataset=train, eval_dataset=held_out, eval_rows=5, max_length=64,
+                                        too_long="drop"), tokenizer)
+    assert set_aside(prepared.stats) == [
+        f"dataset {train}: 1 of 10 rows are not usable messages conversations and were left out "
+        "({'unknown_role': 1})",
+        f"dataset {held_out}: 1 of 5 rows are not usable messages conversations and were left out "
+        "({'unknown_role': 1})",
+        "train: 1 examples dropped ({'too_long': 1})"]
+    clean = prepare_data(tiny_config(dataset=write_jsonl(tmp_path / "clean.jsonl", ROWS), eval_rows=4), tokenizer)
+    assert set_aside(clean.stats) == []

@@ -17,7 +17,7 @@ def _run(model_dir, out_dir, *extra: str, tag: str | None = None) -> pd.DataFram
             "--prompt-tokens", "40", "--new-tokens", str(NEW_TOKENS), "--repeats", "1", "--warmup", "0",
             "--out-dir", str(out_dir), *extra, *(["--tag", tag] if tag else [])]
     assert runtime.main(argv) == 0
-    return pd.read_csv(out_dir / (f"runtime_cpu_{tag}.csv" if tag else "runtime_cpu.csv"))
+    return pd.read_csv(out_dir / (f"runtime_cpu_{tag}.csv" if tag else "runtime_cpu.csv"), comment="#")
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,16 @@ def test_a_bad_model_path_stops_with_one_line_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: model: {str(missing)!r} is neither an existing folder" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_given_as_the_model_is_refused_naming_its_model_folder(tmp_path, capsys):
+    run = tmp_path / "2026-01-01_00-00-00_demo"
+    (run / "model").mkdir(parents=True)
+    (run / "config.json").write_text('{"config": {}, "derived": {}}')
+    (run / "metrics.jsonl").write_text("")
+    assert runtime.main(["--models", str(run), "--device", "cpu", "--out-dir", str(tmp_path / "out")]) == 2
+    assert f"error: model: {run} is a run folder, not a model folder; its finetuned model is in {run / 'model'}" \
+        in capsys.readouterr().err
 
 
 def test_compiling_on_the_cpu_is_refused_before_anything_loads(tmp_path, capsys):

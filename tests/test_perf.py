@@ -1,0 +1,27 @@
+"""Throughput accounting: each device name finds its own peak and bandwidth; MFU is 6 x N x tokens/s / peak."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sft import perf
+
+
+@pytest.mark.parametrize("name, flops, bandwidth", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 3.35e12),
+    ("NVIDIA H100 PCIe", 756e12, 2.0e12),
+    ("NVIDIA H200", 989e12, 4.8e12),
+    ("NVIDIA GH200 480GB", 989e12, 4.0e12),  # holds "H200" too: the longest matching key wins
+    ("NVIDIA B999", None, None),
+])
+def test_device_tables_match_the_longest_part_of_the_name(monkeypatch, name, flops, bandwidth):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda")
+    assert perf.device_peak_flops(cuda) == flops
+    assert perf.memory_bandwidth(cuda) == bandwidth
+    assert perf.mfu(1_000_000_000, 50_000, cuda) == (None if flops is None else 6e9 * 50_000 / flops)
+
+
+def test_no_peak_and_no_mfu_on_the_cpu():
+    assert perf.device_peak_flops(torch.device("cpu")) is None
+    assert perf.mfu(10**9, 1000.0, torch.device("cpu")) is None
