@@ -50,7 +50,8 @@ class TrainConfig:
     template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain
     eos_token: str | None = None         # end-of-turn token to learn, if not the tokenizer's EOS (e.g. "<|im_end|>")
     max_length: int = 2048
-    too_long: str = "error"              # examples over max_length: stop, truncate, or drop (counted)
+    too_long: str = "error"              # examples over max_length: stop, truncate (the cut reply loses its
+                                         # end-of-turn), or drop (counted)
     loss_on: str = "assistant"
     packing: bool = True
     group_by_length: bool = True         # without packing: batch examples of similar length (less padding)
