@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .formats import FORMATS
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATASET = "embedded:demo-tasks"
@@ -24,7 +25,7 @@ TOO_LONG = ("error", "truncate", "drop")
 TEMPLATES = ("auto", "tokenizer", "plain")
 ATTENTION = ("auto", "sdpa", "eager", "varlen", "flex_attention")
 LOSS_IMPLS = ("auto", "selected", "full")
-DATASET_FORMATS = ("auto", "guanaco", "dolphin", "alpaca", "messages", "sharegpt", "prompt_completion")
+DATASET_FORMATS = ("auto", *FORMATS)
 TASK_METRICS = ("exact_match",)
 
 
