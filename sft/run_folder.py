@@ -146,13 +146,19 @@ def _version(name: str) -> str | None:
         return None
 
 
+# What measurements write: their changes do not make the code differ from the commit.
+OUTPUT_PATHS = ("runs", "bench/results", "inf_tests/results")
+
+
 def _git_state() -> dict:
+    """The commit, and whether the code differs from it (changes under OUTPUT_PATHS do not count, so
+    that a results file written a moment earlier, or being written, does not mark the next one dirty)."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+                                  cwd=Path(__file__).resolve().parents[1]).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", "--", ".", *(f":(exclude){p}" for p in OUTPUT_PATHS))
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}

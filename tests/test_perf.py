@@ -1,4 +1,5 @@
-"""Throughput accounting: each device name finds its own peak and bandwidth; MFU is 6 x N x tokens/s / peak."""
+"""Throughput accounting and provenance: each device name finds its own peak and bandwidth; MFU is
+6 x N x tokens/s / peak; the dirty flag of a results file is about the code, not other results."""
 from __future__ import annotations
 
 import pytest
@@ -25,3 +26,24 @@ def test_device_tables_match_the_longest_part_of_the_name(monkeypatch, name, flo
 def test_no_peak_and_no_mfu_on_the_cpu():
     assert perf.device_peak_flops(torch.device("cpu")) is None
     assert perf.mfu(10**9, 1000.0, torch.device("cpu")) is None
+
+
+def test_results_being_written_do_not_mark_the_code_dirty():
+    """A provenance line says whether the code differs from the commit; the results files that a
+    benchmark writes (or has just written) are not code."""
+    import os
+    from pathlib import Path
+
+    from sft.run_folder import _git_state
+
+    root = Path(__file__).resolve().parents[1]
+    before = _git_state()
+    output, code = root / "bench" / "results" / f"probe_{os.getpid()}.csv", root / "sft" / f"probe_{os.getpid()}.py"
+    try:
+        output.write_text("x\n")
+        assert _git_state() == before
+        code.write_text("x = 1\n")
+        assert _git_state()["dirty"] is True
+    finally:
+        output.unlink(missing_ok=True)
+        code.unlink(missing_ok=True)
