@@ -331,7 +331,8 @@ CASES: dict[str, tuple[Build, Fails | Counted]] = {
         Fails(ConfigError, r"eval_rows=0\.05 of 5 rows rounds to 0 held-out rows")),
     "unknown_dataset_format": (
         lambda d: {"dataset": write(d / "d.jsonl", jsonl(GOOD)), "dataset_format": "orca"},
-        Fails(ConfigError, r"dataset_format: 'orca' is not one of 'auto', 'guanaco'")),
+        Fails(ConfigError, r"dataset_format: 'orca' is not one of 'auto', 'messages', 'sharegpt', "
+                           r"'prompt_completion', 'dolphin', 'alpaca', 'guanaco'$")),
     "named_format_wrong_columns": (
         lambda d: {"dataset": write(d / "d.jsonl", jsonl(GOOD)), "dataset_format": "alpaca"},
         Fails(DataError, r"dataset {path}: format 'alpaca' needs the columns \['instruction', 'output'\], "
