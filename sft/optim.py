@@ -149,8 +149,9 @@ class BF16AdamW(torch.optim.Optimizer):
 
     rounding: "stochastic" rounds the new weight stochastically; "kahan" keeps a bf16 compensation
     buffer per parameter; "none" rounds to nearest and drops small updates (for demonstration only).
-    bf16 moments are rounded stochastically (except with "none"), so they keep decaying. state_dtype=torch.bfloat16 halves the moment memory;
-    torch.int8 keeps them as block-wise 8-bit states (see the module docstring; stochastic rounding only).
+    state_dtype=torch.bfloat16 halves the moment memory (rounded stochastically, except with "none",
+    so that they keep decaying); torch.int8 keeps them as block-wise 8-bit states (see the module
+    docstring; stochastic rounding only).
 
     fused: with stochastic rounding, run each parameter's step as one compiled kernel (None: on CUDA
     only). The eager step takes its noise from a generator seeded with `seed` and saved in state_dict.
