@@ -20,6 +20,7 @@ PROCESS_START = time.perf_counter()  # before the heavy imports: "first step s" 
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -41,6 +42,7 @@ LR = 2e-5
 SEED = 0
 ROW_LENGTH = 4096          # packed row length, ours and TRL's
 ROWS = 4                   # packed rows per optimizer step: 16k token slots
+MIN_VARIANT_S = 40         # with --budget-s: no variant starts with less time left than this
 STUDY_PAD_TO = 2048        # the original study pads every example to 2048 tokens...
 STUDY_BATCH = 4            # ...4 examples per step, pure bf16 AdamW, no checkpointing, sdpa, loss on all tokens
 
@@ -167,14 +169,16 @@ class Clock:
         self.marks: dict[str, tuple[float, int, int]] = {}
         self.first_step_s = float("nan")
 
-    def step_done(self, step: int, real: int, padded: int) -> bool:
-        """Records the step; True when it is the last one."""
+    def step_done(self, step: int, real, padded: int) -> bool:
+        """Records the step; True when it is the last one. `real` may be a device tensor: it is read only
+        at the marks, so counting adds no sync between them."""
         capped = (self.max_s is not None and step > self.warmup
                   and time.perf_counter() - self.start > self.max_s)  # host time: no sync for the check
         last = step >= self.last or capped
         if step in (1, self.warmup) or last:
             synchronize(self.device)
             now = time.perf_counter()
+            real = int(real)
             if step == 1:
                 self.first_step_s = now - self.start
             if step == self.warmup:
@@ -297,7 +301,7 @@ def run_trl(variant: Variant, examples, work: Path, device: torch.device, start:
 
     class OnStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if clock.step_done(state.global_step, int(counts["real"]), counts["padded"]):
+            if clock.step_done(state.global_step, counts["real"], counts["padded"]):
                 control.should_training_stop = True
 
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
@@ -352,9 +356,11 @@ def run_variant(variant: Variant, tokens: int, device: torch.device, start: floa
     return row
 
 
-def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: Path | None = None) -> dict:
-    """Runs the variant in a new Python process (its own process group, killed whole on timeout) and
-    returns its row."""
+def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: Path | None = None,
+                 timeout_s: float | None = None) -> dict:
+    """Runs the variant in a new Python process (its own process group, killed whole after `timeout_s`,
+    by default the variant's) and returns its row."""
+    timeout_s = variant.timeout_s if timeout_s is None else timeout_s
     row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
     if variant.needs_cuda and device.type != "cuda":
         return dict(row, status="skipped: needs CUDA")
@@ -369,7 +375,7 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
                                  + (["--profile", str(profile.resolve())] if profile else []),
                                  cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         try:
-            code = child.wait(timeout=variant.timeout_s)
+            code = child.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             code = None
         finally:  # on a timeout, and when this process is stopped (SIGTERM, Ctrl-C): no orphan keeps the GPU
@@ -377,7 +383,7 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
                 os.killpg(child.pid, signal.SIGKILL)  # the trainer's dataset workers too
                 child.wait()
         if code is None:
-            row["status"] = f"timeout: no result in {variant.timeout_s:.0f} s"
+            row["status"] = f"timeout: no result in {timeout_s:.0f} s"
         elif result.exists():
             row = json.loads(result.read_text())
         else:
@@ -483,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, a few steps (automatic without a GPU)")
     parser.add_argument("--only", default="", help="comma-separated parts of variant names to run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--budget-s", type=float, default=None, help="start no variant after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="every variant ends within this many seconds of the start (cut short if needed)")
     parser.add_argument("--profile", type=Path, help="ours variants also write profile_<variant>.txt here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run_isolated's child: one variant by name
     parser.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
@@ -497,7 +504,6 @@ def main(argv: list[str] | None = None) -> None:
         row = run_variant(variant, args.child_tokens, device, PROCESS_START)
         args.child_result.write_text(json.dumps(row))
         return
-    script_start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: run the cleanup in run_isolated
     smoke = args.cpu_smoke or device.type != "cuda"
     plan = CPU_PLAN if smoke else GPU_PLAN
@@ -509,14 +515,16 @@ def main(argv: list[str] | None = None) -> None:
     tokens = {arch: tokens_for(plan, arch) for arch in dict.fromkeys(v.arch for v in plan)}
     rows = []
     for variant in plan:
-        if args.budget_s is not None and time.perf_counter() - script_start > args.budget_s:
+        left = math.inf if args.budget_s is None else args.budget_s - (time.perf_counter() - PROCESS_START)
+        if left < MIN_VARIANT_S:
             rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
                              status="skipped: time budget"))
         elif not fallback_needed(variant, rows):
             rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
                              status=f"skipped: {variant.fallback_for} ran within the memory goal"))
-        else:
-            rows.append(run_isolated(variant, tokens[variant.arch], device, args.profile))
+        else:  # cut to what is left, so that a variant is stopped and recorded, never killed with the benchmark
+            rows.append(run_isolated(variant, tokens[variant.arch], device, args.profile,
+                                     timeout_s=min(variant.timeout_s, left - 5)))
         markdown = write_results(rows, lines, args.out, kind)
     print(markdown)
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.synthetic import LENGTH_RANGE, synthetic_examples
@@ -181,3 +182,25 @@ def test_stopping_the_benchmark_stops_the_variant_it_is_running(tmp_path):
         return found
 
     assert children() == []
+
+
+def test_the_budget_cuts_each_variant_to_the_time_left_and_skips_the_rest(tmp_path, monkeypatch):
+    """Every variant ends within --budget-s: its timeout is what is left (so it is recorded, never killed
+    with the benchmark), and none starts with less than MIN_VARIANT_S left."""
+    import bench.bench_sft as bench
+
+    started = []
+
+    def run_isolated(variant, tokens, device, profile=None, timeout_s=None):
+        started.append((variant.name, timeout_s))
+        monkeypatch.setattr(bench, "PROCESS_START", bench.PROCESS_START - 30)  # each variant takes 30 s
+        return dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch, status="ok")
+
+    monkeypatch.setattr(bench, "run_isolated", run_isolated)
+    monkeypatch.setattr(bench, "PROCESS_START", time.perf_counter())
+    bench.main(["--cpu-smoke", "--out", str(tmp_path), "--budget-s", "105"])
+    assert [name for name, _ in started] == [v.name for v in bench.CPU_PLAN[:3]]
+    # what is left of 105 s, less 5 s of margin (and the time the plan's setup took)
+    assert [t for _, t in started] == pytest.approx([100, 70, 40], abs=3)
+    rows = read_csv(tmp_path / "bench_cpu.csv")
+    assert [r["status"] for r in rows[3:]] == ["skipped: time budget"] * (len(bench.CPU_PLAN) - 3)
