@@ -138,14 +138,30 @@ def _iter_json(path: Path) -> Iterator[dict]:
             yield _as_row(item, f"dataset file {path}, item {i}", check_text)
         return
     with path.open(encoding="utf-8-sig") as f:
+        rows = 0
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except (ValueError, RecursionError) as e:
+                if rows == 0:
+                    _refuse_one_object(path)
                 raise _bad_json(path, lineno, e) from None
+            rows += 1
             yield _as_row(item, f"dataset file {path}, line {lineno}", bool(_SURROGATE_ESCAPE.search(line)))
+
+
+def _refuse_one_object(path: Path) -> None:
+    """A first line that is not JSON may open a file that is one JSON object over many lines (often
+    {"data": [...]}): say so, instead of calling that line invalid."""
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError):
+        return
+    if isinstance(whole, dict):
+        raise DataError(f"dataset file {path} holds one JSON object (keys {sorted(whole)[:5]}), not rows: "
+                        f"expected a list of row objects, or one row object per line")
 
 
 def _bad_json(path: Path, lineno: int | None, e: Exception) -> DataError:

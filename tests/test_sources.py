@@ -117,6 +117,12 @@ def test_csv_rows_with_more_fields_than_the_header_are_an_error_not_a_column_shi
         load_rows(tmp_path / "d.csv")
 
 
+def test_a_json_file_holding_one_object_is_named_as_such_not_as_invalid_json(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps({"data": ROWS, "version": 2}, indent=2))
+    with pytest.raises(DataError, match=re.escape("holds one JSON object (keys ['data', 'version']), not rows")):
+        load_rows(tmp_path / "d.json")
+
+
 def test_empty_parquet_is_an_error(tmp_path):
     pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(tmp_path / "e.parquet")
     with pytest.raises(DataError, match="has no rows"):
