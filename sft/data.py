@@ -42,7 +42,8 @@ class PreparedData:
 
 
 def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None, split: str, *,
-                       revision: str | None, data_files: str | None) -> tuple[list[list[dict]], dict]:
+                       revision: str | None, data_files: str | None) -> tuple[list[tuple[int, list[dict]]], dict]:
+    """(row number, conversation) for each usable row, numbered from 1 in the order read, and the counts."""
     if source == EMBEDDED_DATASET:
         rows = demo_rows(max_rows)
     elif source.startswith("embedded:"):
@@ -57,21 +58,21 @@ def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None, spli
     if cfg.dataset_format != "auto" and not set(formats.FORMATS[fmt]) <= set(columns):
         raise DataError(f"dataset {source}: format {fmt!r} needs the columns {list(formats.FORMATS[fmt])}, "
                         f"found {columns}")
-    conversations, rejected = formats.convert_rows(rows, fmt)
+    conversations, rejected, numbers = formats.convert_rows(rows, fmt)
     if not conversations:
         raise DataError(f"dataset {source}: none of its {len(rows)} rows is a usable {fmt} conversation "
                         f"(rejected by reason: {dict(rejected)})")
-    return conversations, {"source": source, "format": fmt, "rows_read": len(rows),
-                           "rows_kept": len(conversations), "rows_rejected": dict(rejected)}
+    return list(zip(numbers, conversations)), {"source": source, "format": fmt, "rows_read": len(rows),
+                                               "rows_kept": len(conversations), "rows_rejected": dict(rejected)}
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
-    conversations, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split,
-                                                   revision=cfg.dataset_revision, data_files=cfg.dataset_files)
+    numbered, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split,
+                                              revision=cfg.dataset_revision, data_files=cfg.dataset_files)
     if cfg.eval_dataset is not None:
-        train_convs = sources.shuffle_rows(conversations, cfg.seed)
+        train_numbered = sources.shuffle_rows(numbered, cfg.seed)
         same_repo = cfg.eval_dataset == cfg.dataset
-        eval_convs, eval_read = read_conversations(
+        eval_numbered, eval_read = read_conversations(
             cfg.eval_dataset, cfg, cfg.eval_rows, cfg.eval_dataset_split,
             revision=cfg.eval_dataset_revision or (cfg.dataset_revision if same_repo else None),
             data_files=cfg.eval_dataset_files)
@@ -79,10 +80,11 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     else:
         eval_rows = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION
         try:
-            train_convs, eval_convs = sources.split_heldout(conversations, eval_rows=eval_rows, seed=cfg.seed)
+            train_numbered, eval_numbered = sources.split_heldout(numbered, eval_rows=eval_rows, seed=cfg.seed)
         except ConfigError as e:
             raise ConfigError(f"{e} ({read_stats['rows_kept']} of {read_stats['rows_read']} rows of {cfg.dataset} "
                               f"are usable; rejected by reason: {read_stats['rows_rejected']})") from None
+    train_convs, eval_convs = [c for _, c in train_numbered], [c for _, c in eval_numbered]
     key = _cache_key(tokenizer, cfg, train_convs, eval_convs)
     path = cache_root() / "tokenized" / f"{key}.pkl"
     if path.exists():
@@ -90,9 +92,11 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
             train, evals, tok_stats = pickle.load(f)
         hit = True
     else:
-        train, train_stats = tokenize_conversations(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train")
+        train, train_stats = tokenize_conversations(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train",
+                                                    [n for n, _ in train_numbered])
         evals, eval_stats = tokenize_conversations(eval_convs, tokenizer, cfg,
-                                                   f"dataset {cfg.eval_dataset or cfg.dataset}: held-out")
+                                                   f"dataset {cfg.eval_dataset or cfg.dataset}: held-out",
+                                                   [n for n, _ in eval_numbered])
         tok_stats = {"train": train_stats, "eval": eval_stats}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -131,9 +135,10 @@ def set_aside(stats: dict) -> list[str]:
     return lines
 
 
-def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: TrainConfig,
-                           split: str) -> tuple[list[Example], dict]:
-    """Encodes each conversation and applies the length and supervision rules, counting every drop."""
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: TrainConfig, split: str,
+                           row_numbers: list[int]) -> tuple[list[Example], dict]:
+    """Encodes each conversation and applies the length and supervision rules, counting every drop.
+    An error names the conversation by the number of the row it came from (`row_numbers`)."""
     if cfg.num_proc > 1 and len(conversations) >= 256:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         with ProcessPoolExecutor(cfg.num_proc, initializer=_init_worker, initargs=(tokenizer, cfg.loss_on)) as pool:
@@ -154,13 +159,13 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Trai
         ids, labels = enc
         n_sup = sum(l != IGNORE_INDEX for l in labels)
         if n_sup == 0:
-            raise DataError(f"{split} conversation {i} has no supervised tokens: {_preview(conversations[i])}")
+            raise DataError(f"{split} row {row_numbers[i]} has no supervised tokens: {_preview(conversations[i])}")
         if cfg.loss_on == "assistant" and n_sup == len(labels):
-            raise DataError(f"{split} conversation {i}: every token is supervised although loss_on='assistant'; "
+            raise DataError(f"{split} row {row_numbers[i]}: every token is supervised although loss_on='assistant'; "
                             f"the chat template marks no prompt: {_preview(conversations[i])}")
         if len(ids) > cfg.max_length:
             if cfg.too_long == "error":
-                raise DataError(f"{split} conversation {i} has {len(ids)} tokens, more than max_length="
+                raise DataError(f"{split} row {row_numbers[i]} has {len(ids)} tokens, more than max_length="
                                 f"{cfg.max_length}; raise max_length or set too_long='truncate' or 'drop': "
                                 f"{_preview(conversations[i])}")
             if cfg.too_long == "drop":

@@ -186,13 +186,15 @@ def row_to_messages(row: dict, fmt: str) -> list[dict]:
     return validate_conversation(_CONVERTERS[fmt](row))
 
 
-def convert_rows(rows: Iterable[dict], fmt: str) -> tuple[list[list[dict]], Counter]:
-    """Rejects are counted rather than raised so the caller decides how many is too many."""
+def convert_rows(rows: Iterable[dict], fmt: str) -> tuple[list[list[dict]], Counter, list[int]]:
+    """(conversations, rejects by reason, the row number each conversation came from, from 1). Rejects
+    are counted rather than raised so the caller decides how many is too many."""
     _check_format(fmt)
-    kept, rejected = [], Counter()
-    for row in rows:
+    kept, rejected, numbers = [], Counter(), []
+    for number, row in enumerate(rows, 1):
         try:
             kept.append(row_to_messages(row, fmt))
+            numbers.append(number)
         except MalformedRow as e:
             rejected[e.reason] += 1
-    return kept, rejected
+    return kept, rejected, numbers

@@ -110,10 +110,11 @@ LONG_REPLY = {"messages": [{"role": "user", "content": "Say word eighty times."}
 LONG_PROMPT = {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "ok"}]}
 
 
-def test_too_long_error_names_the_conversation_its_length_and_max_length(tiny_config, tokenizer, tmp_path):
+def test_too_long_error_names_the_row_its_length_and_max_length(tiny_config, tokenizer, tmp_path):
     n = len(encode_chat(tokenizer, LONG_REPLY["messages"]).input_ids)
     assert n > 64
-    with pytest.raises(DataError, match=rf"train conversation \d+ has {n} tokens, more than max_length=64") as err:
+    # named by its row in the file (the 9th), not by its place in the shuffled split
+    with pytest.raises(DataError, match=rf"train row 9 has {n} tokens, more than max_length=64") as err:
         prepare_data(tiny_config(**long_example_setup(tmp_path, LONG_REPLY), too_long="error"), tokenizer)
     assert "Say word eighty times." in str(err.value)
 

@@ -83,8 +83,9 @@ def test_guanaco_rejects_are_counted_and_good_rows_kept_in_order():
         {"text": "### Human: two ### Assistant: 2"},
         {"text": "### Human: x ### Assistant: y ### Assistant: z"},
     ]
-    kept, rejected = convert_rows(rows, "guanaco")
+    kept, rejected, numbers = convert_rows(rows, "guanaco")
     assert kept == [[U("one"), A("1")], [U("two"), A("2")]]
+    assert numbers == [1, 4]  # the rows they came from
     assert rejected == Counter({"turns_not_alternating": 2, "wrong_type": 1})
     assert list(rejected) == ["turns_not_alternating", "wrong_type"]
 

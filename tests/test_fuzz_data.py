@@ -241,7 +241,7 @@ CASES: dict[str, tuple[Build, Fails | Counted]] = {
                          r"'unknown_role': 1\}\)")),
     "huge_reply_too_long_error": (
         huge_reply("error"),
-        Fails(DataError, r"train conversation \d+ has 400036 tokens, more than max_length=128; raise max_length")),
+        Fails(DataError, r"train row \d+ has 400036 tokens, more than max_length=128; raise max_length")),
     "huge_reply_too_long_drop": (huge_reply("drop"), Counted(21, {}, too_long=1)),
     "jsonl_invalid_utf8": (
         raw_jsonl(b'{"messages": [{"role": "user", "content": "caf\xff"}]}\n' + jsonl(GOOD[:2]).encode()),
@@ -487,7 +487,7 @@ def test_random_mutations_end_in_an_error_or_fully_counted_rows(tiny_config, tok
             message = str(result)
             assert "\n" not in message, f"mutant {n}: {message}"
             # The length check names the conversation, not the file and row (sft.data tokenizes after the split).
-            assert str(path) in message or re.match(r"(train|held-out) conversation \d+ has \d+ tokens", message), (
+            assert str(path) in message or re.match(r"(train|held-out) row \d+ has \d+ tokens", message), (
                 f"mutant {n}: {message}")
             reasons[_reason(message)] += 1
             continue
