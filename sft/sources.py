@@ -223,11 +223,16 @@ def _iter_csv(path: Path) -> Iterator[dict]:
     # index_col=False: by default, rows with one field more than the header (a trailing comma, an
     # unnamed column) make pandas read the first field as the index and shift every column left.
     # It then warns that it drops the extra fields; that warning is an error here.
-    try:
+    # The filter is set around each read only, not across the yields, where the caller's code runs.
+    def read(next_chunk):
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024, index_col=False):
-                yield from chunk.to_dict("records")
+            return next_chunk()
+
+    try:
+        reader = read(lambda: pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024, index_col=False))
+        while (chunk := read(lambda: next(reader, None))) is not None:
+            yield from chunk.to_dict("records")
     except pd.errors.EmptyDataError:
         return
     except pd.errors.ParserWarning:
