@@ -22,6 +22,7 @@ import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -53,6 +54,7 @@ OURS_FP32_MASTER = dict(OURS, precision="bf16_autocast")  # fp32 master weights,
 OURS_PURE_BF16 = dict(OURS, precision="bf16_pure", bf16_update="stochastic_rounding",
                       optimizer_state_dtype="bfloat16")
 OURS_INT8_STATES = dict(OURS_PURE_BF16, optimizer_state_dtype="int8")  # block-wise 8-bit moments
+OURS_7B_INT8 = dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, compile=True)
 # TRL's best (as in the anchor): best-fit-decreasing packing, padding-free batches, Liger kernels.
 TRL_BEST = dict(per_device_train_batch_size=ROWS, max_length=ROW_LENGTH, packing=True, packing_strategy="bfd",
                 padding_free=True, bf16=True, use_liger_kernel=True, optim="adamw_torch_fused")
@@ -76,29 +78,45 @@ class Variant:
     max_s: float | None = None  # stop after the first timed step that ends past this many seconds
     timeout_s: float = 150     # kill the variant's process after this many seconds
     fallback_for: str | None = None  # runs only if that variant failed or went past the memory goal
+    profile: bool = False      # with --profile: write this variant's top operators (ours only)
 
 
 GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs out
-    Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True)),
+    Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True),
+            profile=True),
     # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation,
     # with one 4096-token row per micro-batch and 4 micro-batches per step
-    Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3,
-            dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, compile=True)),
-    # only if the one before fails or passes 60 GiB: every 8th layer recomputed (4 of 32, about 2 GiB less)
-    Variant("ours_7b_int8_states_gc_every8_compile", "ours", "llama-7b", 10, 3,
-            dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, gradient_checkpointing=True,
-                 checkpoint_every_n_layers=8, compile=True), fallback_for="ours_7b_int8_states_compile"),
-    Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
-    Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
+    Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3, OURS_7B_INT8, profile=True),
     # TRL's best settings, with one batch shape so that its flex attention compiles once
     Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
-            dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=90, timeout_s=150),
+            dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=50, timeout_s=100),
+    Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
+    # the levers, one at a time on the best rows: float8 matmuls in the decoder layers (torchao, rowwise)
+    Variant("ours_1b_pure_bf16_compile_float8", "ours", "llama-1b", 15, 5,
+            dict(OURS_PURE_BF16, compile=True, float8=True), profile=True),
+    Variant("ours_7b_int8_states_compile_float8", "ours", "llama-7b", 10, 3, dict(OURS_7B_INT8, float8=True),
+            profile=True),
+    Variant("trl_7b_flex_static_pure_bf16_gc", "trl", "llama-7b", 10, 3,
+            dict(TRL_BEST_STATIC, gradient_checkpointing=True, dtype="bf16", attn="flex_attention"),
+            max_s=50, timeout_s=100),
+    # longer packed rows: 2 x 8192 instead of 4 x 4096 token slots per step
+    Variant("ours_1b_pure_bf16_compile_rows8192", "ours", "llama-1b", 15, 5,
+            dict(OURS_PURE_BF16, compile=True, max_length=2 * ROW_LENGTH, micro_batch_size=ROWS // 2)),
+    # CUDA graphs around each compiled layer
+    Variant("ours_1b_pure_bf16_compile_cudagraphs", "ours", "llama-1b", 15, 5,
+            dict(OURS_PURE_BF16, compile=True, compile_mode="reduce-overhead")),
+    # bf16 moments with the activations in pinned host memory instead of recomputed
+    Variant("ours_7b_pure_bf16_offload_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, activation_offload=True, compile=True)),
+    # only if the 8-bit row without recomputation fails or passes 60 GiB: every 8th layer recomputed
+    Variant("ours_7b_int8_states_gc_every8_compile", "ours", "llama-7b", 10, 3,
+            dict(OURS_7B_INT8, gradient_checkpointing=True, checkpoint_every_n_layers=8),
+            fallback_for="ours_7b_int8_states_compile"),
+    Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
     # bf16 moments, every layer recomputed: the 7B row of the first GPU session, with today's code
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True)),
-    Variant("trl_7b_flex_static_pure_bf16_gc", "trl", "llama-7b", 10, 3,
-            dict(TRL_BEST_STATIC, gradient_checkpointing=True, dtype="bf16", attn="flex_attention"),
-            max_s=90, timeout_s=150),
+    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
     Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
     Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
             dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60),
@@ -106,7 +124,6 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
     Variant("ours_7b_int8_states_gc_half_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
                  checkpoint_every_n_layers=2, compile=True)),
-    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
     # TRL's fastest setting in the anchor, as the anchor ran it. Flex attention recompiles for each new packed
     # length; in the first GPU session it had not completed 6 steps after 7 minutes: late, capped, timed out
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
@@ -123,17 +140,19 @@ ANCHOR_TRL_BEST = {"llama-1b": 47_149, "llama-7b": 9_986}  # TRL's best in the a
 # The goals (issue 4): real tok/s of the best "ours" row, its peak memory, and time to the first step.
 GOALS = {"llama-1b": dict(real_tok_s=70_000), "llama-7b": dict(real_tok_s=13_000, peak_gib=60)}
 FIRST_STEP_GOAL_S = 60
+# master weights whose updates are precise to fp32 (never plain bf16 rounding): the goals count only these
+PRECISE_UPDATES = ("fp32", "bf16_stochastic_rounding", "bf16_kahan")
 
 CPU_ROW_LENGTH = 512
 CPU_MAX_EXAMPLE = 512      # shorter examples on the CPU: sdpa builds a dense [T, T] mask for packed rows
 CPU_PLAN = [
     Variant("ours_tiny", "ours", "tiny", 4, 2,
-            dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=2, precision="fp32")),
-    Variant("ours_tiny_compile_capped", "ours", "tiny", 4, 2, max_s=0.0,  # stops after its first timed step
+            dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=2, precision="fp32"), profile=True),
+    Variant("ours_tiny_compile_capped", "ours", "tiny", 4, 2, max_s=0.0, profile=True,  # stops after 1 timed step
             settings=dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=1, grad_accum_steps=2, precision="fp32",
                           compile=True)),
     Variant("ours_tiny_int8_states", "ours", "tiny", 4, 2,
-            dict(OURS_INT8_STATES, max_length=CPU_ROW_LENGTH, micro_batch_size=2)),
+            dict(OURS_INT8_STATES, max_length=CPU_ROW_LENGTH, micro_batch_size=2), profile=True),
     Variant("trl_tiny_flex", "trl", "tiny", 4, 2, needs_cuda=True,
             settings=dict(TRL_BEST, max_length=CPU_ROW_LENGTH, dtype="bf16", attn="flex_attention")),
     Variant("trl_tiny_sdpa", "trl", "tiny", 4, 2,
@@ -223,7 +242,7 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
         if clock.step_done(step, real, padded):
             break
     result = clock.result(setup.derived["num_parameters"])
-    if PROFILE_DIR is not None:  # after the measurement: the profiler's overhead is not in the numbers
+    if PROFILE_DIR is not None and variant.profile:  # after the measurement: the profiler's overhead is not in the numbers
         path = PROFILE_DIR / f"profile_{variant.name}.txt"
         try:
             profile_steps(setup, setup.steps[max(0, clock.last - PROFILE_STEPS):clock.last], device, path)
@@ -237,12 +256,15 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
                          f"checkpointing={cfg.gradient_checkpointing}"
                          + (f" (every {cfg.checkpoint_every_n_layers} layers)" if cfg.gradient_checkpointing
                             and cfg.checkpoint_every_n_layers > 1 else "") + ", "
-                         f"states={cfg.optimizer_state_dtype}, compile={cfg.compile}, optimizer={setup.derived['optimizer']}"
+                         f"states={cfg.optimizer_state_dtype}, compile={cfg.compile}"
+                         + (f" ({cfg.compile_mode})" if cfg.compile and cfg.compile_mode != "default" else "")
+                         + f", float8={setup.derived['float8']}, activation_offload={cfg.activation_offload}, "
+                         f"optimizer={setup.derived['optimizer']}"
                          + (f", grouped heads {attention.grouped_heads}" if cfg.packing and
                             setup.derived["attn_implementation"] == attention.IMPLEMENTATION else ""))
 
 
-PROFILE_DIR: Path | None = None  # --profile DIR: ours variants also write a kernel-time table there
+PROFILE_DIR: Path | None = None  # --profile DIR: ours variants marked `profile` also write a kernel-time table there
 PROFILE_STEPS = 3
 
 
@@ -430,7 +452,8 @@ def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> s
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
-    """Per architecture: the fastest of our rows that meets the memory goal, against TRL and the study's
+    """Per architecture: the fastest of our rows that meets the memory goal with updates precise to fp32
+    (fp32 master weights, stochastic rounding or Kahan summation, never plain bf16), against TRL and the study's
     recipe (measured here, and TRL's best in the anchor) and against the goal. Rows may come from CSV
     files (strings) or from this run."""
     def number(row: dict, column: str) -> float:
@@ -446,10 +469,11 @@ def goal_lines(rows: list[dict]) -> list[str]:
             found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and fits(r)]
             return max(found, key=lambda r: number(r, "real_tok_s")) if found else None
 
-        ours = best("ours", lambda r: number(r, "peak_gib") <= goal.get("peak_gib", float("inf")))
+        ours = best("ours", lambda r: number(r, "peak_gib") <= goal.get("peak_gib", float("inf"))
+                    and master_weights(r) in PRECISE_UPDATES)
         if ours is None:
-            lines.append(f"{arch}: no successful run of ours" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal
-                                                                  else ""))
+            lines.append(f"{arch}: no successful run of ours with updates precise to fp32"
+                         + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else ""))
             continue
         speed = number(ours, "real_tok_s")
         parts = [f"{arch}: ours {speed:,.0f} real tok/s ({ours['variant']}, {number(ours, 'peak_gib'):.1f} GiB, "
@@ -462,6 +486,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
         if study is not None:
             parts.append(f"{speed / number(study, 'real_tok_s'):.1f}x the study's recipe "
                          f"({number(study, 'real_tok_s'):,.0f})")
+        parts.append(f"updates {master_weights(ours)} (precise to fp32)")
         met = speed >= goal["real_tok_s"]
         parts.append(f"goal {goal['real_tok_s']:,}" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else "")
                      + (": met" if met else f": not met ({speed / goal['real_tok_s']:.0%} of it)"))
@@ -472,6 +497,12 @@ def goal_lines(rows: list[dict]) -> list[str]:
         lines.append(f"time to the first step, ours: at most {worst:.1f} s over {len(firsts)} runs; goal "
                      f"{FIRST_STEP_GOAL_S} s: {'met' if worst <= FIRST_STEP_GOAL_S else 'not met'}")
     return lines
+
+
+def master_weights(row: dict) -> str | None:
+    """How a row of ours updates its weights, read from its settings ("master=...")."""
+    found = re.search(r"master=(\w+)", str(row.get("settings", "")))
+    return found.group(1) if found else None
 
 
 def fallback_needed(variant: Variant, rows: list[dict]) -> bool:
@@ -491,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="every variant ends within this many seconds of the start (cut short if needed)")
-    parser.add_argument("--profile", type=Path, help="ours variants also write profile_<variant>.txt here")
+    parser.add_argument("--profile", type=Path, help="ours variants marked `profile` also write profile_<variant>.txt here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run_isolated's child: one variant by name
     parser.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# All the GPU work of the benchmark in one call on one H100, from the repository root:
-#   bash bench/gpu_session.sh      (on the device machine: carry .whl, timeout_s about 30 s over SESSION_S)
-# 1. installs the wheels carried in .whl/ (datasets, trl, liger-kernel, pytest: see bench/README.md)
-# 2. checks the varlen attention path on the GPU against sdpa, eager and compiled (tests/test_attention.py),
-#    and the CUDA cases of the compiled optimizer steps and loss kernel (tests/test_optim.py, test_loss.py)
-# 3. runs the side-by-side benchmark (bench.bench_sft) in the time left but BENCH_RESERVE_S: every variant
+# All the GPU work in one call on one H100, from the repository root:
+#   bash bench/gpu_session.sh      (carry .whl and .gpu; timeout about 30 s over SESSION_S)
+# 1. installs the wheels carried in .whl/ (datasets, trl, liger-kernel, torchao, pytest: see bench/README.md)
+# 2. runs the side-by-side benchmark (bench.bench_sft) until BENCH_END_S seconds into the session: every variant
 #    is cut to end within it, so no variant is killed without a row
-# 4. runs the precision comparison on the GPU (bench.precision_compare), if time is left
-# 5. runs inf_tests/runtime.py with the flags in $INF_ARGS, when set and if time is left
+# 3. runs inf_tests/runtime.py with $INF_ARGS (a 7B Llama shape by default) until INF_END_S
+# 4. runs the GPU tests: varlen attention against sdpa, eager and compiled (tests/test_attention.py), the CUDA
+#    cases of the compiled optimizer steps and loss kernel (tests/test_optim.py, test_loss.py), and the FSDP2
+#    config in one process against the run without it (tests/test_distributed.py)
+# 5. runs the precision comparison on the GPU (bench.precision_compare), if time is left
 # Outputs go to $OUT when set (the device machine's return folder), else bench/results; everything
 # printed is also in $OUT/gpu_session.log. Every step's timeout is cut to what is left of SESSION_S, so
 # the whole session ends in time and a hang cannot eat the rest; results are written after each variant.
 set -uo pipefail
 OUT="${OUT:-bench/results}"
-SESSION_S="${SESSION_S:-530}"            # the whole script's wall-clock budget
-BENCH_RESERVE_S="${BENCH_RESERVE_S:-20}"  # kept back from the benchmark (raise it to leave the precision
-                                          # comparison its 90 s)
+SESSION_S="${SESSION_S:-570}"            # the whole script's wall-clock budget
+BENCH_END_S="${BENCH_END_S:-345}"         # the benchmark ends by then...
+INF_END_S="${INF_END_S:-475}"             # ...the inference runtime by then, and the GPU tests get the rest
+# the inference model: Llama-2-7B's shapes with SmolLM2's tokenizer, a folder made where the embedded package is
+# (python -m inf_tests.runtime --save-llama-7b .gpu/llama-2-7b-shape)
+INF_ARGS="${INF_ARGS:---models random-init:.gpu/llama-2-7b-shape --variants generate static_cache+compile \
+--batch-sizes 1 8 --prompt-tokens 128 --new-tokens 64 --warmup 2 --repeats 3}"
 SESSION_START=$SECONDS
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_session.log") 2>&1
@@ -28,7 +33,7 @@ left() { local rest=$((SESSION_S - (SECONDS - SESSION_START))); echo $((rest < $
 step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -d .whl ]; then  # one install per package: pip installs nothing of a list when one part fails
-  for pkg in datasets trl pytest liger-kernel; do
+  for pkg in datasets trl pytest liger-kernel torchao; do
     "$PY" -m pip install -q --no-index --find-links .whl "$pkg" || echo "could not install $pkg"
   done
 fi
@@ -43,27 +48,29 @@ except ImportError as e:
     print("no varlen_attn:", e)
 EOF
 
-step "varlen attention against sdpa on the GPU"
-timeout "$(left 120)" "$PY" -m pytest -q -rs tests/test_attention.py || echo "attention tests failed (exit $?)"
-
-step "compiled optimizer steps, optimizer in backward and loss kernel on the GPU"
-timeout "$(left 120)" "$PY" -m pytest -q -rs tests/test_optim.py tests/test_loss.py -k cuda || echo "GPU kernel tests failed (exit $?)"
+# by MARK: seconds left until MARK seconds into the session (never past its end)
+by() { local to=$(( $1 < SESSION_S ? $1 : SESSION_S )); echo $(( to - (SECONDS - SESSION_START) )); }
 
 step "side-by-side benchmark"
-bench_s=$(( $(left 600) - BENCH_RESERVE_S ))
-timeout "$((bench_s + 10))" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$bench_s" --profile "$OUT" || echo "benchmark stopped (exit $?)"
+bench_s=$(by "$BENCH_END_S")
+PROFILES=$(mktemp -d)
+timeout "$((bench_s + 10))" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$bench_s" --profile "$PROFILES" || echo "benchmark stopped (exit $?)"
+tar cf "$OUT/profiles.tar" -C "$PROFILES" .  # one file: the return folder takes few
+
+if [ -n "${INF_ARGS:-}" ] && [ "$(by "$INF_END_S")" -ge 40 ]; then
+  step "inference runtime"
+  timeout "$(by "$INF_END_S")" "$PY" -m inf_tests.runtime --out-dir "$OUT" $INF_ARGS || echo "runtime stopped (exit $?)"
+fi
+
+step "GPU tests: varlen attention, compiled optimizer steps and loss kernel, FSDP2 in one process"
+timeout "$(left 200)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_optim.py \
+  tests/test_loss.py tests/test_levers.py tests/test_distributed.py -k "cuda or gpu" || echo "GPU tests failed (exit $?)"
 
 if [ "$(left 120)" -ge 90 ]; then
   step "precision comparison"
   timeout "$(left 120)" "$PY" -m bench.precision_compare --out "$OUT" || echo "precision comparison stopped (exit $?)"
 else
   echo "precision comparison skipped: session budget spent"
-fi
-
-if [ -n "${INF_ARGS:-}" ] && [ "$(left 60)" -ge 40 ]; then
-  step "inference runtime"
-  # INF_ARGS: the runtime test's flags, e.g. --models random-init:<folder> (the embedded model's package cannot travel)
-  timeout "$(left 60)" "$PY" -m inf_tests.runtime --out-dir "$OUT" ${INF_ARGS:-} || echo "runtime stopped (exit $?)"
 fi
 step "done"
 ls -la "$OUT"

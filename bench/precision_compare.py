@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import time
 from pathlib import Path
 
@@ -39,6 +40,9 @@ VARIANTS = {"fp32": ("fp32", "float32"),
             "bf16_stochastic_rounding_int8_states": ("bf16_stochastic_rounding", "int8"),
             "bf16_kahan": ("bf16_kahan", "float32"),
             "bf16_plain": ("bf16_plain", "float32")}
+# float8 matmuls in the decoder layers (sft.modeling.convert_to_float8, torchao) over the stochastic-rounding
+# update: the same update, so its curve against bf16_stochastic_rounding shows what float8 compute costs
+FLOAT8 = "bf16_stochastic_rounding_float8"
 
 
 def markov_batches(steps: int, seed: int = SEED) -> list[torch.Tensor]:
@@ -56,13 +60,18 @@ def markov_batches(steps: int, seed: int = SEED) -> list[torch.Tensor]:
     return batches
 
 
-def train(master_weights: str, state_dtype: str, batches: list[torch.Tensor], device: torch.device) -> list[float]:
+def train(master_weights: str, state_dtype: str, batches: list[torch.Tensor], device: torch.device,
+          float8: bool = False) -> list[float]:
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sft.modeling import convert_to_float8
 
     torch.manual_seed(SEED)  # the same initial weights for every variant (rounded to bf16 for the bf16 ones)
     dtype = torch.float32 if master_weights == "fp32" else torch.bfloat16
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**MODEL), dtype=dtype, attn_implementation="sdpa")
+    if float8:
+        convert_to_float8(model)
     optimizer = build_optimizer(model.parameters(), master_weights=master_weights, lr=LR, betas=BETAS, seed=SEED,
                                 state_dtype=state_dtype)
     losses = []
@@ -91,7 +100,7 @@ def plot(curves: dict[str, list[float]], title: str, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     reference = moving_average(curves["fp32"], SMOOTH)
-    for (name, losses), style in zip(curves.items(), ("-", "--", "-.", ":", "-")):
+    for (name, losses), style in zip(curves.items(), ("-", "--", "-.", ":", "-", "--")):
         smooth = moving_average(losses, SMOOTH)
         line, = left.plot(smooth, style, label=name, lw=1.8)
         left.plot(losses, color=line.get_color(), alpha=0.15, lw=0.8)
@@ -115,10 +124,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind = "gpu" if device.type == "cuda" else "cpu"
     batches = markov_batches(args.steps)
+    runs = {name: (*settings, False) for name, settings in VARIANTS.items()}
+    if importlib.util.find_spec("torchao") is not None:
+        runs[FLOAT8] = (*VARIANTS["bf16_stochastic_rounding"], True)
+    else:
+        print(f"{FLOAT8}: left out (float8 training needs torchao: pip install torchao)")
     curves = {}
-    for name, (master_weights, state_dtype) in VARIANTS.items():
+    for name, (master_weights, state_dtype, float8) in runs.items():
         start = time.perf_counter()
-        curves[name] = train(master_weights, state_dtype, batches, device)
+        curves[name] = train(master_weights, state_dtype, batches, device, float8)
         print(f"{name}: loss {curves[name][0]:.3f} -> {sum(curves[name][-SMOOTH:]) / SMOOTH:.3f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 

@@ -143,10 +143,33 @@ def check_models(models: list[str]) -> None:
             resolve_model_source(*split_revision(spec))
 
 
+def llama_7b_config(tokenizer):
+    """Llama-2-7B's layer shapes with `tokenizer`'s vocabulary. Saved with the tokenizer in a folder, it makes a
+    `random-init:<folder>` model for machines without the embedded package."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def save_llama_7b_folder(path: Path) -> None:
+    """The 7B shape's config.json and the embedded tokenizer in `path`, without weights: `random-init:<path>`
+    is LLAMA_7B on a machine that has no embedded package."""
+    from sft.modeling import load_tokenizer
+    from sft.templates import setup_template
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    setup_template(tokenizer, "auto")
+    llama_7b_config(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def load(spec: str, settings: Settings):
     """(model, tokenizer, seconds to get the model onto the device in eval mode). The tokenizer is loaded first,
     outside the timing (the embedded default is converted from GGUF on its first use, once per machine)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from sft.modeling import load_model, load_tokenizer
     from sft.templates import setup_template
@@ -159,13 +182,8 @@ def load(spec: str, settings: Settings):
     synchronize(device)
     start = time.perf_counter()
     if spec == LLAMA_7B:
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                             max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+            model = AutoModelForCausalLM.from_config(llama_7b_config(tokenizer), dtype=dtype,
                                                      attn_implementation=settings.attn_implementation)
     else:
         model = load_model(name, revision, dtype=dtype, attn_implementation=settings.attn_implementation,
@@ -501,6 +519,9 @@ def settings_from_args(argv=None) -> Settings:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--out-dir", default=OUT_DIR)
     parser.add_argument("--tag", help="appended to the output file names, so a trial run leaves the results be")
+    parser.add_argument("--save-llama-7b", metavar="DIR",
+                        help="only write a folder with the 7B shape's config and the embedded tokenizer, usable as "
+                             "random-init:DIR where the embedded package is not installed, and exit")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device not in ("cuda", "cpu"):
@@ -517,6 +538,13 @@ def main(argv=None) -> int:
 
     try:
         settings = settings_from_args(argv)
+        saved = argparse.ArgumentParser(add_help=False)
+        saved.add_argument("--save-llama-7b")
+        folder = saved.parse_known_args(argv)[0].save_llama_7b
+        if folder:
+            save_llama_7b_folder(Path(folder))
+            print(f"wrote {folder}: use it as --models random-init:{folder}", file=sys.stderr)
+            return 0
         frame = run(settings)
     except SFTError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ TOO_LONG = ("error", "truncate", "drop")
 TEMPLATES = ("auto", "tokenizer", "plain")
 ATTENTION = ("auto", "sdpa", "eager", "varlen", "flex_attention")
 LOSS_IMPLS = ("auto", "selected", "full")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 DATASET_FORMATS = ("auto", *FORMATS)
 TASK_METRICS = ("exact_match",)
 
@@ -82,6 +83,10 @@ class TrainConfig:
     loss_impl: str = "auto"              # "selected": lm_head only on loss-bearing positions, in chunks
     loss_chunk_tokens: int = 4096
     compile: bool = False
+    compile_mode: str = "default"        # torch.compile mode of the layers; "reduce-overhead" adds CUDA graphs
+    float8: bool = False                 # float8 matmuls (torchao, rowwise scales) in the decoder layers, on GPUs
+                                         # with float8 tensor cores (sm89+); elsewhere the matmuls stay as they are
+    activation_offload: bool = False     # activations saved for the backward pass wait in pinned host memory
     # evaluation and logging
     log_every: int = 1
     eval_every: int | None = None        # optimizer steps between held-out evals (always at start and end)
@@ -129,6 +134,12 @@ class TrainConfig:
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
         _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16", "int8"))
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode: {self.compile_mode!r} applies to compiled layers; set compile=True")
+        if self.float8 and self.precision == "fp32":
+            raise ConfigError("float8: float8 matmuls replace bf16 ones; use precision 'bf16_autocast' or "
+                              "'bf16_pure' (or 'auto', which falls back to plain matmuls on the CPU)")
         if self.attn_implementation == "varlen" and self.precision == "fp32":
             raise ConfigError("attn_implementation: 'varlen' runs flash-attention kernels in bf16; use precision "
                               "'bf16_autocast' or 'bf16_pure' (or 'auto' on a GPU), or attn_implementation 'sdpa'")

@@ -168,20 +168,64 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, mode: str = "default") -> int:
     """Regional compilation: each decoder layer is compiled in place (`nn.Module.compile`), and since the
     layers share one class and their weights are graph inputs, one compiled graph serves them all: a
     fraction of the compile time of the whole model. Embeddings, the loss and the optimizer stay eager,
     so data-dependent steps (selecting supervised positions, finding packed segments) cause no graph
     breaks. Shapes are static at first; a second shape (held-out batches) recompiles once, with dynamic
-    shapes. Returns the number of layers compiled."""
+    shapes. `mode` is torch.compile's ("reduce-overhead" records each layer's kernels as a CUDA graph on
+    GPUs; on the CPU it compiles as "default" does). Returns the number of layers compiled."""
     layers = decoder_layers(model)
     if not layers:
         raise ConfigError(f"compile: found no repeated decoder layers in the {model.config.model_type} architecture "
                           f"(its _no_split_modules); set compile=False")
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=None if mode == "default" else mode)
     return len(layers)
+
+
+FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper and later: float8 tensor cores
+
+
+def float8_unavailable(device: torch.device) -> str | None:
+    """Why float8 matmuls would not run here (None when they would)."""
+    if device.type != "cuda":
+        return f"{device.type} has no float8 tensor cores"
+    if torch.cuda.get_device_capability(device) < FLOAT8_MIN_CAPABILITY:
+        return f"{torch.cuda.get_device_name(device)} has no float8 tensor cores (compute capability 8.9 or newer)"
+    return None
+
+
+def require_torchao() -> None:
+    """float8 training comes from torchao; checked before the model is loaded."""
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("float8: float8 training needs torchao (pip install torchao); it is not installed")
+
+
+def float8_linears(model) -> list[str]:
+    """The linear layers of the decoder layers that float8 matmuls take over: dimensions divisible by 16 (the
+    float8 kernels' granularity), no bias. Embeddings, the output head and the norms keep their precision:
+    the head's matmul is the fused loss's, and small or odd-shaped layers gain nothing."""
+    layers = {id(m) for m in decoder_layers(model)}
+    return [f"{prefix}.{name}" for prefix, layer in model.named_modules() if id(layer) in layers
+            for name, module in layer.named_modules()
+            if type(module) is torch.nn.Linear and module.bias is None
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0]
+
+
+def convert_to_float8(model) -> int:
+    """Swaps the layers of `float8_linears` for torchao's Float8Linear with rowwise (per-row) scales, computed
+    afresh for every matmul: the weights keep their dtype and their Parameter objects (the optimizer and
+    checkpoints see no change), and each forward and backward matmul casts its operands to float8 with one
+    scale per row. Returns the number of layers converted."""
+    require_torchao()
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    chosen = set(float8_linears(model))
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"),
+                               module_filter_fn=lambda module, name: name in chosen)
+    return len(chosen)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

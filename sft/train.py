@@ -25,8 +25,8 @@ from .data import PreparedData, prepare_data, set_aside
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, host_indices, resolve_loss_impl
-from .modeling import (check_packing_support, compile_layers, count_parameters, enable_activation_checkpointing,
-                       load_model, load_tokenizer)
+from .modeling import (check_packing_support, compile_layers, convert_to_float8, count_parameters,
+                       enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer, require_torchao)
 from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
 from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
 from .perf import mfu, peak_memory, reset_peak_memory, synchronize
@@ -54,6 +54,7 @@ class Setup:
     eval_batches: list[dict]
     derived: dict
     in_backward: StepInBackward | None = None  # set when the optimizer steps inside the backward pass
+    offload: bool = False  # activations saved for the backward pass wait in pinned host memory
 
 
 def main(namespace: dict) -> RunFolder:
@@ -216,6 +217,13 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                           "weights: use grad_accum_steps=1 (raise micro_batch_size or the process count) and "
                           "precision='bf16_autocast' or 'fp32'")
 
+    float8 = cfg.float8 and precision != "fp32" and float8_unavailable(device) is None
+    if float8:
+        require_torchao()
+    elif cfg.float8 and accelerator.is_main_process:
+        print(f"note: float8: {float8_unavailable(device) or 'fp32 precision'}; the matmuls stay in "
+              f"{'bf16' if precision != 'fp32' else 'fp32'}", file=sys.stderr)
+
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code, cfg.eos_token)
     template = setup_template(tokenizer, cfg.template)
     if data is None:
@@ -254,6 +262,8 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
         check_packing_support(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model, cfg.checkpoint_every_n_layers)
+    if float8:
+        convert_to_float8(model)
     loss_impl = resolve_loss_impl(model, cfg.loss_impl, partitioned_weights=zero3)
     loss_model = LossModel(model, loss_impl, cfg.loss_chunk_tokens).to(device)
     optimizer = build_optimizer(param_groups_for_weight_decay(model, cfg.weight_decay), master_weights=master,
@@ -261,7 +271,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                                 weight_decay=cfg.weight_decay, seed=cfg.seed, state_dtype=cfg.optimizer_state_dtype)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     if cfg.compile:
-        compile_layers(model)
+        compile_layers(model, cfg.compile_mode)
     num_parameters = count_parameters(model)  # before prepare: DeepSpeed ZeRO-3 leaves each process a shard
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
@@ -271,7 +281,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                "optimizer": describe_optimizer(inner_optimizer)
                + (", stepped per parameter in the backward pass" if in_backward else ""),
                "max_grad_norm": cfg.max_grad_norm,
-               "attn_implementation": model.config._attn_implementation,
+               "attn_implementation": model.config._attn_implementation, "float8": float8,
                "loss_impl": loss_impl, "template": template,
                "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,
                "optimizer_steps": len(steps), "steps_per_epoch": steps_per_epoch,
@@ -281,7 +291,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                "packing_efficiency": round(packing_efficiency([b for s in steps for b in s]), 4)}
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
     return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived,
-                 in_backward)
+                 in_backward, cfg.activation_offload)
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
@@ -330,7 +340,7 @@ def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, in
     for k, (i, counts) in enumerate(share):
         weight = 1.0 if counts else 0.0
         sync = k == len(share) - 1
-        with acc.no_sync(setup.loss_model) if not sync else contextlib.nullcontext():
+        with (acc.no_sync(setup.loss_model) if not sync else contextlib.nullcontext()), offloaded(setup):
             loss = setup.loss_model(**_to_device(step_batches[i], acc.device))
             acc.backward(loss * (weight * world / total_targets))
         loss_sum += loss.detach() * weight
@@ -345,6 +355,14 @@ def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, in
     loss_sum = acc.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
     real_tokens = sum(b["num_real_tokens"] for b in step_batches)
     return loss_sum.item() / total_targets, float(grad_norm), real_tokens
+
+
+def offloaded(setup: Setup):
+    """With activation_offload, every tensor the forward pass saves for the backward pass is copied to
+    (pinned, on GPUs) host memory as it is saved, and back when the backward pass needs it."""
+    if not setup.offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=setup.accelerator.device.type == "cuda")
 
 
 def my_share(n: int, acc) -> list[tuple[int, bool]]:

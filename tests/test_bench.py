@@ -3,6 +3,7 @@ the precision comparison's outputs."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import subprocess
 import sys
 import time
@@ -81,9 +82,10 @@ def test_precision_compare_writes_one_curve_per_master_weights_variant(tmp_path)
     curves = precision_compare.main(["--out", str(tmp_path), "--steps", "3"])
     assert {master for master, _ in precision_compare.VARIANTS.values()} == set(MASTER_WEIGHTS)
     assert ("bf16_stochastic_rounding", "int8") in precision_compare.VARIANTS.values()
-    assert list(curves) == list(precision_compare.VARIANTS)
+    float8 = [precision_compare.FLOAT8] if importlib.util.find_spec("torchao") else []  # with torchao only
+    assert list(curves) == list(precision_compare.VARIANTS) + float8
     rows = list(csv.reader(line for line in open(tmp_path / "precision_cpu.csv") if not line.startswith("#")))
-    assert rows[0] == ["step", *precision_compare.VARIANTS] and len(rows) == 4
+    assert rows[0] == ["step", *precision_compare.VARIANTS, *float8] and len(rows) == 4
     assert (tmp_path / "precision_cpu.png").stat().st_size > 0
 
 
@@ -129,15 +131,17 @@ def test_a_failing_profiler_leaves_the_measured_row(tmp_path, monkeypatch):
 def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
     from bench.bench_sft import goal_lines
 
-    row = lambda variant, recipe, arch, tok, gib, first="10": dict(  # noqa: E731 - as read back from a CSV
+    row = lambda variant, recipe, arch, tok, gib, first="10", master="bf16_stochastic_rounding": dict(  # noqa: E731
         variant=variant, recipe=recipe, arch=arch, status="ok", real_tok_s=str(tok), peak_gib=str(gib),
-        first_step_s=first)
+        first_step_s=first, settings=f"bf16_pure, master={master}, attn=sft_varlen")  # as read back from a CSV
     rows = [row("ours_1b_a", "ours", "llama-1b", 71_000, 30), row("ours_1b_b", "ours", "llama-1b", 60_000, 20),
+            row("ours_1b_plain", "ours", "llama-1b", 90_000, 20, master="bf16_plain"),  # imprecise: never counts
             row("trl_1b", "trl", "llama-1b", 35_500, 10), row("study_1b", "study", "llama-1b", 7_100, 11),
             row("ours_7b_big", "ours", "llama-7b", 14_000, 61, first="70"), row("ours_7b", "ours", "llama-7b", 6_500, 50),
             dict(variant="ours_7b_oom", recipe="ours", arch="llama-7b", status="OOM")]
     one_b, seven_b, first = goal_lines(rows)
     assert one_b.startswith("llama-1b: ours 71,000 real tok/s (ours_1b_a, 30.0 GiB")
+    assert "updates bf16_stochastic_rounding (precise to fp32)" in one_b
     assert "2.00x TRL measured here (trl_1b, 35,500)" in one_b and "10.0x the study's recipe" in one_b
     assert one_b.endswith("goal 70,000: met")
     assert seven_b.startswith("llama-7b: ours 6,500 real tok/s (ours_7b,")  # the 61 GiB row is over the goal
@@ -148,9 +152,10 @@ def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
 def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
     from sft import report
 
-    header = "# device: NVIDIA H100 80GB HBM3, CUDA 13.0\nvariant,recipe,arch,status,real_tok_s,peak_gib,first_step_s\n"
-    (tmp_path / "bench_gpu.csv").write_text(header + "ours_1b,ours,llama-1b,ok,80000,30,12\n")
-    (tmp_path / "bench_gpu_run2.csv").write_text(header + "ours_7b,ours,llama-7b,ok,9000,50,9\n")
+    header = ("# device: NVIDIA H100 80GB HBM3, CUDA 13.0\n"
+              "variant,recipe,arch,status,real_tok_s,peak_gib,first_step_s,settings\n")
+    (tmp_path / "bench_gpu.csv").write_text(header + 'ours_1b,ours,llama-1b,ok,80000,30,12,"master=fp32"\n')
+    (tmp_path / "bench_gpu_run2.csv").write_text(header + 'ours_7b,ours,llama-7b,ok,9000,50,9,"master=bf16_kahan"\n')
     body = report.bench_gpu(sorted(tmp_path.glob("bench_gpu*.csv")), tmp_path)
     assert body.index("From `bench_gpu.csv`") < body.index("From `bench_gpu_run2.csv`")
     assert "- device: NVIDIA H100 80GB HBM3, CUDA 13.0" in body

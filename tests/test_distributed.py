@@ -68,3 +68,45 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_config,
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= saved
     samples = [json.loads(l) for l in (two / "samples.jsonl").read_text().splitlines()]
     assert [(s["stage"], s["index"]) for s in samples] == [("before", 0), ("before", 1), ("after", 0), ("after", 1)]
+
+
+FSDP_CHILD = """
+import json, sys, tempfile
+from pathlib import Path
+import torch
+from bench.synthetic import model_folder, synthetic_examples
+from sft.config import TrainConfig
+from sft.data import PreparedData
+from sft.train import build, train_step
+work = Path(tempfile.mkdtemp())
+examples = synthetic_examples(8 * 4 * 256, 1000, seed=0, max_length=256)
+cfg = TrainConfig(experiment="fsdp_check", model=f"random-init:{model_folder('tiny', work / 'model')}",
+                  template="plain", max_length=256, micro_batch_size=2, grad_accum_steps=2, max_steps=4,
+                  precision="bf16_autocast", lr=1e-3, lr_schedule="constant", warmup_ratio=0.0, seed=0,
+                  task_metric=None, num_samples=0, save_model=False, runs_root=str(work / "runs"))
+setup = build(cfg, PreparedData(train=[e.to_example() for e in examples], eval=[], eval_conversations=[], stats={}))
+losses = [train_step(setup, batches)[0] for batches in setup.steps]
+if setup.accelerator.is_main_process:
+    Path(sys.argv[1]).write_text(json.dumps({"losses": losses, "type": setup.accelerator.distributed_type.name}))
+"""
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="FSDP2 on one GPU needs a CUDA device")
+def test_fsdp2_config_on_one_gpu_trains_like_the_plain_run(tmp_path):
+    """The shipped FSDP2 config (sharding, its own activation checkpointing, bf16 mixed precision) in one
+    process on a GPU: the same losses as the run without FSDP, to bf16 rounding."""
+    script = tmp_path / "child.py"
+    script.write_text(FSDP_CHILD)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    plain = subprocess.run([sys.executable, str(script), str(tmp_path / "plain.json")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    fsdp = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "sft" / "accelerate" / "fsdp2.yaml"), "--num_processes", "1",
+                           "--main_process_port", str(free_port()), str(script), str(tmp_path / "fsdp.json")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    plain, fsdp = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("plain", "fsdp"))
+    assert (plain["type"], fsdp["type"]) == ("NO", "FSDP")
+    print("losses without FSDP", plain["losses"], "with FSDP2", fsdp["losses"])
+    assert len(fsdp["losses"]) == 4 and fsdp["losses"] == pytest.approx(plain["losses"], rel=2e-2)
