@@ -87,27 +87,28 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
     # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation,
     # with one 4096-token row per micro-batch and 4 micro-batches per step
     Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3, OURS_7B_INT8, profile=True),
-    # TRL's best settings, with one batch shape so that its flex attention compiles once
-    Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
-            dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=50, timeout_s=100),
     Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
-    # the levers, one at a time on the best rows: float8 matmuls in the decoder layers (torchao, rowwise)
-    Variant("ours_1b_pure_bf16_compile_float8", "ours", "llama-1b", 15, 5,
-            dict(OURS_PURE_BF16, compile=True, float8=True), profile=True),
-    Variant("ours_7b_int8_states_compile_float8", "ours", "llama-7b", 10, 3, dict(OURS_7B_INT8, float8=True),
-            profile=True),
+    # TRL's best settings, with one batch shape so that its flex attention compiles once (at 1B it had not
+    # finished within 100 s in the last GPU run; a timeout now records how far it got)
+    Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
+            dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=80, timeout_s=140),
     Variant("trl_7b_flex_static_pure_bf16_gc", "trl", "llama-7b", 10, 3,
             dict(TRL_BEST_STATIC, gradient_checkpointing=True, dtype="bf16", attn="flex_attention"),
-            max_s=50, timeout_s=100),
-    # longer packed rows: 2 x 8192 instead of 4 x 4096 token slots per step
-    Variant("ours_1b_pure_bf16_compile_rows8192", "ours", "llama-1b", 15, 5,
-            dict(OURS_PURE_BF16, compile=True, max_length=2 * ROW_LENGTH, micro_batch_size=ROWS // 2)),
-    # CUDA graphs around each compiled layer
+            max_s=80, timeout_s=140),
+    # the levers, one at a time on the best rows. CUDA graphs around each compiled layer
     Variant("ours_1b_pure_bf16_compile_cudagraphs", "ours", "llama-1b", 15, 5,
             dict(OURS_PURE_BF16, compile=True, compile_mode="reduce-overhead")),
     # bf16 moments with the activations in pinned host memory instead of recomputed
     Variant("ours_7b_pure_bf16_offload_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, activation_offload=True, compile=True)),
+    # float8 matmuls in the decoder layers (torchao, rowwise scales)
+    Variant("ours_1b_pure_bf16_compile_float8", "ours", "llama-1b", 15, 5,
+            dict(OURS_PURE_BF16, compile=True, float8=True), profile=True),
+    Variant("ours_7b_int8_states_compile_float8", "ours", "llama-7b", 10, 3, dict(OURS_7B_INT8, float8=True),
+            profile=True),
+    # longer packed rows: 2 x 8192 instead of 4 x 4096 token slots per step
+    Variant("ours_1b_pure_bf16_compile_rows8192", "ours", "llama-1b", 15, 5,
+            dict(OURS_PURE_BF16, compile=True, max_length=2 * ROW_LENGTH, micro_batch_size=ROWS // 2)),
     # only if the 8-bit row without recomputation fails or passes 60 GiB: every 8th layer recomputed
     Variant("ours_7b_int8_states_gc_every8_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_7B_INT8, gradient_checkpointing=True, checkpoint_every_n_layers=8),
@@ -179,6 +180,17 @@ COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "pad
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+PROGRESS_FILE: Path | None = None  # the child's progress, read by the parent when the child times out
+
+
+def progress(text: str) -> None:
+    """Notes how far the variant got (seconds since its process started), so that a variant stopped by its
+    timeout is recorded with where it was: building, compiling, or stepping slowly."""
+    if PROGRESS_FILE is not None:
+        with open(PROGRESS_FILE, "a") as f:
+            f.write(f"{time.perf_counter() - PROCESS_START:.0f} s: {text}\n")
+
+
 class Clock:
     """Marks the end of the first step, of the warm-up and of the last step, with token counts. The last
     step is the planned one, or the first timed step that ends past the variant's time cap."""
@@ -194,6 +206,7 @@ class Clock:
         capped = (self.max_s is not None and step > self.warmup
                   and time.perf_counter() - self.start > self.max_s)  # host time: no sync for the check
         last = step >= self.last or capped
+        progress(f"step {step} of {self.last} launched")
         if step in (1, self.warmup) or last:
             synchronize(self.device)
             now = time.perf_counter()
@@ -230,7 +243,9 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
                       seed=SEED, task_metric=None, num_samples=0, save_model=False, runs_root=str(work / "runs"),
                       **variant.settings)
     data = PreparedData(train=[e.to_example() for e in examples], eval=[], eval_conversations=[], stats={})
+    progress("data ready, building the model and optimizer")
     setup = build(cfg, data)
+    progress("built; training")
     if len(setup.steps) < variant.steps:
         raise RuntimeError(f"only {len(setup.steps)} steps of data for {variant.steps}")
     clock = Clock(start, variant.warmup, variant.steps, device, variant.max_s)
@@ -288,11 +303,30 @@ def profile_steps(setup, steps: list, device: torch.device, path: Path) -> None:
     if device.type == "cuda":  # the device's idle time is what host overhead (launches, syncs) costs
         kernels = sum(e.self_device_time_total for e in events  # kernel events only, as the table's total
                       if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
-        busy = f"; device busy {kernels:.3f} s ({kernels / wall:.0%} of the wall time)"
+        busy = f"; device busy {kernels:.3f} s ({kernels / wall:.0%} of the wall time)\n" + time_split(events)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{len(steps)} optimizer steps, {wall:.3f} s wall under the profiler{busy}\n"
                     + events.table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
+
+
+# kernel names by what they compute (cuBLAS's Hopper kernels are "nvjet_*"; "qqtst" ones are float8)
+KERNEL_KINDS = {"matmul": ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm"), "attention": ("flash", "fmha", "attn")}
+
+
+def time_split(events) -> str:
+    """One line: the share of the device time in matmul kernels, attention kernels, the optimizer step (device
+    time inside the optimizer's profiler range) and everything else (norms, activations, the loss's softmax,
+    casts, gradient accumulation)."""
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    total = sum(e.self_device_time_total for e in kernels) or 1
+    share = {kind: sum(e.self_device_time_total for e in kernels if any(k in e.key.lower() for k in keys))
+             for kind, keys in KERNEL_KINDS.items()}
+    share["optimizer step"] = sum(e.device_time_total for e in events if e.is_user_annotation  # its GPU range
+                                  and e.device_type == torch.autograd.DeviceType.CUDA
+                                  and e.key.startswith("Optimizer.step"))
+    share["other"] = total - sum(share.values())
+    return "where the device time goes: " + ", ".join(f"{kind} {t / total:.1%}" for kind, t in share.items())
 
 
 def run_trl(variant: Variant, examples, work: Path, device: torch.device, start: float) -> dict:
@@ -307,6 +341,7 @@ def run_trl(variant: Variant, examples, work: Path, device: torch.device, start:
     if settings.get("use_liger_kernel") and not _installed("liger-kernel"):
         settings["use_liger_kernel"] = False
         notes.append("liger-kernel not installed")
+    progress("building the model")
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config(variant.arch), dtype=dtype, attn_implementation=attn)
     num_params = sum(p.numel() for p in model.parameters())
@@ -333,6 +368,7 @@ def run_trl(variant: Variant, examples, work: Path, device: torch.device, start:
                      dataset_num_proc=8 if device.type == "cuda" else 1, **settings)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=benchmark_tokenizer(),
                          callbacks=[OnStep()])
+    progress("trainer built; training")
     trainer.train()
     shown = {k: v for k, v in settings.items() if k not in ("max_length", "per_device_train_batch_size", "use_cpu")}
     return dict(clock.result(num_params),
@@ -393,7 +429,8 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
     with tempfile.TemporaryDirectory(prefix="bench_child_") as tmp:
         result = Path(tmp) / "row.json"
         child = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--child", variant.name,
-                                  "--child-tokens", str(tokens), "--child-result", str(result)]
+                                  "--child-tokens", str(tokens), "--child-result", str(result),
+                                  "--child-progress", str(Path(tmp) / "progress.txt")]
                                  + (["--profile", str(profile.resolve())] if profile else []),
                                  cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         try:
@@ -405,7 +442,8 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
                 os.killpg(child.pid, signal.SIGKILL)  # the trainer's dataset workers too
                 child.wait()
         if code is None:
-            row["status"] = f"timeout: no result in {timeout_s:.0f} s"
+            notes = (Path(tmp) / "progress.txt").read_text().splitlines() if (Path(tmp) / "progress.txt").exists() else []
+            row["status"] = f"timeout: no result in {timeout_s:.0f} s (last progress: {notes[-1] if notes else 'none'})"
         elif result.exists():
             row = json.loads(result.read_text())
         else:
@@ -526,11 +564,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run_isolated's child: one variant by name
     parser.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-progress", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
         global PROFILE_DIR
-        PROFILE_DIR = args.profile
+        global PROGRESS_FILE
+        PROFILE_DIR, PROGRESS_FILE = args.profile, args.child_progress
         variant = next(v for v in GPU_PLAN + CPU_PLAN if v.name == args.child)
         row = run_variant(variant, args.child_tokens, device, PROCESS_START)
         args.child_result.write_text(json.dumps(row))

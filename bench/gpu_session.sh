@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# All the GPU work in one call on one H100, from the repository root:
-#   bash bench/gpu_session.sh      (carry .whl and .gpu; timeout about 30 s over SESSION_S)
-# 1. installs the wheels carried in .whl/ (datasets, trl, liger-kernel, torchao, pytest: see bench/README.md)
-# 2. runs the side-by-side benchmark (bench.bench_sft) until BENCH_END_S seconds into the session: every variant
-#    is cut to end within it, so no variant is killed without a row
-# 3. runs inf_tests/runtime.py with $INF_ARGS (a 7B Llama shape by default) until INF_END_S
-# 4. runs the GPU tests: varlen attention against sdpa, eager and compiled (tests/test_attention.py), the CUDA
-#    cases of the compiled optimizer steps and loss kernel (tests/test_optim.py, test_loss.py), and the FSDP2
-#    config in one process against the run without it (tests/test_distributed.py)
-# 5. runs the precision comparison on the GPU (bench.precision_compare), if time is left
-# Outputs go to $OUT when set (the device machine's return folder), else bench/results; everything
-# printed is also in $OUT/gpu_session.log. Every step's timeout is cut to what is left of SESSION_S, so
-# the whole session ends in time and a hang cannot eat the rest; results are written after each variant.
+# The GPU work on one H100 in two back-to-back parts, from the repository root (carry .whl and .gpu):
+#   bash bench/gpu_session.sh bench    the side-by-side benchmark (about 9.5 minutes; timeout about 30 s more)
+#   bash bench/gpu_session.sh checks   inference runtime and GPU tests (about 3.5 minutes), on the same machine
+# Both parts first install the wheels carried in .whl/ (datasets, trl, liger-kernel, torchao, pytest: see
+# bench/README.md); a second part on the same machine finds them installed.
+# bench:  bench.bench_sft within the part's budget: every variant is cut to end within it, so no variant is
+#         killed without a row; the variants marked `profile` write their top operators (profiles.tar)
+# checks: inf_tests/runtime.py with $INF_ARGS (a 7B Llama shape by default; its CSV is written after every row),
+#         then the GPU tests: varlen attention against sdpa, eager and compiled (tests/test_attention.py), the
+#         CUDA cases of the compiled optimizer steps, loss kernel and float8 layers (test_optim.py,
+#         test_loss.py, test_levers.py), and the FSDP2 config in one process against the run without it
+#         (test_distributed.py); then the precision comparison if time is left
+# Outputs go to $OUT when set (the device machine's return folder), else bench/results; everything printed is
+# also in $OUT/gpu_session.log. Every step's timeout is cut to what is left of the part's budget (SESSION_S),
+# so the part ends in time and a hang cannot eat the rest.
 set -uo pipefail
+PART="${1:-bench}"
+case "$PART" in
+  bench) SESSION_S="${SESSION_S:-560}" ;;
+  checks) SESSION_S="${SESSION_S:-215}" ;;
+  *) echo "usage: bash bench/gpu_session.sh bench|checks" >&2; exit 2 ;;
+esac
 OUT="${OUT:-bench/results}"
-SESSION_S="${SESSION_S:-570}"            # the whole script's wall-clock budget
-BENCH_END_S="${BENCH_END_S:-345}"         # the benchmark ends by then...
-INF_END_S="${INF_END_S:-475}"             # ...the inference runtime by then, and the GPU tests get the rest
+INF_END_S="${INF_END_S:-125}"             # checks: the inference runtime ends by then, the GPU tests get the rest
 # the inference model: Llama-2-7B's shapes with SmolLM2's tokenizer, a folder made where the embedded package is
 # (python -m inf_tests.runtime --save-llama-7b .gpu/llama-2-7b-shape)
 INF_ARGS="${INF_ARGS:---models random-init:.gpu/llama-2-7b-shape --variants generate static_cache+compile \
@@ -29,11 +35,14 @@ PY="${PYTHON:-python3}"
 step() { echo; echo "=== $* ($(date +%T), $((SECONDS - SESSION_START)) s in)"; }
 # left CAP: seconds for the next step, at most CAP and what is left of SESSION_S
 left() { local rest=$((SESSION_S - (SECONDS - SESSION_START))); echo $((rest < $1 ? rest : $1)); }
+# by MARK: seconds left until MARK seconds into the part (never past its end)
+by() { local to=$(( $1 < SESSION_S ? $1 : SESSION_S )); echo $(( to - (SECONDS - SESSION_START) )); }
 
-step "environment"
+step "environment ($PART)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -d .whl ]; then  # one install per package: pip installs nothing of a list when one part fails
   for pkg in datasets trl pytest liger-kernel torchao; do
+    "$PY" -m pip show -q "$pkg" >/dev/null 2>&1 && continue  # installed by the part before
     "$PY" -m pip install -q --no-index --find-links .whl "$pkg" || echo "could not install $pkg"
   done
 fi
@@ -48,29 +57,25 @@ except ImportError as e:
     print("no varlen_attn:", e)
 EOF
 
-# by MARK: seconds left until MARK seconds into the session (never past its end)
-by() { local to=$(( $1 < SESSION_S ? $1 : SESSION_S )); echo $(( to - (SECONDS - SESSION_START) )); }
-
-step "side-by-side benchmark"
-bench_s=$(by "$BENCH_END_S")
-PROFILES=$(mktemp -d)
-timeout "$((bench_s + 10))" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$bench_s" --profile "$PROFILES" || echo "benchmark stopped (exit $?)"
-tar cf "$OUT/profiles.tar" -C "$PROFILES" .  # one file: the return folder takes few
-
-if [ -n "${INF_ARGS:-}" ] && [ "$(by "$INF_END_S")" -ge 40 ]; then
-  step "inference runtime"
-  timeout "$(by "$INF_END_S")" "$PY" -m inf_tests.runtime --out-dir "$OUT" $INF_ARGS || echo "runtime stopped (exit $?)"
-fi
-
-step "GPU tests: varlen attention, compiled optimizer steps and loss kernel, FSDP2 in one process"
-timeout "$(left 200)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_optim.py \
-  tests/test_loss.py tests/test_levers.py tests/test_distributed.py -k "cuda or gpu" || echo "GPU tests failed (exit $?)"
-
-if [ "$(left 120)" -ge 90 ]; then
-  step "precision comparison"
-  timeout "$(left 120)" "$PY" -m bench.precision_compare --out "$OUT" || echo "precision comparison stopped (exit $?)"
+if [ "$PART" = bench ]; then
+  step "side-by-side benchmark"
+  bench_s=$(left 600)
+  PROFILES=$(mktemp -d)
+  timeout "$((bench_s + 10))" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$((bench_s - 5))" --profile "$PROFILES" \
+    || echo "benchmark stopped (exit $?)"
+  tar cf "$OUT/profiles.tar" -C "$PROFILES" .  # one file: the return folder takes few
 else
-  echo "precision comparison skipped: session budget spent"
+  if [ -n "${INF_ARGS:-}" ] && [ "$(by "$INF_END_S")" -ge 40 ]; then
+    step "inference runtime"
+    timeout "$(by "$INF_END_S")" "$PY" -m inf_tests.runtime --out-dir "$OUT" $INF_ARGS || echo "runtime stopped (exit $?)"
+  fi
+  step "GPU tests: varlen attention, compiled optimizer steps, loss kernel, float8 layers, FSDP2 in one process"
+  timeout "$(left 200)" "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_attention.py tests/test_optim.py \
+    tests/test_loss.py tests/test_levers.py tests/test_distributed.py -k "cuda or gpu" || echo "GPU tests failed (exit $?)"
+  if [ "$(left 120)" -ge 90 ]; then
+    step "precision comparison"
+    timeout "$(left 120)" "$PY" -m bench.precision_compare --out "$OUT" || echo "precision comparison stopped (exit $?)"
+  fi
 fi
 step "done"
 ls -la "$OUT"

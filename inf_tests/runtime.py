@@ -410,8 +410,9 @@ def _free(model, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def run(settings: Settings) -> pd.DataFrame:
-    """Measures every model x prompt length x batch size x variant; returns one row for each."""
+def run(settings: Settings, on_row=None) -> pd.DataFrame:
+    """Measures every model x prompt length x batch size x variant; returns one row for each. `on_row`, if
+    given, receives the rows so far after each one (so a run stopped midway keeps what it measured)."""
     import transformers
 
     from sft.run_folder import collect_env
@@ -463,6 +464,8 @@ def run(settings: Settings) -> pd.DataFrame:
                                                else bool(torch.equal(tokens, reference)))
                     row["fraction_of_bound"] = None if bound is None else row["decode_tok_s"] / bound
                     rows.append({**common, **row})
+                    if on_row is not None:
+                        on_row(pd.DataFrame(rows, columns=COLUMNS))
                     print(f"{spec} {variant} batch {batch_size} prompt {prompt_tokens}: "
                           f"ttft {row['ttft_ms_p50']:.1f} ms, {row['decode_tok_s']:.1f} tok/s per sequence",
                           file=sys.stderr)
@@ -545,16 +548,24 @@ def main(argv=None) -> int:
             save_llama_7b_folder(Path(folder))
             print(f"wrote {folder}: use it as --models random-init:{folder}", file=sys.stderr)
             return 0
-        frame = run(settings)
+        kind = "gpu" if settings.device == "cuda" else "cpu"
+        stem = f"runtime_{kind}" + (f"_{settings.tag}" if settings.tag else "")
+
+        partial = settings.out_dir / f"{stem}.partial.csv"
+
+        def write_csv(frame: pd.DataFrame) -> None:
+            """After every row, into <stem>.partial.csv, renamed to <stem>.csv once all rows are in: a run
+            stopped midway keeps the rows it measured and leaves the last complete results as they were."""
+            settings.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(partial, "w", newline="") as f:
+                f.writelines(f"# {line}\n" for line in provenance(torch.device(settings.device)))
+                frame.round(3).to_csv(f, index=False)
+
+        frame = run(settings, on_row=write_csv)
+        partial.replace(settings.out_dir / f"{stem}.csv")
     except SFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    kind = "gpu" if settings.device == "cuda" else "cpu"
-    stem = f"runtime_{kind}" + (f"_{settings.tag}" if settings.tag else "")
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.out_dir / f"{stem}.csv", "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in provenance(torch.device(settings.device)))
-        frame.round(3).to_csv(f, index=False)
     title = (f"{frame['device'].iloc[0]}, {settings.dtype}, {settings.attn_implementation}, "
              f"{settings.new_tokens} new tokens, torch {torch.__version__}")
     plot(frame, title).savefig(settings.out_dir / f"{stem}.png", dpi=120)

@@ -85,13 +85,23 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def csv_table(path: Path, columns: list[str] | None = None) -> str:
-    """The CSV as a table (only the `columns` it has, in that order), after its `# ` provenance lines."""
+def csv_table(path: Path, columns: list[str] | None = None, skip_status: str | None = None) -> str:
+    """The CSV as a table (only the `columns` it has, in that order), after its `# ` provenance lines. Rows
+    whose status starts with `skip_status` are named in one line under the table instead."""
     provenance = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")]
     frame = pd.read_csv(path, comment="#")
+    skipped = []
+    if skip_status and "status" in frame.columns:
+        left_out = frame["status"].astype(str).str.startswith(skip_status)
+        skipped = [f"({status}): {', '.join(group['variant'])}" for status, group in
+                   frame[left_out].groupby("status", sort=False)]
+        frame = frame[~left_out]
     if columns:
         frame = frame[[c for c in columns if c in frame.columns]]
-    return "".join(f"- {line}\n" for line in provenance) + ("\n" if provenance else "") + markdown_table(frame)
+    if "mfu" in frame.columns:  # a fraction of the device's peak, shown as a percentage
+        frame = frame.assign(mfu=frame["mfu"].map(lambda v: "-" if pd.isna(v) else f"{float(v):.1%}"))
+    return ("".join(f"- {line}\n" for line in provenance) + ("\n" if provenance else "") + markdown_table(frame)
+            + "".join(f"\n\nNot run {line}" for line in skipped))
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -133,10 +143,15 @@ def bench_gpu(paths: list[Path], root: Path) -> str:
     rows of all of them (bench.bench_sft.goal_lines)."""
     from bench.bench_sft import goal_lines
 
-    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(path, BENCH_COLUMNS) for path in paths]
+    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(path, BENCH_COLUMNS, skip_status="skipped")
+              for path in paths]
     rows = [row for path in paths for row in pd.read_csv(path, comment="#", dtype=str).to_dict("records")]
     goals = "Against the goals, over the rows above:\n\n" + "".join(f"- {line}\n" for line in goal_lines(rows))
-    return "\n\n".join(tables + [goals])
+    splits = [f"- {p.stem.removeprefix('profile_')}: {line.split(': ', 1)[1]}" for p in sorted(paths[0].parent.glob(
+        "profiles/profile_*.txt")) for line in p.read_text().splitlines() if line.startswith("where the device time")]
+    profiles = ["Where the device time goes (`bench/results/profiles/`, a few steps under the profiler):\n\n"
+                + "\n".join(splits)] if splits else []
+    return "\n\n".join(tables + [goals] + profiles)
 
 
 def execute_notebook(path: Path, run_dirs: list[Path]) -> None:

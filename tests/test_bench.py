@@ -97,7 +97,7 @@ def test_a_variant_past_its_timeout_is_killed_and_recorded():
     variant = dataclasses.replace(bench_sft.CPU_PLAN[0], timeout_s=0.5)  # not even its imports finish
     began = time.perf_counter()
     row = bench_sft.run_isolated(variant, 10_000, torch.device("cpu"))
-    assert row["status"].startswith("timeout: no result in")
+    assert row["status"].startswith("timeout: no result in") and row["status"].endswith("(last progress: none)")
     assert time.perf_counter() - began < 30
 
 
@@ -209,3 +209,33 @@ def test_the_budget_cuts_each_variant_to_the_time_left_and_skips_the_rest(tmp_pa
     assert [t for _, t in started] == pytest.approx([100, 70, 40], abs=3)
     rows = read_csv(tmp_path / "bench_cpu.csv")
     assert [r["status"] for r in rows[3:]] == ["skipped: time budget"] * (len(bench.CPU_PLAN) - 3)
+
+
+def test_the_child_notes_its_progress_for_a_timeout_to_report(tmp_path, monkeypatch):
+    from bench import bench_sft
+
+    monkeypatch.setattr(bench_sft, "PROGRESS_FILE", tmp_path / "progress.txt")
+    clock = bench_sft.Clock(time.perf_counter(), warmup=1, last=3, device=torch.device("cpu"))
+    bench_sft.progress("built; training")
+    for step in (1, 2):
+        clock.step_done(step, 100, 100)
+    notes = (tmp_path / "progress.txt").read_text().splitlines()
+    assert [n.split(": ", 1)[1] for n in notes] == ["built; training", "step 1 of 3 launched", "step 2 of 3 launched"]
+
+
+def test_the_profile_splits_device_time_by_kind_of_kernel():
+    from types import SimpleNamespace
+
+    from bench.bench_sft import time_split
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda key, t, device=cuda, range_=False: SimpleNamespace(  # noqa: E731
+        key=key, self_device_time_total=0 if range_ else t, device_time_total=t, device_type=device,
+        is_user_annotation=range_)
+    events = [event("nvjet_sm90_tst_256x128", 600), event("void pytorch_flash::flash_bwd", 100),
+              event("triton_poi_fused_rand_like", 150), event("triton_red_fused_logsumexp", 150),
+              event("Optimizer.step#BF16AdamW.step", 150, range_=True),  # the optimizer's range on the GPU...
+              event("Optimizer.step#BF16AdamW.step", 999, device=cpu, range_=True),  # ...not its host side
+              event("aten::mm", 600, device=cpu)]  # the op that launched a kernel: not counted again
+    assert time_split(events) == ("where the device time goes: matmul 60.0%, attention 10.0%, optimizer step 15.0%, "
+                                  "other 15.0%")

@@ -144,3 +144,21 @@ def test_bandwidth_bound_uses_the_weights_a_decode_step_reads(tiny_model_dir):
     all_bytes = sum(p.numel() * 4 for p in untied.parameters())
     assert runtime.weight_bytes_per_step(untied) == all_bytes - 1000 * 32 * 4  # only the output table is read
     assert runtime.memory_bandwidth(torch.device("cpu")) is None  # sft.perf: no bound on the CPU
+
+
+def test_a_run_stopped_midway_keeps_its_rows_and_the_last_complete_results(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "runtime_cpu.csv").write_text("the last complete results\n")
+    measure, calls = runtime.measure, []
+
+    def stopped_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a timeout or Ctrl-C would stop it
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "measure", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model_dir, tmp_path)
+    assert (tmp_path / "runtime_cpu.csv").read_text() == "the last complete results\n"
+    partial = pd.read_csv(tmp_path / "runtime_cpu.partial.csv", comment="#")
+    assert list(zip(partial["variant"], partial["batch_size"])) == [("generate", 1), ("static_cache", 1)]
