@@ -1,4 +1,5 @@
 # Quick start: `make demo` (install + demo experiment), `make test` (install + tests).
+# The project is installed editable (pip install -e .), so `import sft` and its scripts work from any directory.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,12 +12,13 @@ export MPLBACKEND := Agg
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-embedded.txt requirements-bench.txt
+$(STAMP): pyproject.toml requirements.txt requirements-dev.txt requirements-embedded.txt requirements-bench.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77"
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-bench.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-embedded.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: install

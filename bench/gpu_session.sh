@@ -11,7 +11,7 @@
 #         CUDA cases of the compiled optimizer steps, loss kernel and float8 layers (test_optim.py,
 #         test_loss.py, test_levers.py), and the FSDP2 config in one process against the run without it
 #         (test_distributed.py); then the precision comparison if time is left
-# Outputs go to $OUT when set (the device machine's return folder), else bench/results; everything printed is
+# Outputs go to the folder named by OUT (default bench/results); everything printed is
 # also in $OUT/gpu_session.log. Every step's timeout is cut to what is left of the part's budget (SESSION_S),
 # so the part ends in time and a hang cannot eat the rest.
 set -uo pipefail
@@ -63,7 +63,7 @@ if [ "$PART" = bench ]; then
   PROFILES=$(mktemp -d)
   timeout "$((bench_s + 10))" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$((bench_s - 5))" --profile "$PROFILES" \
     || echo "benchmark stopped (exit $?)"
-  tar cf "$OUT/profiles.tar" -C "$PROFILES" .  # one file: the return folder takes few
+  tar cf "$OUT/profiles.tar" -C "$PROFILES" .  # one archive: easy to copy off the GPU machine
 else
   if [ -n "${INF_ARGS:-}" ] && [ "$(by "$INF_END_S")" -ge 40 ]; then
     step "inference runtime"

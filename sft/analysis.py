@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from sft.config import DEFAULT_RUNS_ROOT
 from sft.errors import DataError
+from sft.run_folder import lock_is_held
 
 TRAIN_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s"]
 EVAL_COLUMNS = ["step", "epoch", "tokens", "eval_loss", "task_metric", "task_metric_name", "elapsed_s"]
@@ -35,7 +37,10 @@ class Run:
 
     @property
     def status(self) -> str:
-        return self.summary.get("status", "unknown")
+        """The summary's status, except that a run that says `running` while no process holds its lock
+        (it was killed, or its machine went down) is `stale`: it will never complete by itself."""
+        status = self.summary.get("status", "unknown")
+        return "stale" if status == "running" and not lock_is_held(self.path) else status
 
 
 def _read_json(path: Path) -> dict | None:
@@ -104,7 +109,7 @@ def load_run(path) -> Run:
     )
 
 
-def find_runs(root="runs") -> list[Path]:
+def find_runs(root=DEFAULT_RUNS_ROOT) -> list[Path]:
     """Run folders (those with a config.json) directly under `root`, oldest first: names start with a timestamp."""
     root = Path(root)
     if not root.is_dir():
@@ -112,14 +117,14 @@ def find_runs(root="runs") -> list[Path]:
     return sorted((p for p in root.iterdir() if (p / "config.json").is_file()), key=lambda p: p.name)
 
 
-def latest_run(root="runs") -> Path:
+def latest_run(root=DEFAULT_RUNS_ROOT) -> Path:
     runs = find_runs(root)
     if not runs:
         raise DataError(f"no run folders (folders with a config.json) under {root}")
     return runs[-1]
 
 
-def resolve_runs(run_dirs=(), runs_root="runs", environ=None) -> list[Path]:
+def resolve_runs(run_dirs=(), runs_root=DEFAULT_RUNS_ROOT, environ=None) -> list[Path]:
     """The run folders to analyse, for notebooks and scripts.
 
     The environment variable SFT_RUNS (folders separated by os.pathsep) overrides `run_dirs`, and
@@ -159,8 +164,9 @@ def config_table(run: Run) -> pd.DataFrame:
 
 
 def summary_table(runs: list[Run]) -> pd.DataFrame:
-    """The summary.json of each run as one column, keys as rows."""
-    return pd.DataFrame({run.name: pd.Series(run.summary, dtype=object) for run in runs})
+    """The summary.json of each run as one column, keys as rows; the status as `Run.status` has it (a run
+    killed while running shows as `stale`)."""
+    return pd.DataFrame({run.name: pd.Series(dict(run.summary, status=run.status), dtype=object) for run in runs})
 
 
 def _last(frame: pd.DataFrame, column: str):

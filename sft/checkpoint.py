@@ -65,19 +65,36 @@ def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler,
         problem = broadcast_object_list([problem])[0]
     if problem:
         raise CheckpointError(problem)
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    # save_state ends without a barrier: every process's files (its random states, FSDP's shards) must be
-    # written before the main process renames the folder and so declares the checkpoint complete.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoints(run_path)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        # save_state ends without a barrier: every process's files (its random states, FSDP's shards) must be
+        # written before the main process renames the folder and so declares the checkpoint complete.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            prune(run_path, keep)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its stream
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint stays behind; the older ones do
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if shutil.disk_usage(root).free < 2**20:
+            detail = f"No space left on device: {detail}"
+        raise CheckpointError(f"writing the checkpoint of step {step} failed ({detail}); the older checkpoints "
+                              f"are kept") from e
     accelerator.wait_for_everyone()
     return final
+
+
+def prune(run_path: Path, keep: int) -> None:
+    """Deletes all but the newest `keep` checkpoints (all of them with keep=0, and the folder with them)."""
+    found = checkpoints(run_path)
+    for old in found[:len(found) - keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_path) / "checkpoints"
+    if keep == 0 and root.exists() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def load_latest(accelerator, run_path: Path, scheduler) -> dict | None:

@@ -7,8 +7,12 @@ data is read or any model is loaded. The resolved config is written verbatim to 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
+import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -16,6 +20,8 @@ from .formats import FORMATS
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATASET = "embedded:demo-tasks"
+# runs/ beside the sft package: the repository's, wherever a script is started from (pip install -e .)
+DEFAULT_RUNS_ROOT = str(Path(__file__).resolve().parents[1] / "runs")
 
 PRECISIONS = ("fp32", "bf16_autocast", "bf16_pure")
 BF16_UPDATES = ("stochastic_rounding", "kahan", "none")
@@ -50,6 +56,8 @@ class TrainConfig:
     eval_dataset_files: str | None = None     # files inside eval_dataset's hub repo (never dataset_files)
     eval_rows: int | float | None = None  # count or fraction split off; None: 5%, or all of eval_dataset
     template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain
+    system_prompt: str | None = None     # system message of conversations without one; None: the template's own
+                                         # (SmolLM2's adds "You are a helpful AI assistant named SmolLM, ..."); "": none
     eos_token: str | None = None         # end-of-turn token to learn, if not the tokenizer's EOS (e.g. "<|im_end|>")
     max_length: int = 2048
     too_long: str = "error"              # examples over max_length: stop, truncate (the cut reply loses its
@@ -100,10 +108,13 @@ class TrainConfig:
     top_p: float = 1.0
     generation_batch_size: int = 16
     # outputs, checkpoints and resume
-    runs_root: str = "runs"
+    runs_root: str = DEFAULT_RUNS_ROOT    # a relative path is taken from the current directory
     save_model: bool = True
     checkpoint_every: int | None = None  # optimizer steps between checkpoints (also saved on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
+    keep_checkpoints_after_completion: int = 0  # checkpoints left once the model is saved; with >= 1, the last
+                                         # one holds the final step, and raising EPOCHS or MAX_STEPS with RESUME
+                                         # set to the completed run trains it further
     resume: str | None = None            # a run folder: continue it from its newest checkpoint, in place
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
@@ -175,6 +186,9 @@ class TrainConfig:
                      "loss_chunk_tokens"):
             _positive(name, getattr(self, name))
         _positive("keep_checkpoints", self.keep_checkpoints)
+        if not 0 <= self.keep_checkpoints_after_completion <= self.keep_checkpoints:
+            raise ConfigError(f"keep_checkpoints_after_completion: from 0 to keep_checkpoints "
+                              f"({self.keep_checkpoints}), got {self.keep_checkpoints_after_completion}")
         for name in ("max_steps", "max_rows", "eval_every", "checkpoint_every"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -243,14 +257,39 @@ def _describe(hint: str) -> str:
 
 def settings_from(namespace: dict[str, Any]) -> dict[str, Any]:
     """The settings of an experiment script: its UPPER_CASE constants, named after TrainConfig fields.
-    A constant that names no field is an error, so a typo never silently leaves a default in place."""
+    A constant that names no field is an error, so a typo never silently leaves a default in place; so
+    is a value named like a setting but not in upper case (`lr = 1e-3`), which would be ignored. Names
+    starting with `_` are the script's own; imported modules, functions and classes are not settings."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {}
     for name, value in namespace.items():
-        if not name.isupper() or name.startswith("_"):
+        if name.startswith("_"):
+            continue
+        if not name.isupper():
+            if name.lower() in fields and not (isinstance(value, types.ModuleType) or callable(value)):
+                raise ConfigError(f"{name}: settings are UPPER_CASE constants; write {name.upper()} = ...")
             continue
         if name.lower() not in fields:
-            raise ConfigError(f"{name}: not a setting; the settings are the fields of TrainConfig "
-                              f"({', '.join(sorted(f.upper() for f in fields))})")
+            raise ConfigError(_not_a_setting(name, fields))
         settings[name.lower()] = value
     return settings
+
+
+def _not_a_setting(name: str, fields: set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(f.upper() for f in fields), n=3)
+    guess = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return (f"{name}: not a setting{guess}; the settings are the fields of TrainConfig (sft/config.py) in "
+            f"upper case, and a constant of the script's own starts with _ (e.g. _{name})")
+
+
+def script_spelling(message: str) -> str:
+    """An error message with the settings it names spelt as in the experiment scripts: the leading
+    `field:` and the `field=` mentions in the text, for the fields of TrainConfig.
+
+    >>> script_spelling("padding_free: replaces packing; set packing=False to use it")
+    'PADDING_FREE: replaces packing; set PACKING=False to use it'
+    """
+    names = "|".join(f.name for f in dataclasses.fields(TrainConfig))
+    message = re.sub(rf"^({names}):", lambda m: f"{m[1].upper()}:", message)
+    # only after a space or "(", so that a path or value holding "lr=" keeps its spelling
+    return re.sub(rf"(?<![^\s(])({names})=", lambda m: f"{m[1].upper()}=", message)

@@ -4,8 +4,9 @@ rows (sft.sources) -> conversations (sft.formats) -> held-out split -> token ids
 (sft.templates.encode_chat) -> special-token text, length and supervision checks -> `Example`s (sft.packing).
 
 Tokenization runs in `num_proc` processes and is cached on disk under a key made of everything that
-determines its output (the conversations, the tokenizer files, the chat template, max_length,
-too_long, loss_on): a rerun with the same inputs loads the cache; any change misses it.
+determines its output (the conversations, the tokenizer files, the chat template with the system
+prompt written into it, max_length, too_long, loss_on): a rerun with the same inputs loads the cache;
+any change misses it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import formats, sources
 from .config import EMBEDDED_DATASET, TrainConfig
@@ -143,10 +145,11 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Trai
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         with ProcessPoolExecutor(cfg.num_proc, initializer=_init_worker, initargs=(tokenizer, cfg.loss_on)) as pool:
             chunk = max(1, len(conversations) // (8 * cfg.num_proc))
-            encoded = list(pool.map(_encode, conversations, chunksize=chunk))
+            encoded = list(tqdm(pool.map(_encode, conversations, chunksize=chunk), total=len(conversations),
+                                **_progress(split)))
     else:
         _init_worker(tokenizer, cfg.loss_on)
-        encoded = [_encode(c) for c in conversations]
+        encoded = [_encode(c) for c in tqdm(conversations, **_progress(split))]
     examples: list[Example] = []
     kept_mask: list[bool] = []
     dropped: Counter = Counter()
@@ -186,6 +189,11 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Trai
 
 
 _WORKER: dict = {}
+
+
+def _progress(split: str) -> dict:
+    """A progress bar that appears only once tokenizing has taken a couple of seconds."""
+    return dict(desc=f"tokenizing ({split})", unit="conversation", delay=2, leave=False, dynamic_ncols=True)
 
 
 def _init_worker(tokenizer, loss_on: str) -> None:

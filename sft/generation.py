@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .templates import encode_chat, end_of_turn
 
@@ -70,9 +71,10 @@ def only_given_settings(model, seed: int):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int = 16,
-             synced: bool = False) -> list[str]:
+             synced: bool = False, progress: str | None = None) -> list[str]:
     """Replies to each prompt (a conversation ending with a user turn), stopping at end of turn.
-    `synced`: the model is sharded (FSDP), so every process keeps stepping until all have finished."""
+    `synced`: the model is sharded (FSDP), so every process keeps stepping until all have finished.
+    `progress`: a label for a progress bar over the batches (none without it)."""
     config = generation_config(tokenizer, decoding)
     was_training = model.training
     model.eval()
@@ -80,7 +82,9 @@ def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, ba
     encoded = [encode_chat(tokenizer, p, add_generation_prompt=True).input_ids for p in prompts]
     replies: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    with only_given_settings(model, decoding.seed):
+    bar = tqdm(total=-(-len(order) // batch_size), desc=progress, disable=progress is None, leave=False, unit="batch",
+               dynamic_ncols=True)
+    with only_given_settings(model, decoding.seed), bar:  # the bar closes on an error too, before it is printed
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             longest = max(len(encoded[i]) for i in idx)
@@ -93,6 +97,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, ba
                                  synced_gpus=synced)
             for row, i in enumerate(idx):
                 replies[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
+            bar.update(1)
     model.train(was_training)
     return replies
 

@@ -83,9 +83,13 @@ def resolve_model_source(model: str, revision: str | None) -> tuple[str, dict]:
         return str(path), {}
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ConfigError(f"model: {model!r} is neither an existing folder nor a hub id of the form owner/name")
+    if Path(model.split("/")[0]).is_dir():  # "models/mine": a path whose first folder exists here
+        raise ConfigError(f"model: {model!r} does not exist: {Path(model).absolute().parent} has no folder "
+                          f"{Path(model).name!r} (a relative path is taken from the current directory, {Path.cwd()})")
     if not revision:
-        raise ConfigError(f"model_revision: the hub model {model!r} needs a pinned revision (a commit sha or "
-                          f"tag) so that the run can be reproduced")
+        raise ConfigError(f"model_revision: {model!r} is not a folder here (relative paths are taken from "
+                          f"{Path.cwd()}), so it is read as a hub id, and a hub model needs a pinned revision (a "
+                          f"commit sha or tag) so that the run can be reproduced")
     return model, {"revision": revision}
 
 
@@ -123,6 +127,18 @@ def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = 
                                                         trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                                     trust_remote_code=trust_remote_code, **kwargs)
+
+
+def parameters_from_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
+    """The model's parameter count from its config alone: the model is built on the meta device, which
+    allocates nothing, so it takes a moment and reads no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, kwargs = resolve_model_source(model, revision)
+    with _load_errors(model, revision):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        with torch.device("meta"):
+            return count_parameters(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
-"""Write a run's figures: python -m sft.plot [RUN_DIR ...] [--runs-root runs] [--out DIR]
+"""Write a run's figures: python -m sft.plot [RUN_DIR ...] [--runs-root DIR] [--out DIR]
 
-With no RUN_DIR, the newest run under --runs-root. The PNGs go into each run folder, or with --out
-into DIR/<run name>/ so that several runs do not overwrite each other. Prints the paths written.
+With no RUN_DIR, the newest run under --runs-root (default: the repository's runs/). The PNGs go into
+each run folder, or with --out into DIR/<run name>/ so that several runs do not overwrite each other.
+Prints the paths written.
 """
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from sft.analysis import latest_run
+from sft.config import DEFAULT_RUNS_ROOT
 from sft.errors import SFTError
 from sft.plotting import write_figures
 
@@ -16,7 +18,8 @@ from sft.plotting import write_figures
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folders (default: the newest run)")
-    parser.add_argument("--runs-root", default="runs", help="where to look for the newest run (default: runs)")
+    parser.add_argument("--runs-root", default=DEFAULT_RUNS_ROOT,
+                        help="where to look for the newest run (default: the repository's runs/)")
     parser.add_argument("--out", help="write into OUT/<run name>/ instead of the run folder")
     args = parser.parse_args(argv)
     try:

@@ -5,6 +5,7 @@ nothing accumulates in pyplot's global figure list, and a notebook shows a retur
 (with `%matplotlib inline`), not twice.
 """
 
+import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -89,5 +90,11 @@ def write_figures(run_dir, out_dir=None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / name for name in FIGURE_FILES]
     for fig, path in zip((plot_loss_curves(run), plot_training_panels(run)), paths):
-        fig.savefig(path, dpi=110)
+        tmp = path.with_name(f".{path.name}.tmp")  # renamed when complete: a full disk leaves no torn image
+        try:
+            fig.savefig(tmp, dpi=110, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return paths

@@ -1,16 +1,24 @@
 """README tables and figures generated from committed results, never typed by hand.
 
 `python -m sft.report` rewrites each README block between `<!-- BEGIN name -->` and `<!-- END name -->`
-from its source (the newest demo run folder, the inference runtime CSVs, the benchmark CSVs) and
-copies the demo run's loss curves into assets/. A block whose source is missing is left as it is.
+from its source (the newest completed demo run folder, the inference runtime CSVs, the benchmark CSVs)
+and copies the demo run's loss curves into assets/. A block whose source is missing is left as it is.
+
+Only committed results count, so the README never shows what exists on one machine alone: a run
+folder counts when its summary.json is committed (at HEAD), and a result file is read as committed,
+whatever its working-tree copy holds (a file never committed does not exist for the report). Outside
+a git checkout nothing is committed. `--include-local` reads the working tree instead: local run
+folders and uncommitted changes to result files count too.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import shutil
+import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -85,11 +93,61 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def csv_table(path: Path, columns: list[str] | None = None, skip_status: str | None = None) -> str:
-    """The CSV as a table (only the `columns` it has, in that order), after its `# ` provenance lines. Rows
-    whose status starts with `skip_status` are named in one line under the table instead."""
-    provenance = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")]
-    frame = pd.read_csv(path, comment="#")
+class Results:
+    """The result files under `root` as the report reads them: as committed at HEAD, or with
+    `include_local` as they are in the working tree. Paths are absolute, under `root`."""
+
+    def __init__(self, root: Path, include_local: bool = False):
+        self.root, self.include_local = root, include_local
+        self.committed: set[str] = set() if include_local else committed_files(root)
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def exists(self, path: Path) -> bool:
+        return path.is_file() if self.include_local else self._relative(path) in self.committed
+
+    def read(self, path: Path) -> str:
+        """The file's text, line ends kept as they are."""
+        if self.include_local:
+            return path.read_bytes().decode()
+        data = _git(self.root, "show", f"HEAD:./{self._relative(path)}")
+        if not path.is_file() or path.read_bytes() != data:
+            print(f"note: {self._relative(path)}: using the committed version, not the working tree's "
+                  f"(--include-local uses the working tree's)", file=sys.stderr)
+        return data.decode()
+
+    def glob(self, folder: Path, pattern: str) -> list[Path]:
+        """The files under `folder` whose path relative to it matches `pattern` (`*` within one name), sorted."""
+        if self.include_local:
+            return sorted(p for p in folder.glob(pattern) if p.is_file())
+        depth = len(PurePosixPath(pattern).parts)
+        prefix = self._relative(folder) + "/" if folder != self.root else ""
+        found = (PurePosixPath(f[len(prefix):]) for f in self.committed if f.startswith(prefix))
+        return sorted(folder / f for f in found if len(f.parts) == depth and f.match(pattern))
+
+
+def _git(root: Path, *args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=True).stdout
+
+
+def committed_files(root: Path) -> set[str]:
+    """The paths (relative to `root`, with /) of the files committed at HEAD under `root`; none when
+    `root` is not in a git checkout with a commit."""
+    try:
+        listing = _git(root, "ls-tree", "-r", "-z", "--name-only", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        print(f"note: {root} is not a git checkout with a commit, so no result counts as committed; "
+              f"--include-local uses the working tree", file=sys.stderr)
+        return set()
+    return {name for name in listing.decode().split("\0") if name}
+
+
+def csv_table(text: str, columns: list[str] | None = None, skip_status: str | None = None) -> str:
+    """The CSV `text` as a table (only the `columns` it has, in that order), after its `# ` provenance
+    lines. Rows whose status starts with `skip_status` are named in one line under the table instead."""
+    provenance = [line[2:].strip() for line in text.splitlines() if line.startswith("# ")]
+    frame = pd.read_csv(io.StringIO(text), comment="#")
     skipped = []
     if skip_status and "status" in frame.columns:
         left_out = frame["status"].astype(str).str.startswith(skip_status)
@@ -111,16 +169,23 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
-def newest_run(experiment: str, root: Path) -> Run | None:
-    runs = [p for p in find_runs(root) if p.name.endswith("_" + experiment)]
+def newest_run(experiment: str, results: Results) -> Run | None:
+    """The newest completed run of `experiment` under runs/ that `results` counts (see the module's docstring)."""
+    runs = [p for p in find_runs(results.root / "runs") if p.name.endswith("_" + experiment)]
     completed = [p for p in runs if load_run(p).status == "completed"]
-    return load_run(completed[-1]) if completed else None
+    counted = [p for p in completed if results.exists(p / "summary.json")]
+    left_out = [p.name for p in completed if p not in counted and (not counted or p.name > counted[-1].name)]
+    if left_out:
+        print(f"note: newer local {experiment} runs left out: {', '.join(left_out)} (--include-local uses them)",
+              file=sys.stderr)
+    return load_run(counted[-1]) if counted else None
 
 
-def blocks(root: Path = ROOT) -> dict[str, str]:
-    """Each README block that has a source, rendered."""
+def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
+    """Each README block that has a source, rendered; from committed results unless `include_local`."""
     out: dict[str, str] = {}
-    demo = newest_run("demo_smollm2", root / "runs")
+    results = Results(root, include_local)
+    demo = newest_run("demo_smollm2", results)
     if demo is not None:
         out["demo-results"] = demo_results(demo)
         assets = root / "assets"
@@ -130,25 +195,29 @@ def blocks(root: Path = ROOT) -> dict[str, str]:
             ("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv", INFERENCE_COLUMNS),
             ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv", INFERENCE_COLUMNS),
             ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS)):
-        if path.exists():
-            out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(path, columns)
-    gpu_runs = sorted((root / "bench" / "results").glob("bench_gpu*.csv"))
+        if results.exists(path):
+            out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), columns)
+    gpu_runs = results.glob(root / "bench" / "results", "bench_gpu*.csv")
     if gpu_runs:
-        out["bench-gpu"] = bench_gpu(gpu_runs, root)
+        out["bench-gpu"] = bench_gpu(gpu_runs, root, results)
     return out
 
 
-def bench_gpu(paths: list[Path], root: Path) -> str:
+def bench_gpu(paths: list[Path], root: Path, results: Results | None = None) -> str:
     """Each GPU benchmark CSV (one per benchmark invocation) as a table, then the goals checked over the
-    rows of all of them (bench.bench_sft.goal_lines)."""
+    rows of all of them (bench.bench_sft.goal_lines). Files are read through `results` (default: the
+    working tree)."""
     from bench.bench_sft import goal_lines
 
-    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(path, BENCH_COLUMNS, skip_status="skipped")
-              for path in paths]
-    rows = [row for path in paths for row in pd.read_csv(path, comment="#", dtype=str).to_dict("records")]
+    results = results or Results(root, include_local=True)
+    texts = [results.read(path) for path in paths]
+    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(text, BENCH_COLUMNS, skip_status="skipped")
+              for path, text in zip(paths, texts)]
+    rows = [row for text in texts for row in pd.read_csv(io.StringIO(text), comment="#", dtype=str).to_dict("records")]
     goals = "Against the goals, over the rows above:\n\n" + "".join(f"- {line}\n" for line in goal_lines(rows))
-    splits = [f"- {p.stem.removeprefix('profile_')}: {line.split(': ', 1)[1]}" for p in sorted(paths[0].parent.glob(
-        "profiles/profile_*.txt")) for line in p.read_text().splitlines() if line.startswith("where the device time")]
+    splits = [f"- {p.stem.removeprefix('profile_')}: {line.split(': ', 1)[1]}" for p in results.glob(
+        paths[0].parent, "profiles/profile_*.txt") for line in results.read(p).splitlines()
+        if line.startswith("where the device time")]
     profiles = ["Where the device time goes (`bench/results/profiles/`, a few steps under the profiler):\n\n"
                 + "\n".join(splits)] if splits else []
     return "\n\n".join(tables + [goals] + profiles)
@@ -182,11 +251,15 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     parser.add_argument("--notebook", action="store_true",
                         help="also execute sft/notebooks/postprocess.ipynb on the newest demo run and save its outputs")
+    parser.add_argument("--include-local", action="store_true",
+                        help="also use local results: run folders whose summary.json is not committed, and result "
+                             "files as they are in the working tree (by default only what is committed at HEAD "
+                             "counts, and result files are read as committed)")
     args = parser.parse_args(argv)
     readme = Path(args.readme)
     text = readme.read_text()
     try:
-        for name, body in blocks().items():
+        for name, body in blocks(ROOT, args.include_local).items():
             if f"<!-- BEGIN {name} -->" in text:
                 text = replace_block(text, name, body)
                 print(f"updated block {name}")
@@ -195,9 +268,10 @@ def main(argv=None) -> int:
         return 2
     readme.write_text(text)
     if args.notebook:
-        demo = newest_run("demo_smollm2", ROOT / "runs")
+        demo = newest_run("demo_smollm2", Results(ROOT, args.include_local))
         if demo is None:
-            print("error: no completed demo run in runs/ to execute the notebook on", file=sys.stderr)
+            print("error: no completed demo run in runs/ to execute the notebook on"
+                  + ("" if args.include_local else " whose summary.json is committed"), file=sys.stderr)
             return 2
         execute_notebook(ROOT / "sft" / "notebooks" / "postprocess.ipynb", [demo.path])
         print(f"executed sft/notebooks/postprocess.ipynb on {demo.path.name}")

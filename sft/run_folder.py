@@ -14,22 +14,40 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
+from .errors import SFTError
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "einops", "numpy",
             "pandas", "matplotlib", "gguf")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes `path` under a temporary name and renames it into place: readers see the old file or the new
+    one, never half of one. A failed write (a full disk) removes its temporary file and raises."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-        f.write("\n")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; run folders are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_in_place(path: Path, obj: Any) -> None:
+    """The last resort when the disk is full: rewrites an existing small file over its own blocks, which
+    needs no new space as long as the text is no longer than the file system's block (4 KiB); a crash in
+    the middle can tear it, which is why this is used only after an atomic write has failed."""
+    text = json.dumps(_jsonable(obj), indent=2) + "\n"
+    with open(path, "r+") as f:
+        f.write(text)
+        f.truncate()
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; run folders are meant to be shared
-    os.replace(tmp, path)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -42,7 +60,7 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.dtype):
+    if type(obj).__name__ == "dtype" and str(obj).startswith("torch."):  # torch is not imported here
         return str(obj).removeprefix("torch.")
     return obj
 
@@ -104,8 +122,12 @@ class RunFolder:
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def update_summary(self, **fields: Any) -> dict:
         path = self.path / "summary.json"
@@ -114,8 +136,98 @@ class RunFolder:
         self.write_json("summary.json", summary)
         return summary
 
+    def record_failure(self, status: str, reason: str) -> None:
+        """Sets `status` and `reason` in the summary, keeping its numbers, even on a full disk: if the atomic
+        write fails, only the status and reason are rewritten in place. Never raises: it runs while another
+        error is being reported."""
+        if not self.writable:
+            return
+        path = self.path / "summary.json"
+        try:
+            self.update_summary(status=status, reason=reason)
+            return
+        except OSError:
+            pass
+        try:  # over the file's own blocks: the numbers written so far, then only the status if they do not fit
+            summary = json.loads(path.read_text()) if path.exists() else {}
+            write_json_in_place(path, dict(summary, status=status, reason=reason[:500]))
+        except (OSError, ValueError):
+            try:
+                write_json_in_place(path, {"status": status, "reason": reason[:500]})
+            except OSError as e:
+                print(f"warning: could not record status {status!r} in {path}: {e}", file=sys.stderr)
+
+
+LOCK = "run.lock"
+
+
+class RunLockError(SFTError):
+    """Another live process is training in the run folder."""
+
+
+class RunLock:
+    """`run.lock` in a run folder: the process training there holds an exclusive `flock` on it and writes
+    its pid, host and start time into it. The kernel releases the flock when the process ends, however it
+    ends (SIGKILL too), so "is anyone training here?" is answered by trying to take it, not by trusting
+    a pid. The file is removed when the run ends normally; a leftover file whose lock nobody holds is
+    stale. On file systems without flock (some network mounts) the pid and host are all there is."""
+
+    def __init__(self, run_path: Path):
+        self.path = Path(run_path) / LOCK
+        self._file = None
+
+    def acquire(self) -> "RunLock":
+        f = open(self.path, "a+")
+        if not _try_lock(f):
+            f.seek(0)
+            owner = f.read().strip() or "unknown owner"
+            f.close()
+            raise RunLockError(f"{self.path.parent} is in use: another process is training in it ({owner}); "
+                               f"wait for it to end or stop it first")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": platform.node(),
+                            "since": dt.datetime.now().isoformat(timespec="seconds")}))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+
+def _try_lock(f, exclusive: bool = True) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: nothing to check against
+        return True
+    try:
+        fcntl.flock(f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def lock_is_held(run_path: Path) -> bool:
+    """Whether a live process holds the run folder's lock (False where there is no lock file)."""
+    path = Path(run_path) / LOCK
+    if not path.exists():
+        return False
+    try:
+        with open(path) as f:  # a shared probe: it never keeps a writer out for longer than the probe
+            if not _try_lock(f, exclusive=False):
+                return True
+    except OSError:  # a read-only copy of a run folder: nobody trains in it from here
+        return False
+    return False
+
 
 def collect_env(device: torch.device) -> dict:
+    import torch
+
     packages = {name: _version(name) for name in PACKAGES}
     if device.type == "cuda":
         dev = {"type": "cuda", "name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count(),

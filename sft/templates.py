@@ -6,10 +6,17 @@ there means the prompt of a training example is tokenized exactly as the same pr
 generation time, and the supervised span of each assistant turn (its content and its end-of-turn
 token) is known exactly, without guessing from token offsets. The template supplies BOS (if the
 model uses one); text is tokenized without added special tokens, so BOS never appears twice.
+
+A system prompt (TrainConfig.system_prompt) is written into the chat template by `setup_template`, so
+every rendering agrees on it: training examples, held-out prompts, generation, and the tokenizer saved
+with the model.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+
+from jinja2 import TemplateError
 
 from .errors import ConfigError, DataError
 
@@ -35,15 +42,77 @@ class Encoded:
     labels: list[int]  # same length; IGNORE_INDEX where no loss is taken
 
 
-def setup_template(tokenizer, template: str = "auto") -> str:
-    """Installs the plain template where asked or where the tokenizer has none; returns which is used."""
+def setup_template(tokenizer, template: str = "auto", system_prompt: str | None = None) -> str:
+    """Installs the plain template where asked or where the tokenizer has none, then the system prompt:
+    None leaves the template's own behaviour, "" drops the system text it gives a conversation that has
+    no system turn (where it gives one), any other string becomes that system text. Returns which
+    template is used."""
     if template == "tokenizer" and not tokenizer.chat_template:
         raise ConfigError("template: 'tokenizer' was asked for, but this tokenizer has no chat template")
+    used = "tokenizer"
     if template == "plain" or (template == "auto" and not tokenizer.chat_template):
         bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
         tokenizer.chat_template = PLAIN_TEMPLATE.replace("{{ bos }}", bos)
-        return "plain"
-    return "tokenizer"
+        used = "plain"
+    if system_prompt is not None and (system_prompt or template_system_prompt(tokenizer)):
+        special = [t.content for t in tokenizer.added_tokens_decoder.values()
+                   if t.special and t.content and t.content in system_prompt]
+        if special:
+            raise ConfigError(f"system_prompt: holds the text of the special token {special[0]!r}, which the "
+                              f"tokenizer would turn into the token itself")
+        tokenizer.chat_template = with_system_prompt(tokenizer.chat_template, system_prompt)
+    return used
+
+
+def with_system_prompt(chat_template: str, text: str) -> str:
+    """The template, first giving a conversation that has no system turn the system message `text`.
+
+    >>> from jinja2 import Template
+    >>> template = with_system_prompt("{{ messages[0]['content'] }}", 'Say "yes".')
+    >>> Template(template).render(messages=[{"role": "user", "content": "Hi"}])
+    'Say "yes".'
+    >>> Template(template).render(messages=[{"role": "system", "content": "Be terse."}])
+    'Be terse.'
+    """
+    literal = json.dumps(text, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
+    return ("{%- if messages and messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+            "{%- endif %}" + chat_template)
+
+
+def template_system_prompt(tokenizer) -> str:
+    """The system text the chat template gives a conversation that has no system turn; "" for none.
+
+    Found by rendering one user turn with a system turn and without: the default is whatever the
+    second holds where the first holds the given system text. SmolLM2's template gives
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face".
+    """
+    user = [{"role": "user", "content": "PROBE_USER_TEXT"}]
+    try:
+        given = render(tokenizer, [{"role": "system", "content": "PROBE_SYSTEM_TEXT"}, *user], False)
+        bare = render(tokenizer, user, False)
+    except TemplateError:  # a template that refuses system turns gives none of its own
+        return ""
+    head, found, tail = given.partition("PROBE_SYSTEM_TEXT")
+    if found and bare.startswith(head) and bare.endswith(tail) and len(bare) >= len(head) + len(tail):
+        return bare[len(head):len(bare) - len(tail)]
+    return ""
+
+
+def system_prompt_record(tokenizer, system_prompt: str | None) -> tuple[str | None, str | None]:
+    """After `setup_template`: the system text a conversation without a system turn is given, as the
+    run folder records it (None for none; "template default: ..." when it is the template's own, not
+    the one asked for), and a note for the console where the template's own text applies."""
+    text = template_system_prompt(tokenizer)
+    if not text or text == system_prompt:
+        return text or None, None
+    if system_prompt is None:
+        note = (f"the chat template gives every conversation without a system turn the system prompt {text!r}; "
+                f'SYSTEM_PROMPT = "" drops it, a string of your own replaces it')
+    else:
+        note = (f"system_prompt: the chat template gives a conversation without a system turn {text!r}, not "
+                f"{system_prompt!r}, whatever system message it is given; it cannot be changed with this template")
+    return f"template default: {text}", note
 
 
 def _adds_bos(tokenizer) -> bool:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -20,18 +23,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import TrainConfig, settings_from
+from .config import TrainConfig, script_spelling, settings_from
 from .data import PreparedData, prepare_data, set_aside
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, host_indices, resolve_loss_impl
 from .modeling import (check_packing_support, compile_layers, convert_to_float8, count_parameters,
-                       enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer, require_torchao)
+                       enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer,
+                       parameters_from_config, require_torchao)
 from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
 from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
 from .perf import mfu, peak_memory, reset_peak_memory, synchronize
-from .run_folder import RunFolder, collect_env
-from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template
+from .run_folder import RunFolder, RunLock, collect_env
+from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template, system_prompt_record
 
 MASTER_WEIGHTS = {("bf16_pure", "stochastic_rounding"): "bf16_stochastic_rounding",
                   ("bf16_pure", "kahan"): "bf16_kahan", ("bf16_pure", "none"): "bf16_plain"}
@@ -60,40 +64,107 @@ class Setup:
 def main(namespace: dict) -> RunFolder:
     """Entry point of the experiment scripts, called as `main(globals())`: builds the config from their
     UPPER_CASE constants and runs it. User errors (a bad setting, file or row) end in one line on
-    stderr and exit code 2, without a traceback."""
+    stderr, naming settings as the script spells them, and exit code 2, without a traceback."""
     try:
+        # a script run as the program owns the command line (a notebook's or a `python -c` caller's does not);
+        # a launcher's --local_rank is not the user's
+        extra = [a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))]
+        if namespace.get("__name__") == "__main__" and "__file__" in namespace and extra:
+            raise ConfigError(f"unexpected arguments {' '.join(extra)!r}: an experiment script takes none; "
+                              f"its settings are the UPPER_CASE constants at its top")
         settings = settings_from(namespace)
         if "experiment" not in settings:
-            raise ConfigError("EXPERIMENT: every experiment script names its experiment (the run folder's suffix)")
+            raise ConfigError('EXPERIMENT: not set; every experiment script sets EXPERIMENT = "<name>", the '
+                              "suffix of its run folders")
         return run(TrainConfig(**settings))
     except SFTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {script_spelling(str(e))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        sys.exit(143 if "SIGTERM" in str(e) else 130)
+        if isinstance(e, Interrupted) and e.checkpoint is not None:
+            print(f"to continue from the checkpoint of step {e.checkpoint_step}, set in the script:\n"
+                  f'RESUME = "{_shown_path(e.run_path)}"', file=sys.stderr)
+        sys.exit(143 if isinstance(e, Interrupted) and e.signal == "SIGTERM" else 130)
 
 
 def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
     """Builds everything, then trains into a new run folder, or into `cfg.resume`'s folder from its
-    newest checkpoint (with that run's saved settings)."""
+    newest checkpoint (with that run's saved settings). The runs folder is checked first (writable, room
+    for the outputs); a resume takes the run folder's lock before any compute is spent."""
     cfg = resumed_config(cfg) if cfg.resume else cfg
-    setup = build(cfg, data)
-    restored = restore_checkpoint(cfg, setup) if cfg.resume else None
-    folder = open_run_folder(cfg, setup)
+    check_room(cfg)
+    lock = RunLock(Path(cfg.resume)).acquire() if cfg.resume and _main_process() else None
     try:
-        summary = train_loop(cfg, setup, folder, restored)
-        finish(cfg, setup, folder, summary)
-    except Interrupted as e:
-        folder.update_summary(status="interrupted", reason=str(e))
-        raise
-    except KeyboardInterrupt:
-        folder.update_summary(status="interrupted", reason="KeyboardInterrupt (no checkpoint saved)")
-        raise
-    except BaseException as e:
-        folder.update_summary(status="failed", reason=f"{type(e).__name__}: {e}")
-        raise
+        setup = build(cfg, data)
+        restored = restore_checkpoint(cfg, setup) if cfg.resume else None
+        folder, lock = open_run_folder(cfg, setup, lock)
+        try:
+            summary = train_loop(cfg, setup, folder, restored)
+            finish(cfg, setup, folder, summary)
+        except Interrupted as e:
+            folder.record_failure("interrupted", str(e))
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C (or signal) stops at once, wherever the run was
+            newest = checkpoint.checkpoints(folder.path)
+            e = Interrupted("SIGINT", folder.path, newest[-1] if newest else None, "stopped at once by a second signal")
+            folder.record_failure("interrupted", str(e))
+            raise e from None
+        except BaseException as e:
+            folder.record_failure("failed", f"{type(e).__name__}: {e}")
+            raise
+    finally:
+        if lock is not None:
+            lock.release()
     return folder
+
+
+def _main_process() -> bool:
+    """Whether this is the process that writes the run folder (rank 0), known before accelerate starts."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _shown_path(path: Path) -> str:
+    """A path as a script would name it: relative to the current directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def output_bytes(cfg: TrainConfig, num_parameters: int) -> tuple[int, int]:
+    """About how many bytes the final model and one checkpoint take, from the parameter count and precision:
+    the model is saved in its training dtype; a checkpoint adds AdamW's two moments (and Kahan's buffer)."""
+    pure = cfg.precision == "bf16_pure"
+    weight = 2 if pure else 4
+    moments = {"float32": 8, "bfloat16": 4, "int8": 2}[cfg.optimizer_state_dtype] if pure else 8
+    kahan = 2 if pure and cfg.bf16_update == "kahan" else 0
+    return num_parameters * weight, num_parameters * (weight + moments + kahan)
+
+
+def check_room(cfg: TrainConfig) -> None:
+    """Before any data or model is loaded: the runs folder (or the resumed run folder) can be written and
+    has room for the final model and, when checkpointing, one checkpoint. Each failure is one line."""
+    root = Path(cfg.resume) if cfg.resume else Path(cfg.runs_root)
+    name = "resume" if cfg.resume else "runs_root"
+    existing = next(p for p in (root, *root.absolute().parents) if p.exists())  # nothing is created yet
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{name}: {root} cannot be written ({e.strerror or e}); choose a folder you can write "
+                          f"to") from None
+    model_bytes, checkpoint_bytes = output_bytes(cfg, parameters_from_config(
+        cfg.model, cfg.model_revision, trust_remote_code=cfg.trust_remote_code))
+    need = (model_bytes if cfg.save_model else 0) + (checkpoint_bytes if cfg.checkpoint_every else 0)
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        what = " and ".join(w for w, on in (("the final model", cfg.save_model),
+                                             ("one checkpoint", cfg.checkpoint_every)) if on)
+        raise ConfigError(f"{name}: {root} has {free / 2**30:.2f} GiB free, and {what} need about "
+                          f"{need / 2**30:.2f} GiB; free some space or write the run elsewhere")
 
 
 def step_plan(setup: "Setup") -> list:
@@ -105,27 +176,47 @@ def restore_checkpoint(cfg: TrainConfig, setup: "Setup") -> dict:
     """Loads the newest checkpoint into the prepared objects, before the run folder is touched, so a
     resume that cannot work leaves the interrupted run as it was."""
     restored = checkpoint.load_latest(setup.accelerator, Path(cfg.resume), setup.scheduler)
-    if restored["plan"] != step_plan(setup):
+    (steps, key), (now_steps, now_key) = restored["plan"], step_plan(setup)
+    # the same data, and as many steps, or more when a completed run is extended (the step plan of the
+    # first epochs or steps does not depend on how many follow)
+    if key != now_key or now_steps < steps or (now_steps > steps and not _completed(Path(cfg.resume))):
         raise ConfigError(f"resume: the data or step plan differs from the interrupted run's ({restored['plan']} vs "
                           f"{step_plan(setup)}); resume needs the same data and settings")
+    restored["plan"] = step_plan(setup)
     return restored
 
 
+def _completed(path: Path) -> bool:
+    summary = path / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
+
+
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """The settings the interrupted run was started with; the script's other constants are ignored."""
+    """The settings the interrupted run was started with; the script's other constants are ignored. A
+    completed run that kept a checkpoint is extended instead when the script raises EPOCHS or MAX_STEPS:
+    those two come from the script (the learning-rate schedule is then laid out over the new length)."""
     path = Path(cfg.resume)
     if not (path / "config.json").exists():
         raise ConfigError(f"resume: {path} is not a run folder (no config.json)")
-    if not checkpoint.checkpoints(path):
-        raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
-    summary = path / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
-        raise ConfigError(f"resume: {path} has already completed")
     saved = json.loads((path / "config.json").read_text())["config"]
     unknown = sorted(set(saved) - set(cfg.to_dict()))
     if unknown:
         raise ConfigError(f"resume: {path} was made by a version of this toolkit with settings {unknown} that this "
                           f"version does not have")
+    extend = {}
+    if _completed(path):
+        extend = {k: getattr(cfg, k) for k in ("epochs", "max_steps") if _longer(k, getattr(cfg, k), saved.get(k))}
+        if not extend:
+            raise ConfigError(f"resume: {path} has already completed; to train it further, raise EPOCHS or MAX_STEPS "
+                              f"in the script")
+        if not checkpoint.checkpoints(path):
+            raise ConfigError(f"resume: {path} has completed and kept no checkpoint to train further from; set "
+                              f"KEEP_CHECKPOINTS_AFTER_COMPLETION = 1 for runs you may extend")
+        print(f"note: extending the completed run: " + ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in extend.items()),
+              file=sys.stderr)
+    elif not checkpoint.checkpoints(path):
+        raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
+    saved.update(extend)
     saved["adam_betas"] = tuple(saved["adam_betas"])
     differing = sorted(k for k, v in cfg.to_dict().items() if k != "resume" and saved.get(k) != v
                        and not (isinstance(v, tuple) and list(v) == saved.get(k)))
@@ -136,8 +227,16 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig(**saved)
 
 
-def open_run_folder(cfg: TrainConfig, setup: Setup) -> RunFolder:
-    """A new run folder (or the resumed one), known to every process, written by the main process only."""
+def _longer(name: str, new, old) -> bool:
+    """Whether the script's epochs or max_steps would train past the saved run's (None: no step cap)."""
+    if name == "max_steps":
+        return new != old and (new is None or (old is not None and new > old))
+    return new > old
+
+
+def open_run_folder(cfg: TrainConfig, setup: Setup, lock: RunLock | None = None) -> tuple[RunFolder, RunLock | None]:
+    """A new run folder (or the resumed one), known to every process, written by the main process only,
+    which holds its lock (taken here for a new folder, before anything is written into it)."""
     from accelerate.utils import broadcast_object_list
 
     acc = setup.accelerator
@@ -146,6 +245,8 @@ def open_run_folder(cfg: TrainConfig, setup: Setup) -> RunFolder:
         path = Path(cfg.resume)
     else:
         path = RunFolder.create(cfg.runs_root, cfg.experiment).path if main else None
+        if main:
+            lock = RunLock(path).acquire()
     if acc.num_processes > 1:
         path = broadcast_object_list([path])[0]
     folder = RunFolder(path, writable=main)
@@ -153,6 +254,8 @@ def open_run_folder(cfg: TrainConfig, setup: Setup) -> RunFolder:
         env = json.loads((path / "env.json").read_text())
         env.setdefault("resumes", []).append(collect_env(acc.device))
         folder.write_json("env.json", env)
+        if folder.read_json("config.json")["derived"]["optimizer_steps"] != setup.derived["optimizer_steps"]:
+            folder.write_json("config.json", {"config": dict(cfg.to_dict(), resume=None), "derived": setup.derived})
         folder.update_summary(status="running", reason=None)
     else:
         folder.write_json("config.json", {"config": cfg.to_dict(), "derived": setup.derived})
@@ -161,7 +264,7 @@ def open_run_folder(cfg: TrainConfig, setup: Setup) -> RunFolder:
         folder.write_json("summary.json", {"status": "running"})
     if main:
         print(f"run folder: {path}", file=sys.stderr)
-    return folder
+    return folder, lock
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -225,12 +328,15 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
               f"{'bf16' if precision != 'fp32' else 'fp32'}", file=sys.stderr)
 
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code, cfg.eos_token)
-    template = setup_template(tokenizer, cfg.template)
+    template = setup_template(tokenizer, cfg.template, cfg.system_prompt)
+    system_prompt, system_note = system_prompt_record(tokenizer, cfg.system_prompt)
     if data is None:
         data = prepare_data(cfg, tokenizer)
         if accelerator.is_main_process:
             for line in set_aside(data.stats):
                 print(f"note: {line}", file=sys.stderr)
+    if system_note and accelerator.is_main_process:  # after the data: an error in it stays the only line
+        print(f"note: {system_note}", file=sys.stderr)
 
     world = accelerator.num_processes
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
@@ -282,7 +388,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                + (", stepped per parameter in the backward pass" if in_backward else ""),
                "max_grad_norm": cfg.max_grad_norm,
                "attn_implementation": model.config._attn_implementation, "float8": float8,
-               "loss_impl": loss_impl, "template": template,
+               "loss_impl": loss_impl, "template": template, "system_prompt": system_prompt,
                "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,
                "optimizer_steps": len(steps), "steps_per_epoch": steps_per_epoch,
                "warmup_steps": warmup_steps(cfg, len(steps)), "micro_batches_per_step": cfg.grad_accum_steps * world,
@@ -381,12 +487,15 @@ def evaluate_loss(setup: Setup) -> float:
     was_training = setup.loss_model.training
     setup.loss_model.eval()
     total = torch.zeros(2, device=acc.device, dtype=torch.float64)
-    for i, counts in my_share(len(setup.eval_batches), acc):
-        batch = setup.eval_batches[i]
-        loss = setup.loss_model(**_to_device(batch, acc.device))
-        if counts:  # summed on the device: no host sync per batch
-            total[0] += loss.double()
-            total[1] += _num_targets(batch)
+    share = my_share(len(setup.eval_batches), acc)
+    with tqdm(share, desc="eval loss", leave=False, unit="batch", disable=not acc.is_local_main_process,
+              dynamic_ncols=True) as bar:  # closed on an error too, before it is printed
+        for i, counts in bar:
+            batch = setup.eval_batches[i]
+            loss = setup.loss_model(**_to_device(batch, acc.device))
+            if counts:  # summed on the device: no host sync per batch
+                total[0] += loss.double()
+                total[1] += _num_targets(batch)
     setup.loss_model.train(was_training)
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="sum")
@@ -409,7 +518,8 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
     sharded = acc.num_processes > 1 and acc.distributed_type.name in ("FSDP", "DEEPSPEED")
     with acc.autocast():  # the inner model is not wrapped by accelerate's autocast; training's forward is
         replies = generate(model, setup.tokenizer, [prompts[i] for i, _ in share], decoding,
-                           cfg.generation_batch_size, synced=sharded)
+                           cfg.generation_batch_size, synced=sharded,
+                           progress=f"generating ({stage or 'eval'})" if acc.is_local_main_process else None)
     gathered = dict(gather_object([(i, r) for (i, counts), r in zip(share, replies) if counts]))
     replies = [gathered[i] for i in range(len(prompts))]
     if folder.writable:
@@ -425,16 +535,25 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved at the end of the current step."""
+    """SIGTERM or SIGINT stopped the run: after the current step, with a checkpoint saved, or at once on a
+    second signal. Carries the signal, the run folder and its newest checkpoint (None if there is none)."""
+
+    def __init__(self, signal_name: str, run_path: Path, checkpoint_path: Path | None, what: str):
+        self.signal, self.run_path, self.checkpoint = signal_name, Path(run_path), checkpoint_path
+        self.checkpoint_step = int(checkpoint_path.name.removeprefix(checkpoint.PREFIX)) if checkpoint_path else None
+        saved = (f"newest checkpoint: step {self.checkpoint_step} ({checkpoint_path})" if checkpoint_path
+                 else "no checkpoint saved")
+        super().__init__(f"{signal_name}: {what}; {saved}")
 
 
 class StopRequest:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each optimizer step, so a preempted job
     ends on a step boundary with a checkpoint instead of dying mid-step."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal: str | None = None
         self.previous: dict = {}
+        self.announce = announce
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -446,6 +565,9 @@ class StopRequest:
         if self.signal is not None:  # a second signal: stop at once
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        if self.announce:
+            tqdm.write(f"\n{self.signal} received: finishing the current step, then saving a checkpoint; "
+                       f"press Ctrl-C again to stop at once, without saving", file=sys.stderr)
 
     def requested(self, acc) -> bool:
         """True on every process once any process got a signal: the checkpoint save is collective."""
@@ -484,12 +606,18 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
             "kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens": state["tokens"],
             "eval_loss": eval_loss, "task_metric": metric, "task_metric_name": cfg.task_metric,
             "elapsed_s": elapsed()})
+        if acc.is_main_process:
+            tqdm.write(f"step {step}: eval loss {eval_loss:.4f}"
+                       + (f", {cfg.task_metric} {metric:.3f}" if metric is not None else ""), file=sys.stderr)
         return eval_loss, metric
 
     def save_checkpoint() -> Path:
         saved = dict(state, elapsed=elapsed(), train_wall=state["train_wall"] + time.perf_counter() - start)
-        return checkpoint.save(acc, folder.path, state["step"], saved, setup.scheduler, cfg.keep_checkpoints,
+        path = checkpoint.save(acc, folder.path, state["step"], saved, setup.scheduler, cfg.keep_checkpoints,
                                checkpoint.state_bytes(setup.loss_model, setup.optimizer))
+        if acc.is_main_process:
+            tqdm.write(f"step {state['step']}: checkpoint saved ({path.name})", file=sys.stderr)
+        return path
 
     if restored is not None:
         state.update(restored)
@@ -505,7 +633,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.experiment, disable=not acc.is_local_main_process,
                dynamic_ncols=True)
-    with StopRequest() as stop:
+    with StopRequest(announce=acc.is_main_process) as stop, bar:  # the bar closes before any error is printed
         for step_batches in setup.steps[state["step"]:]:
             step = state["step"] + 1
             lr = setup.scheduler.get_last_lr()[0]
@@ -538,11 +666,13 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
                 run_eval(step, False, None)
             if stop.requested(acc):
                 path = save_checkpoint()
-                raise Interrupted(f"{stop.signal or 'a signal on another process'} at step {step}; "
-                                  f"checkpoint saved: {path}")
+                raise Interrupted(stop.signal or "a signal on another process", folder.path, path,
+                                  f"stopped after step {step}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total_steps:
                 save_checkpoint()
-    bar.close()
+    if cfg.keep_checkpoints_after_completion and state["step"] == total_steps and not any(
+            p.name == f"{checkpoint.PREFIX}{total_steps:06d}" for p in checkpoint.checkpoints(folder.path)):
+        save_checkpoint()  # the final step's: training can be extended from it
     train_runtime = state["train_wall"] + time.perf_counter() - start  # the loop's wall time, over resumes
     peak_gib, peak_kind = peak_memory(acc.device)
     eval_final, metric_after = run_eval(total_steps, True, "after")
@@ -573,21 +703,43 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
 
 
 def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> None:
-    """Saves the model (gathered from all processes when sharded) and completes the run folder."""
+    """Completes the run folder: the summary's numbers first (a save that fails keeps them), then the model
+    (gathered from all processes when sharded), the figures, and the checkpoints pruned to
+    keep_checkpoints_after_completion; `completed` is written last."""
     from .plotting import write_figures
 
     acc = setup.accelerator
+    if folder.writable:
+        folder.update_summary(**dict(summary, status="running"))
     if cfg.save_model:
         state = acc.get_state_dict(setup.loss_model)  # a collective under FSDP / ZeRO-3: every process calls it
         if folder.writable:
             state = {k.removeprefix("_orig_mod.").removeprefix("model."): v for k, v in state.items()}
-            acc.unwrap_model(setup.loss_model).model.save_pretrained(folder.path / "model", state_dict=state)
-            setup.tokenizer.save_pretrained(folder.path / "model")
+            save_model(acc.unwrap_model(setup.loss_model).model, setup.tokenizer, state, folder.path / "model")
     acc.wait_for_everyone()
     if not folder.writable:
         return
-    folder.update_summary(**summary)
     write_figures(folder.path)
+    checkpoint.prune(folder.path, cfg.keep_checkpoints_after_completion)
+    folder.update_summary(status="completed")
     print(f"done: {folder.path}  eval loss {summary['eval_loss_first']:.4f} -> {summary['eval_loss_final']:.4f}"
           + (f", {cfg.task_metric} {summary['task_metric_before']:.3f} -> {summary['task_metric_after']:.3f}"
              if cfg.task_metric and summary["task_metric_before"] is not None else ""), file=sys.stderr)
+
+
+def save_model(model, tokenizer, state: dict, path: Path) -> None:
+    """Writes the model and tokenizer under a temporary name and renames the folder when complete: `model/`
+    is a whole model or absent, never a few files of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"saving the model to {path} ...", file=sys.stderr)
+    began = time.perf_counter()
+    try:
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # a resumed or extended run replaces its earlier model
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"saved the model ({time.perf_counter() - began:.0f} s)", file=sys.stderr)

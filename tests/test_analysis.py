@@ -131,7 +131,10 @@ def test_load_run_reads_every_file_of_the_run_folder(tmp_path):
 
 
 def test_running_run_loads_with_empty_tables_and_still_plots(tmp_path):
+    from sft.run_folder import RunLock
+
     run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo", status="running")
+    lock = RunLock(run_dir).acquire()  # a live training process holds it
     run = analysis.load_run(run_dir)
 
     assert run.status == "running"
@@ -142,13 +145,19 @@ def test_running_run_loads_with_empty_tables_and_still_plots(tmp_path):
     row = analysis.compare_runs([run]).iloc[0]
     assert row["status"] == "running" and row["eval_loss_final"] is None
     assert all(p.stat().st_size > 0 for p in plotting.write_figures(run_dir))
+    lock.release()
+    assert analysis.load_run(run_dir).status == "stale"  # its process is gone
 
 
 def test_running_run_compares_with_metrics_written_so_far(tmp_path):
+    from sft.run_folder import RunLock
+
     run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo")
     (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+    lock = RunLock(run_dir).acquire()  # still training
 
     row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
+    lock.release()
 
     assert row["eval_loss_first"] == 2.0
     assert row["eval_loss_final"] == pytest.approx(2.0 - 0.2 * 4)

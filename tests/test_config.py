@@ -1,13 +1,16 @@
-"""TrainConfig: every nonsense setting stops with a ConfigError naming the field; valid ones round-trip."""
+"""TrainConfig: every nonsense setting stops with a ConfigError naming the field; valid ones round-trip.
+Experiment scripts: their settings are their UPPER_CASE constants, and their errors name them so."""
 from __future__ import annotations
 
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
-from sft.config import TrainConfig
+from sft.config import TrainConfig, script_spelling, settings_from
 from sft.errors import ConfigError
 
 BAD_SETTINGS = [
@@ -105,3 +108,77 @@ def test_optimizer_in_backward_needs_pure_bf16_one_micro_batch_and_no_clipping()
                               (dict(precision="bf16_pure"), "clipping to max_grad_norm=1.0")):
         with pytest.raises(ConfigError, match=f"^optimizer_in_backward: .*{re.escape(message)}"):
             TrainConfig(experiment="x", optimizer_in_backward=True, **settings)
+
+
+def test_the_default_runs_root_is_the_repositorys_runs_folder_wherever_python_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(experiment="x").runs_root == str(Path(__file__).resolve().parents[1] / "runs")
+    assert TrainConfig(**settings_from({"EXPERIMENT": "x", "RUNS_ROOT": "mine"})).runs_root == "mine"
+
+
+@pytest.mark.parametrize("name", ["lr", "Lr"])
+def test_a_setting_not_in_upper_case_is_an_error_not_ignored(name):
+    with pytest.raises(ConfigError, match=rf"^{name}: settings are UPPER_CASE constants; write LR = "):
+        settings_from({"EXPERIMENT": "x", name: 1e-3})
+
+
+def test_the_scripts_own_names_imports_and_functions_are_not_settings():
+    namespace = {"EXPERIMENT": "x", "_LR": 1e-3, "_lr": 1e-3, "__name__": "__main__", "seed": lambda: 0,
+                 "json": json, "model": TrainConfig, "helper": 3}
+    assert settings_from(namespace) == {"experiment": "x"}
+
+
+def test_an_unknown_constant_gets_the_closest_settings_and_the_underscore_rule():
+    with pytest.raises(ConfigError) as err:
+        settings_from({"EXPERIMENT": "x", "LR_SCHEDUEL": "linear"})
+    message = str(err.value)
+    assert message.startswith("LR_SCHEDUEL: not a setting (did you mean LR_SCHEDULE?)")
+    assert "starts with _ (e.g. _LR_SCHEDUEL)" in message
+    assert "WEIGHT_DECAY" not in message and len(message) < 250  # no list of every setting
+
+
+def run_main(namespace: dict, argv: list[str], monkeypatch, capsys) -> str:
+    """What `main` prints when it stops on a user error before any data is read."""
+    from sft.train import main
+
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main(namespace)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    return line
+
+
+SCRIPT = {"__name__": "__main__", "__file__": "exp.py"}
+
+
+def test_a_script_given_command_line_arguments_stops_with_one_line(monkeypatch, capsys):
+    line = run_main({**SCRIPT, "EXPERIMENT": "x", "LR": -1.0}, ["exp.py", "--lr", "1e-3"], monkeypatch, capsys)
+    assert line.startswith("error: unexpected arguments '--lr 1e-3': an experiment script takes none")
+
+
+def test_arguments_that_are_not_the_scripts_own_are_left_alone(monkeypatch, capsys):
+    # a notebook kernel's arguments, or a script that is imported rather than run: the settings are checked
+    notebook = {"__name__": "__main__", "EXPERIMENT": "x", "LR": -1.0}
+    assert run_main(notebook, ["kernel.py", "-f", "k.json"], monkeypatch, capsys).startswith("error: LR:")
+    imported = {"__name__": "exp", "__file__": "exp.py", "EXPERIMENT": "x", "LR": -1.0}
+    assert run_main(imported, ["other.py", "--flag"], monkeypatch, capsys).startswith("error: LR:")
+
+
+def test_errors_from_a_script_name_settings_as_the_script_spells_them(monkeypatch, capsys):
+    line = run_main({**SCRIPT, "EXPERIMENT": "x", "LR": -1.0}, ["exp.py"], monkeypatch, capsys)
+    assert line == "error: LR: must be > 0, got -1.0"
+    line = run_main({**SCRIPT, "EXPERIMENT": "x", "PADDING_FREE": True}, ["exp.py"], monkeypatch, capsys)
+    assert line == "error: PADDING_FREE: replaces packing; set PACKING=False to use it"
+
+
+def test_a_script_without_experiment_is_told_what_to_write(monkeypatch, capsys):
+    line = run_main({**SCRIPT, "LR": 1e-4}, ["exp.py"], monkeypatch, capsys)
+    assert line.startswith('error: EXPERIMENT: not set; every experiment script sets EXPERIMENT = "<name>"')
+
+
+def test_script_spelling_leaves_values_and_other_words_alone():
+    assert script_spelling("model: /data/lr=3/x is missing") == "MODEL: /data/lr=3/x is missing"
+    assert script_spelling("dataset file x.jsonl, line 2: bad (use lr=1)") == \
+        "dataset file x.jsonl, line 2: bad (use LR=1)"
+    assert script_spelling("loss_on: raise micro_batch_size") == "LOSS_ON: raise micro_batch_size"

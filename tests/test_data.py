@@ -9,7 +9,7 @@ import pytest
 
 from sft.data import prepare_data
 from sft.errors import ConfigError, DataError
-from sft.templates import encode_chat
+from sft.templates import encode_chat, setup_template
 
 LONG = " ".join(["word"] * 80)
 
@@ -53,6 +53,23 @@ def test_cache_hits_only_for_identical_inputs(tiny_config, tokenizer, tmp_path, 
     write_jsonl(tmp_path / "d.jsonl", changed)
     assert not prepare_data(cfg, tokenizer).cache_hit
     assert prepare_data(cfg, tokenizer).cache_hit
+
+
+def test_system_prompt_reaches_the_examples_and_the_cache_key(tiny_config, tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    keys, texts = [], []
+    for system_prompt in (None, "", "Answer with the number only."):
+        tok = copy.deepcopy(tokenizer)
+        cfg = tiny_config(dataset=data, eval_rows=4, system_prompt=system_prompt)
+        setup_template(tok, cfg.template, cfg.system_prompt)
+        prepared = prepare_data(cfg, tok)
+        assert not prepared.cache_hit
+        keys.append(prepared.stats["tokenization_cache"]["key"])
+        texts.append(tok.decode(prepared.train[0].input_ids))
+    assert len(set(keys)) == 3
+    assert "You are a helpful AI assistant named SmolLM" in texts[0]
+    assert texts[1].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    assert texts[2].startswith("<|im_start|>system\nAnswer with the number only.<|im_end|>\n<|im_start|>user\n")
 
 
 def test_stats_count_rows_rejections_and_supervision(tiny_config, tokenizer, tmp_path):

@@ -27,7 +27,7 @@ def late_save(obj, path, *args, **kwargs):  # rank 1 writes its random states af
         time.sleep(2)
     return save(obj, path, *args, **kwargs)
 accelerate.checkpointing.torch.save = late_save
-train.main({k.upper(): v for k, v in json.loads(sys.argv[1]).items()})
+train.main({k.upper(): v for k, v in json.loads(sys.argv.pop(1)).items()})  # a script takes no arguments
 """
 # Gradients are all-reduced in a different summation order than one process adds them, so equality
 # holds to float32 rounding, not bitwise: relative 1e-5 on losses after 3 steps.
@@ -48,7 +48,7 @@ def metrics(folder: Path, kind: str, key: str) -> list[float]:
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_config, tmp_path):
     one = run(tiny_config(micro_batch_size=2, grad_accum_steps=2, runs_root=str(tmp_path / "one")))
     settings = tiny_config(micro_batch_size=2, grad_accum_steps=1, runs_root=str(tmp_path / "two"),
-                           checkpoint_every=2).to_dict()
+                           checkpoint_every=2, keep_checkpoints_after_completion=2).to_dict()
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

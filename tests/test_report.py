@@ -1,6 +1,10 @@
 """README blocks are generated from run folders and CSVs, and only between their markers."""
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+
 import pytest
 
 from sft.errors import SFTError
@@ -12,13 +16,72 @@ def test_demo_block_is_rendered_from_the_newest_completed_demo_run(tiny_config, 
     folder = run(tiny_config(experiment="demo_smollm2", runs_root=str(tmp_path / "runs")))
     (tmp_path / "inf_tests" / "results").mkdir(parents=True)
     (tmp_path / "inf_tests" / "results" / "runtime_cpu.csv").write_text("model,decode_tok_s\nm,12.5\n")
-    rendered = blocks(tmp_path)
+    assert blocks(tmp_path) == {}  # not a git checkout: nothing is committed
+    rendered = blocks(tmp_path, include_local=True)
     summary = folder.path.joinpath("summary.json").read_text()
     assert folder.path.name in rendered["demo-results"]
     first = __import__("json").loads(summary)["eval_loss_first"]
     assert f"{first:,.3f}" in rendered["demo-results"]
     assert "| m | 12.500 |" in rendered["inference-cpu"]  # only the columns the CSV has
     assert (tmp_path / "assets" / "demo_loss_curves.png").stat().st_size > 1000
+
+
+def git(root, *args):
+    subprocess.run(["git", "-C", str(root), "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+                   check=True, capture_output=True)
+
+
+BENCH_HEADER = "variant,recipe,arch,status,real_tok_s,peak_gib,first_step_s,settings\n"
+
+
+def test_only_committed_results_reach_the_readme_unless_local_ones_are_asked_for(tiny_config, tmp_path):
+    root = tmp_path / "repo"
+    committed = run(tiny_config(experiment="demo_smollm2", runs_root=str(root / "runs"))).path
+    results = root / "inf_tests" / "results"
+    results.mkdir(parents=True)
+    (results / "runtime_cpu.csv").write_text("model,decode_tok_s\ncommitted,12.5\n")
+    bench = root / "bench" / "results"
+    bench.mkdir(parents=True)
+    (bench / "bench_gpu.csv").write_text(BENCH_HEADER + "ours_1b,ours,llama-1b,ok,80000,30,12,x\n")
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "results")
+
+    # what one machine has on top: a newer completed demo run, an edited CSV and new ones
+    local = committed.parent / committed.name.replace(committed.name[:4], "2999", 1)
+    shutil.copytree(committed, local)
+    (local / "loss_curves.png").write_bytes(b"local" * 1000)
+    (results / "runtime_cpu.csv").write_text("model,decode_tok_s\nlocal,99\n")
+    (results / "runtime_gpu.csv").write_text("model,decode_tok_s\nlocal_gpu,99\n")
+    (bench / "bench_gpu_run2.csv").write_text(BENCH_HEADER + "ours_7b,ours,llama-7b,ok,9000,50,9,x\n")
+
+    rendered = blocks(root)
+    assert f"Run `{committed.name}`" in rendered["demo-results"] and local.name not in rendered["demo-results"]
+    assert (root / "assets" / "demo_loss_curves.png").read_bytes() == (committed / "loss_curves.png").read_bytes()
+    assert "| committed | 12.500 |" in rendered["inference-cpu"] and "local" not in rendered["inference-cpu"]
+    assert "inference-gpu" not in rendered
+    assert "bench_gpu.csv" in rendered["bench-gpu"] and "bench_gpu_run2.csv" not in rendered["bench-gpu"]
+    assert (results / "runtime_cpu.csv").read_text() == "model,decode_tok_s\nlocal,99\n"  # left as it was
+
+    rendered = blocks(root, include_local=True)
+    assert f"Run `{local.name}`" in rendered["demo-results"]
+    assert (root / "assets" / "demo_loss_curves.png").read_bytes() == b"local" * 1000
+    assert "| local | 99 |" in rendered["inference-cpu"] and "| local_gpu | 99 |" in rendered["inference-gpu"]
+    assert "bench_gpu.csv" in rendered["bench-gpu"] and "bench_gpu_run2.csv" in rendered["bench-gpu"]
+
+
+def test_a_run_folder_counts_as_committed_only_once_its_summary_is(tiny_config, tmp_path):
+    root = tmp_path / "repo"
+    folder = run(tiny_config(experiment="demo_smollm2", runs_root=str(root / "runs"))).path
+    git(root, "init", "-q")
+    git(root, "add", ".", ":!runs/*/summary.json")
+    git(root, "commit", "-q", "-m", "a run without its summary")
+    assert "demo-results" not in blocks(root)
+    git(root, "add", ".")
+    assert "demo-results" not in blocks(root)  # staged is not committed
+    git(root, "commit", "-q", "-m", "its summary")
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
+    assert folder.name in blocks(root)["demo-results"]
 
 
 def test_replace_block_keeps_everything_outside_the_markers():

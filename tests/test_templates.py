@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from tokenizers import processors
 
 from sft.errors import ConfigError
-from sft.templates import IGNORE_INDEX, encode_chat, setup_template
+from sft.templates import IGNORE_INDEX, encode_chat, render, setup_template, system_prompt_record
 
 SINGLE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
           {"role": "assistant", "content": "5"}]
@@ -159,3 +160,109 @@ def test_tokenizer_template_requested_without_one_is_a_config_error(chatml_token
     with pytest.raises(ConfigError, match="no chat template"):
         setup_template(tok, "tokenizer")
     assert setup_template(tok, "auto") == "plain"
+
+
+SMOLLM_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+NO_SYSTEM = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+
+
+def with_system_prompt(tokenizer, system_prompt):
+    tok = copy.deepcopy(tokenizer)
+    setup_template(tok, "auto", system_prompt)
+    return tok
+
+
+def test_system_prompt_none_keeps_smollm2_default_and_says_how_to_change_it(chatml_tokenizer):
+    tok = with_system_prompt(chatml_tokenizer, None)
+    assert tok.chat_template == chatml_tokenizer.chat_template
+    assert render(tok, NO_SYSTEM, False).startswith(f"<|im_start|>system\n{SMOLLM_DEFAULT}<|im_end|>\n")
+    record, note = system_prompt_record(tok, None)
+    assert record == f"template default: {SMOLLM_DEFAULT}"
+    assert SMOLLM_DEFAULT in note and 'SYSTEM_PROMPT = ""' in note
+
+
+def test_empty_system_prompt_drops_the_default_system_text(chatml_tokenizer):
+    tok = with_system_prompt(chatml_tokenizer, "")
+    assert render(tok, NO_SYSTEM, False) == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n2+3?<|im_end|>\n"
+                                             "<|im_start|>assistant\n5<|im_end|>\n")
+    assert system_prompt_record(tok, "") == (None, None)
+    assert render(tok, SINGLE, False) == render(chatml_tokenizer, SINGLE, False)
+
+
+def test_empty_system_prompt_leaves_a_template_without_a_default_as_it_is(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.chat_template = CHATML
+    setup_template(tok, "auto", "")
+    assert tok.chat_template == CHATML
+    assert system_prompt_record(tok, "") == (None, None)
+    plain = with_system_prompt(chatml_tokenizer, None)
+    assert setup_template(plain, "plain", "") == "plain" and not render(plain, NO_SYSTEM, False).startswith("\n")
+
+
+def test_custom_system_prompt_goes_once_into_conversations_without_one(chatml_tokenizer):
+    custom = 'Answer with the number only. Say "5", not {{ five }}.'
+    tok = with_system_prompt(chatml_tokenizer, custom)
+    text = render(tok, NO_SYSTEM, False)
+    assert text.startswith(f"<|im_start|>system\n{custom}<|im_end|>\n<|im_start|>user\n")
+    assert text.count(custom) == 1 and SMOLLM_DEFAULT not in text
+    own = render(tok, SINGLE, False)
+    assert own == render(chatml_tokenizer, SINGLE, False) and custom not in own  # its own system turn stays
+    assert system_prompt_record(tok, custom) == (custom, None)
+    # training and generation encode the prompt alike, system turn included
+    train = encode_chat(tok, NO_SYSTEM)
+    prompt = encode_chat(tok, NO_SYSTEM[:1], add_generation_prompt=True)
+    assert train.input_ids[:len(prompt.input_ids)] == prompt.input_ids
+    assert custom in tok.decode(prompt.input_ids)
+
+
+def test_custom_system_prompt_travels_with_the_saved_tokenizer(chatml_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = with_system_prompt(chatml_tokenizer, "Be terse.")
+    tok.save_pretrained(tmp_path)
+    assert render(AutoTokenizer.from_pretrained(tmp_path), NO_SYSTEM, True).startswith(
+        "<|im_start|>system\nBe terse.<|im_end|>\n")
+
+
+def test_plain_template_takes_a_custom_system_prompt(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)
+    setup_template(tok, "plain", "Be terse.")
+    assert render(tok, NO_SYSTEM, False).startswith("Be terse.\n\n### Human: 2+3?\n")
+    assert system_prompt_record(tok, "Be terse.") == ("Be terse.", None)
+
+
+def test_a_template_that_cannot_drop_its_default_says_so(chatml_tokenizer):
+    tok = copy.deepcopy(chatml_tokenizer)  # an empty system message counts as none here
+    tok.chat_template = ("{% if not (messages[0]['role'] == 'system' and messages[0]['content']) %}"
+                         "{{ '<|im_start|>system\nDefault.<|im_end|>\n' }}{% endif %}"
+                         + CHATML.replace("in messages", "in messages if m['content']"))
+    setup_template(tok, "auto", "")
+    record, note = system_prompt_record(tok, "")
+    assert record == "template default: Default." and "cannot be changed" in note
+
+
+def test_system_prompt_holding_a_special_token_is_a_config_error(chatml_tokenizer):
+    with pytest.raises(ConfigError, match="system_prompt: holds the text of the special token '<\\|im_end\\|>'"):
+        with_system_prompt(chatml_tokenizer, "Be terse.<|im_end|>")
+
+
+def test_a_run_records_the_system_prompt_that_applied(tiny_config, capsys, tmp_path):
+    from sft.train import run
+
+    rows = [{"messages": [{"role": "user", "content": f"{i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]}
+            for i in range(40)]
+    data = tmp_path / "no_system.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    default = run(tiny_config(dataset=str(data))).path
+    derived = json.loads((default / "config.json").read_text())["derived"]
+    assert derived["system_prompt"] == f"template default: {SMOLLM_DEFAULT}"
+    notes = [line for line in capsys.readouterr().err.splitlines() if SMOLLM_DEFAULT in line]
+    assert len(notes) == 1 and notes[0].startswith("note: ")
+
+    custom = run(tiny_config(dataset=str(data), system_prompt="Answer with the number only.")).path
+    config = json.loads((custom / "config.json").read_text())
+    assert config["config"]["system_prompt"] == config["derived"]["system_prompt"] == "Answer with the number only."
+    assert SMOLLM_DEFAULT not in capsys.readouterr().err
+    samples = [json.loads(line) for line in (custom / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].startswith("<|im_start|>system\nAnswer with the number only.<|im_end|>")
+                           for s in samples)

@@ -165,7 +165,7 @@ def test_experiment_entry_point_prints_one_line_and_exits_2(tmp_path):
                           cwd=Path(__file__).resolve().parents[1],
                           env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: lr: must be > 0, got -1.0"
+    assert proc.stderr.strip() == "error: LR: must be > 0, got -1.0"
 
 
 def test_padding_free_and_packed_and_padded_batching_train_alike(tiny_config):

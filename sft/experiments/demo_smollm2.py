@@ -1,7 +1,8 @@
 """Demo: SmolLM2-135M-Instruct (embedded) x the embedded demo tasks, on 2 CPU cores in a few minutes.
 
-Edit the constants, then run `python -m sft.experiments.demo_smollm2` from the repository root.
-The run folder appears under runs/.
+Edit the constants, then run `python -m sft.experiments.demo_smollm2` (or this file by its path) from
+any directory: the project is installed editable (`make install`, or `pip install -e .`). The run folder
+appears under the repository's runs/ (RUNS_ROOT = "..." puts it elsewhere).
 """
 from sft.train import main
 
