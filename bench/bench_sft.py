@@ -250,7 +250,7 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
         raise RuntimeError(f"only {len(setup.steps)} steps of data for {variant.steps}")
     clock = Clock(start, variant.warmup, variant.steps, device, variant.max_s)
     real = padded = 0
-    for step, batches in enumerate(setup.steps, start=1):
+    for step, batches in enumerate(setup.batches(), start=1):
         _, _, tokens = train_step(setup, batches)
         real += tokens
         padded += sum(b["input_ids"].numel() for b in batches)
@@ -260,7 +260,7 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
     if PROFILE_DIR is not None and variant.profile:  # after the measurement: the profiler's overhead is not in the numbers
         path = PROFILE_DIR / f"profile_{variant.name}.txt"
         try:
-            profile_steps(setup, setup.steps[max(0, clock.last - PROFILE_STEPS):clock.last], device, path)
+            profile_steps(setup, list(setup.batches(max(0, clock.last - PROFILE_STEPS), clock.last)), device, path)
         except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the measured row
             traceback.print_exc()
             path.write_text(f"profiling failed: {type(e).__name__}: {e}\n")

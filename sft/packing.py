@@ -9,9 +9,12 @@ examples never attend to each other.
 """
 from __future__ import annotations
 
-import bisect
+import heapq
 import random
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from queue import Full, Queue
 
 import torch
 
@@ -35,23 +38,55 @@ def shift_labels(input_ids: list[int], labels: list[int]) -> Example:
 
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Groups example indices into bins of at most `capacity` tokens, longest first, each into the
-    fullest bin it still fits (best fit). Returns bins as lists of indices, in creation order."""
+    fullest bin it still fits (best fit; among equally full bins, the oldest). Returns bins as lists of
+    indices, in creation order. Finding the bin costs the same whatever the number of bins (see
+    _BinsByFreeSpace), so packing stays linear in the number of examples.
+
+    >>> pack_best_fit_decreasing([3, 5, 2, 4], capacity=6)
+    [[1], [3, 2], [0]]
+    """
     if any(n > capacity for n in lengths):
         raise ValueError("an example is longer than the packing capacity")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free space, bin id), sorted
+    free = _BinsByFreeSpace(capacity)
     for i in order:
         n = lengths[i]
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
+        found = free.pop_fullest_fitting(n)
+        if found is None:
             bins.append([i])
-            bisect.insort(free, (capacity - n, len(bins) - 1))
+            free.add(capacity - n, len(bins) - 1)
         else:
-            space, b = free.pop(k)
+            space, b = found
             bins[b].append(i)
-            bisect.insort(free, (space - n, b))
+            free.add(space - n, b)
     return bins
+
+
+class _BinsByFreeSpace:
+    """Open bins keyed by their free space (0..capacity): one bit per free-space value that some bin has,
+    in a Python integer, finds the least free space that is at least n with a shift and a lowest-bit test
+    (machine-word operations, whatever the number of bins); a heap per value keeps the oldest bin first."""
+
+    def __init__(self, capacity: int):
+        self.present = 0  # bit s is set when some open bin has exactly s free
+        self.bins: dict[int, list[int]] = {}
+
+    def add(self, space: int, b: int) -> None:
+        heapq.heappush(self.bins.setdefault(space, []), b)
+        self.present |= 1 << space
+
+    def pop_fullest_fitting(self, n: int) -> tuple[int, int] | None:
+        """(free space, bin) of the fullest bin with at least `n` free, removed from the open bins; None if none."""
+        above = self.present >> n
+        if not above:
+            return None
+        space = n + (above & -above).bit_length() - 1
+        same = self.bins[space]
+        b = heapq.heappop(same)
+        if not same:
+            self.present &= ~(1 << space)
+        return space, b
 
 
 def collate_packed(rows: list[list[Example]], row_length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -90,52 +125,126 @@ def collate_padded(examples: list[Example], pad_id: int, pad_to_multiple_of: int
 LENGTH_GROUP_WINDOW = 512
 
 
-def micro_batches(examples: list[Example], *, packing: bool, rows_per_batch: int, row_length: int, pad_id: int,
-                  seed: int, pad_to_multiple_of: int = 1, group_by_length: bool = False,
-                  padding_free: bool = False) -> list[dict]:
-    """One epoch of collated micro-batches, in an order set by `seed` alone.
+@dataclass(frozen=True)
+class MicroBatch:
+    """A micro-batch as a plan: which examples go into which row. It is small (indices only) and is collated
+    into tensors only when training reaches it, so an epoch's batches never all exist at once.
+    `packed`: rows of `length` token slots (padding-free rows are packed rows as long as their examples);
+    otherwise one example per row, padded to the longest, rounded up to a multiple of `length`."""
+    rows: tuple[tuple[int, ...], ...]
+    packed: bool
+    length: int
+
+    def collate(self, examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return collate_packed([[examples[i] for i in row] for row in self.rows], self.length, pad_id)
+        return collate_padded([examples[row[0]] for row in self.rows], pad_id, self.length)
+
+    def token_counts(self, lengths: list[int]) -> tuple[int, int]:
+        """(real tokens, token slots) of the collated batch, from the examples' lengths alone."""
+        real = sum(lengths[i] for row in self.rows for i in row)
+        if self.packed:
+            return real, len(self.rows) * self.length
+        longest = max(lengths[row[0]] for row in self.rows)
+        return real, len(self.rows) * -(-longest // self.length) * self.length
+
+
+def plan_epoch(lengths: list[int], *, packing: bool, rows_per_batch: int, row_length: int, seed: int,
+               pad_to_multiple_of: int = 1, group_by_length: bool = False,
+               padding_free: bool = False) -> list[MicroBatch]:
+    """One epoch of micro-batches, as plans over the examples with these `lengths`, in an order set by
+    `seed` alone.
 
     Without packing, `group_by_length` sorts each window of LENGTH_GROUP_WINDOW shuffled examples by
     length before cutting micro-batches, then shuffles the micro-batches: padding shrinks to the
     length spread inside a batch while the order stays random at the batch level."""
     rng = random.Random(seed)
     if padding_free:  # one row per micro-batch: whole examples back to back, up to the token budget, no padding
-        order = list(range(len(examples)))
+        order = list(range(len(lengths)))
         rng.shuffle(order)
         budget, rows, row, used = rows_per_batch * row_length, [], [], 0
         for i in order:
-            n = len(examples[i].input_ids)
-            if row and used + n > budget:
+            if row and used + lengths[i] > budget:
                 rows.append(row)
                 row, used = [], 0
-            row.append(examples[i])
-            used += n
+            row.append(i)
+            used += lengths[i]
         rows.append(row)
-        return [collate_packed([r], sum(len(e.input_ids) for e in r), pad_id) for r in rows]
+        return [MicroBatch((tuple(r),), True, sum(lengths[i] for i in r)) for r in rows]
     if packing:
-        bins = pack_best_fit_decreasing([len(e.input_ids) for e in examples], row_length)
+        bins = pack_best_fit_decreasing(lengths, row_length)
         rng.shuffle(bins)
-        rows = [[examples[i] for i in b] for b in bins]
-        rows += [[]] * (-len(rows) % rows_per_batch)  # empty rows keep every micro-batch one shape (compile)
-        return [collate_packed(rows[k:k + rows_per_batch], row_length, pad_id)
+        rows = [tuple(b) for b in bins]
+        rows += [()] * (-len(rows) % rows_per_batch)  # empty rows keep every micro-batch one shape (compile)
+        return [MicroBatch(tuple(rows[k:k + rows_per_batch]), True, row_length)
                 for k in range(0, len(rows), rows_per_batch)]
-    order = list(range(len(examples)))
+    order = list(range(len(lengths)))
     rng.shuffle(order)
     if group_by_length:
         order = [i for w in range(0, len(order), LENGTH_GROUP_WINDOW)
-                 for i in sorted(order[w:w + LENGTH_GROUP_WINDOW], key=lambda i: len(examples[i].input_ids))]
+                 for i in sorted(order[w:w + LENGTH_GROUP_WINDOW], key=lambda i: lengths[i])]
     groups = [order[k:k + rows_per_batch] for k in range(0, len(order), rows_per_batch)]
     if group_by_length:
         rng.shuffle(groups)
-    return [collate_padded([examples[i] for i in g], pad_id, pad_to_multiple_of) for g in groups]
+    return [MicroBatch(tuple((i,) for i in g), False, pad_to_multiple_of) for g in groups]
 
 
-def optimizer_steps(batches: list[dict], micro_batches_per_step: int) -> list[list[dict]]:
+def micro_batches(examples: list[Example], *, pad_id: int, **plan) -> list[dict]:
+    """One epoch of collated micro-batches at once (plan_epoch's arguments): for tests and small sets;
+    training collates step by step (`collated_steps`)."""
+    return [mb.collate(examples, pad_id) for mb in plan_epoch([len(e.input_ids) for e in examples], **plan)]
+
+
+def optimizer_steps(batches: list, micro_batches_per_step: int) -> list[list]:
     """Groups micro-batches into optimizer steps; the last step may hold fewer (its loss is still
     normalized by its own supervised tokens, so it is an unbiased, smaller step)."""
     return [batches[k:k + micro_batches_per_step] for k in range(0, len(batches), micro_batches_per_step)]
 
 
-def packing_efficiency(batches: list[dict]) -> float:
-    slots = sum(b["input_ids"].numel() for b in batches)
-    return sum(b["num_real_tokens"] for b in batches) / slots if slots else float("nan")
+def packing_efficiency(batches: list[MicroBatch], lengths: list[int]) -> float:
+    """Real tokens over token slots, over the planned micro-batches."""
+    real, slots = map(sum, zip(*(mb.token_counts(lengths) for mb in batches))) if batches else (0, 0)
+    return real / slots if slots else float("nan")
+
+
+def collated_steps(steps: list[list[MicroBatch]], examples: list[Example], pad_id: int, *,
+                   pin_memory: bool = False, ahead: int = 2) -> Iterator[list[dict]]:
+    """The optimizer steps' micro-batches as tensors, collated by a background thread up to `ahead` steps
+    before they are used (pinned, on GPUs, so that their copy to the device does not wait for the host):
+    the device never waits for collation, and only a few steps' tensors exist at any time."""
+    queue: Queue = Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        """Hands `item` over unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for step in steps:
+                batches = [mb.collate(examples, pad_id) for mb in step]
+                if pin_memory:
+                    batches = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                               for b in batches]
+                if not put(batches):
+                    return
+            put(None)
+        except BaseException as e:  # raised again in the training thread
+            put(e)
+
+    worker = threading.Thread(target=work, name="collate", daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .modeling import (check_packing_support, compile_layers, convert_to_float8,
                        enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer,
                        parameters_from_config, require_torchao)
 from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
-from .packing import collate_padded, micro_batches, optimizer_steps, packing_efficiency
+from .packing import MicroBatch, collate_padded, collated_steps, optimizer_steps, packing_efficiency, plan_epoch
 from .perf import mfu, peak_memory, reset_peak_memory, synchronize
 from .run_folder import RunFolder, RunLock, collect_env
 from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template, system_prompt_record
@@ -54,11 +55,16 @@ class Setup:
     loss_model: LossModel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    steps: list[list[dict]]
+    steps: list[list[MicroBatch]]  # each optimizer step's micro-batches, as plans over data.train
     eval_batches: list[dict]
     derived: dict
     in_backward: StepInBackward | None = None  # set when the optimizer steps inside the backward pass
     offload: bool = False  # activations saved for the backward pass wait in pinned host memory
+
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[list[dict]]:
+        """Steps `start` to `stop` as collated micro-batches, prepared a few steps ahead in the background."""
+        return collated_steps(self.steps[start:stop], self.data.train, self.tokenizer.pad_token_id,
+                              pin_memory=self.accelerator.device.type == "cuda")
 
 
 def main(namespace: dict) -> RunFolder:
@@ -340,14 +346,13 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
 
     world = accelerator.num_processes
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
-    steps: list[list[dict]] = []
+    lengths = [len(e.input_ids) for e in data.train]
+    steps: list[list[MicroBatch]] = []  # plans; collated as training reaches them (Setup.batches)
     for epoch in range(cfg.epochs):
-        batches = micro_batches(data.train, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size,
-                                row_length=cfg.max_length, pad_id=tokenizer.pad_token_id,
-                                seed=cfg.seed * 1000 + epoch, group_by_length=cfg.group_by_length,
-                                padding_free=cfg.padding_free)
-        for step in optimizer_steps(batches, cfg.grad_accum_steps * world):
-            steps.append(step)
+        batches = plan_epoch(lengths, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size,
+                             row_length=cfg.max_length, seed=cfg.seed * 1000 + epoch,
+                             group_by_length=cfg.group_by_length, padding_free=cfg.padding_free)
+        steps += optimizer_steps(batches, cfg.grad_accum_steps * world)
     steps_per_epoch = math.ceil(len(steps) / cfg.epochs)
     if cfg.max_steps is not None:
         steps = steps[:cfg.max_steps]
@@ -394,7 +399,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                "warmup_steps": warmup_steps(cfg, len(steps)), "micro_batches_per_step": cfg.grad_accum_steps * world,
                "rows_per_optimizer_step": per_step, "num_parameters": num_parameters,
                "train_examples": len(data.train), "eval_examples": len(data.eval),
-               "packing_efficiency": round(packing_efficiency([b for s in steps for b in s]), 4)}
+               "packing_efficiency": round(packing_efficiency([b for s in steps for b in s], lengths), 4)}
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
     return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived,
                  in_backward, cfg.activation_offload)
@@ -634,7 +639,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
     bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.experiment, disable=not acc.is_local_main_process,
                dynamic_ncols=True)
     with StopRequest(announce=acc.is_main_process) as stop, bar:  # the bar closes before any error is printed
-        for step_batches in setup.steps[state["step"]:]:
+        for step_batches in setup.batches(state["step"]):
             step = state["step"] + 1
             lr = setup.scheduler.get_last_lr()[0]
             t = time.perf_counter()

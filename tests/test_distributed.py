@@ -85,7 +85,7 @@ cfg = TrainConfig(experiment="fsdp_check", model=f"random-init:{model_folder('ti
                   precision="bf16_autocast", lr=1e-3, lr_schedule="constant", warmup_ratio=0.0, seed=0,
                   task_metric=None, num_samples=0, save_model=False, runs_root=str(work / "runs"))
 setup = build(cfg, PreparedData(train=[e.to_example() for e in examples], eval=[], eval_conversations=[], stats={}))
-losses = [train_step(setup, batches)[0] for batches in setup.steps]
+losses = [train_step(setup, batches)[0] for batches in setup.batches()]
 if setup.accelerator.is_main_process:
     Path(sys.argv[1]).write_text(json.dumps({"losses": losses, "type": setup.accelerator.distributed_type.name}))
 """

@@ -196,3 +196,74 @@ def test_packed_micro_batches_all_have_one_shape():
     assert {tuple(b["input_ids"].shape) for b in batches} == {(3, 10)}
     assert sum(b["num_real_tokens"] for b in batches) == sum(len(e.input_ids) for e in examples)
     assert sum(int((b["targets"] != -100).sum()) for b in batches) == sum(e.num_targets for e in examples)
+
+
+def _best_fit_by_scanning(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best fit decreasing the plain way (a sorted list of (free space, bin), scanned per example): the
+    reference that the constant-time bin lookup must reproduce exactly."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins, free = [], []
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(bins) - 1))
+        else:
+            space, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (space - lengths[i], b))
+    return bins
+
+
+def test_best_fit_gives_the_same_bins_as_the_plain_scan_on_random_lengths():
+    rng = random.Random(0)
+    for _ in range(300):
+        capacity = rng.choice([1, 2, 7, 16, 100, 513, 4096])
+        lengths = [rng.randint(1, capacity) for _ in range(rng.randint(0, 400))]
+        assert pack_best_fit_decreasing(lengths, capacity) == _best_fit_by_scanning(lengths, capacity)
+
+
+def _random_examples(n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(1, 12)
+        out.append(Example([rng.randint(1, 50) for _ in range(length)],
+                           [rng.choice([IGNORE_INDEX, rng.randint(1, 50)]) for _ in range(length)]))
+    return out
+
+
+@pytest.mark.parametrize("layout", [dict(packing=True), dict(packing=False, group_by_length=True),
+                                    dict(packing=False, padding_free=True)])
+def test_steps_collated_in_the_background_equal_the_whole_epoch_collated_at_once(layout):
+    from sft.packing import collated_steps, optimizer_steps, plan_epoch
+
+    examples = _random_examples(50, seed=3)
+    settings = dict(rows_per_batch=2, row_length=16, seed=7, **layout)
+    plans = plan_epoch([len(e.input_ids) for e in examples], **settings)
+    assert all(isinstance(i, int) for mb in plans for row in mb.rows for i in row)  # indices only, no tensors
+    eager = optimizer_steps(micro_batches(examples, pad_id=0, **settings), 3)
+    lazy = list(collated_steps(optimizer_steps(plans, 3), examples, pad_id=0, ahead=1))
+    assert len(lazy) == len(eager)
+    for got, want in zip(lazy, eager):
+        for a, b in zip(got, want, strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                                for k in a)
+
+
+def test_the_collating_thread_stops_when_training_stops_and_passes_its_errors_on():
+    import threading
+
+    from sft.packing import MicroBatch, collated_steps
+
+    examples = _random_examples(20, seed=1)
+    steps = [[MicroBatch(((i,),), False, 1)] for i in range(20)]
+    for first in collated_steps(steps, examples, pad_id=0, ahead=1):
+        break  # training stopped after one step (an interruption, a time cap)
+    assert torch.equal(first[0]["input_ids"][0], torch.tensor(examples[0].input_ids))
+    assert not [t for t in threading.enumerate() if t.name == "collate"]  # nothing left collating
+    broken = steps[:2] + [[MicroBatch(((99,),), False, 1)]]  # an index past the examples
+    with pytest.raises(IndexError):
+        list(collated_steps(broken, examples, pad_id=0))
