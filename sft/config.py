@@ -66,7 +66,7 @@ class TrainConfig:
     packing: bool = True
     group_by_length: bool = True         # without packing: batch examples of similar length (less padding)
     padding_free: bool = False           # instead of packing: one unpadded row of whole examples per micro-batch
-    num_proc: int = 1                    # tokenization processes
+    num_proc: int | str = "auto"         # tokenization processes; "auto": the available cores for large sets
     # optimization
     epochs: int = 1
     max_steps: int | None = None         # cap on optimizer steps (the schedule is built for the real count)
@@ -182,10 +182,14 @@ class TrainConfig:
         _positive("lr", self.lr)
         _positive("adam_eps", self.adam_eps)
         for name in ("max_length", "micro_batch_size", "grad_accum_steps", "epochs", "log_every",
-                     "eval_batch_size", "max_new_tokens", "generation_batch_size", "num_proc", "checkpoint_every_n_layers",
+                     "eval_batch_size", "max_new_tokens", "generation_batch_size", "checkpoint_every_n_layers",
                      "loss_chunk_tokens"):
             _positive(name, getattr(self, name))
         _positive("keep_checkpoints", self.keep_checkpoints)
+        if self.num_proc != "auto":
+            if isinstance(self.num_proc, str):
+                raise ConfigError(f"num_proc: 'auto' or a number of processes, got {self.num_proc!r}")
+            _positive("num_proc", self.num_proc)
         if not 0 <= self.keep_checkpoints_after_completion <= self.keep_checkpoints:
             raise ConfigError(f"keep_checkpoints_after_completion: from 0 to keep_checkpoints "
                               f"({self.keep_checkpoints}), got {self.keep_checkpoints_after_completion}")

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
+import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,15 +29,15 @@ from .demo_data import demo_rows
 from .errors import ConfigError, DataError
 from .modeling import cache_root
 from .packing import Example, shift_labels
-from .templates import IGNORE_INDEX, encode_chat
+from .templates import IGNORE_INDEX, encode_chats
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 DEFAULT_EVAL_FRACTION = 0.05
 
 
 @dataclass
 class PreparedData:
-    train: list[Example]
+    train: Sequence[Example]  # a memory-mapped TokenizedExamples when prepared here; a plain list works too
     eval: list[Example]
     eval_conversations: list[list[dict]]  # held-out conversations, for generation and the task metric
     stats: dict = field(default_factory=dict)
@@ -88,35 +89,36 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
                               f"are usable; rejected by reason: {read_stats['rows_rejected']})") from None
     train_convs, eval_convs = [c for _, c in train_numbered], [c for _, c in eval_numbered]
     key = _cache_key(tokenizer, cfg, train_convs, eval_convs)
-    path = cache_root() / "tokenized" / f"{key}.pkl"
-    if path.exists():
-        with open(path, "rb") as f:
-            train, evals, tok_stats = pickle.load(f)
-        hit = True
-    else:
-        train, train_stats = tokenize_conversations(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train",
-                                                    [n for n, _ in train_numbered])
-        evals, eval_stats = tokenize_conversations(eval_convs, tokenizer, cfg,
-                                                   f"dataset {cfg.eval_dataset or cfg.dataset}: held-out",
-                                                   [n for n, _ in eval_numbered])
-        tok_stats = {"train": train_stats, "eval": eval_stats}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump((train, evals, tok_stats), f)
-        os.replace(tmp, path)
-        hit = False
-    if not train:
+    store = cache_root() / "tokenized" / key
+    hit = (store / "stats.json").exists()
+    if not hit:
+        check_store_room(store.parent, train_convs, eval_convs)
+        work = store.with_name(f".{key}.{os.getpid()}.tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            train_stats = tokenize_to_store(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train",
+                                            [n for n, _ in train_numbered], work / "train")
+            eval_stats = tokenize_to_store(eval_convs, tokenizer, cfg,
+                                           f"dataset {cfg.eval_dataset or cfg.dataset}: held-out",
+                                           [n for n, _ in eval_numbered], work / "eval")
+            (work / "stats.json").write_text(json.dumps({"train": train_stats, "eval": eval_stats}))
+            shutil.rmtree(store, ignore_errors=True)
+            os.replace(work, store)  # complete stores only: a crash or an error leaves no half-written one
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    tok_stats = json.loads((store / "stats.json").read_text())
+    if not tok_stats["train"]["examples"]:
         raise DataError(f"dataset {cfg.dataset}: no training example is left after the checks "
                         f"({tok_stats['train']['dropped']})")
-    if not evals:
+    if not tok_stats["eval"]["examples"]:
         raise DataError(f"dataset {cfg.eval_dataset or cfg.dataset}: no held-out example is left after the "
                         f"checks ({tok_stats['eval']['dropped']}); the held-out loss would be undefined")
+    train, evals = TokenizedExamples(store / "train"), TokenizedExamples(store / "eval")
     kept_eval = [c for c, keep in zip(eval_convs, tok_stats["eval"]["kept_mask"]) if keep]
     stats = {**read_stats, "train_conversations": len(train_convs), "eval_conversations": len(eval_convs),
              **{k: {kk: vv for kk, vv in v.items() if kk != "kept_mask"} for k, v in tok_stats.items()},
              "tokenization_cache": {"key": key, "hit": hit}}
-    return PreparedData(train, evals, kept_eval, stats, hit)
+    return PreparedData(train, evals.to_list(), kept_eval, stats, hit)
 
 
 def set_aside(stats: dict) -> list[str]:
@@ -137,68 +139,146 @@ def set_aside(stats: dict) -> list[str]:
     return lines
 
 
-def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: TrainConfig, split: str,
-                           row_numbers: list[int]) -> tuple[list[Example], dict]:
-    """Encodes each conversation and applies the length and supervision rules, counting every drop.
-    An error names the conversation by the number of the row it came from (`row_numbers`)."""
-    if cfg.num_proc > 1 and len(conversations) >= 256:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with ProcessPoolExecutor(cfg.num_proc, initializer=_init_worker, initargs=(tokenizer, cfg.loss_on)) as pool:
-            chunk = max(1, len(conversations) // (8 * cfg.num_proc))
-            encoded = list(tqdm(pool.map(_encode, conversations, chunksize=chunk), total=len(conversations),
-                                **_progress(split)))
-    else:
-        _init_worker(tokenizer, cfg.loss_on)
-        encoded = [_encode(c) for c in tqdm(conversations, **_progress(split))]
-    examples: list[Example] = []
-    kept_mask: list[bool] = []
-    dropped: Counter = Counter()
-    truncated = 0
-    for i, enc in enumerate(encoded):
-        if enc is None:
-            dropped["special_token_text"] += 1
-            kept_mask.append(False)
-            continue
-        ids, labels = enc
-        n_sup = sum(l != IGNORE_INDEX for l in labels)
-        if n_sup == 0:
-            raise DataError(f"{split} row {row_numbers[i]} has no supervised tokens: {_preview(conversations[i])}")
-        if cfg.loss_on == "assistant" and n_sup == len(labels):
-            raise DataError(f"{split} row {row_numbers[i]}: every token is supervised although loss_on='assistant'; "
-                            f"the chat template marks no prompt: {_preview(conversations[i])}")
-        if len(ids) > cfg.max_length:
-            if cfg.too_long == "error":
-                raise DataError(f"{split} row {row_numbers[i]} has {len(ids)} tokens, more than max_length="
-                                f"{cfg.max_length}; raise max_length or set too_long='truncate' or 'drop': "
-                                f"{_preview(conversations[i])}")
-            if cfg.too_long == "drop":
-                dropped["too_long"] += 1
-                kept_mask.append(False)
-                continue
-            ids, labels = ids[:cfg.max_length], labels[:cfg.max_length]
-        example = shift_labels(ids, labels)
-        if example.num_targets == 0:
-            dropped["no_supervised_tokens_after_truncation"] += 1
-            kept_mask.append(False)
-            continue
-        truncated += len(ids) < len(enc[0])
-        examples.append(example)
-        kept_mask.append(True)
-    return examples, {"examples": len(examples), "dropped": dict(dropped), "truncated": truncated,
-                      **length_stats(examples), "kept_mask": kept_mask}
+def auto_num_proc(num_proc: int | str, conversations: int) -> int:
+    """`num_proc="auto"`: the cores this process may use, at most MAX_AUTO_PROC, and one process for sets too
+    small to pay for starting more."""
+    if num_proc != "auto":
+        return num_proc
+    if conversations < MIN_ROWS_PER_PROC * 2:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO_PROC, conversations // MIN_ROWS_PER_PROC))
 
 
-_WORKER: dict = {}
+MAX_AUTO_PROC = 32
+MIN_ROWS_PER_PROC = 2000
+TOKENIZE_BATCH = 256  # conversations per tokenizer call
+
+
+def tokenize_to_store(conversations: list[list[dict]], tokenizer, cfg: TrainConfig, split: str,
+                      row_numbers: list[int], path: Path) -> dict:
+    """Encodes each conversation (`Dataset.map`, batched, in `num_proc` processes) into an Arrow dataset at
+    `path`: int32 token ids, a one-bit supervision mask and the length, for the examples that pass the length
+    and supervision rules; the others are counted. An error names the conversation by the number of the row
+    it came from (`row_numbers`). Returns the split's statistics."""
+    from datasets import Dataset, Features, List, Value, disable_progress_bars
+
+    disable_progress_bars()  # ours says what is being tokenized; its bars would interleave with it
+    features = Features({"input_ids": List(Value("int32")), "supervised": List(Value("bool")),
+                         "length": Value("int32"), "status": Value("string"), "tokens": Value("int32")})
+    table = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations]})
+    procs = auto_num_proc(cfg.num_proc, len(conversations))
+    if procs > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are forked: each tokenizes on its own
+    with tqdm(total=len(conversations), **_progress(split)) as bar:
+        encoded = table.map(_encode_batch, batched=True, batch_size=TOKENIZE_BATCH, num_proc=procs if procs > 1 else None,
+                            remove_columns=["conversation"], features=features, keep_in_memory=False,
+                            cache_file_name=str(path.parent / f"{path.name}-map.arrow"),
+                            fn_kwargs=dict(tokenizer=tokenizer, loss_on=cfg.loss_on, max_length=cfg.max_length,
+                                           too_long=cfg.too_long))
+        bar.update(len(conversations))
+    status = encoded.data.column("status").to_pylist()
+    for i, reason in enumerate(status):
+        if reason in ("no_supervised_tokens", "all_supervised", "too_long_error"):
+            raise DataError(_row_error(reason, split, row_numbers[i], conversations[i], encoded[i]["tokens"], cfg))
+    dropped = Counter(r for r in status if r in DROPPED)
+    kept = [i for i, r in enumerate(status) if r not in DROPPED]
+    store = encoded.remove_columns(["status", "tokens"])
+    store = store.select(kept) if kept else Dataset.from_dict({k: [] for k in store.features}, features=store.features)
+    store.save_to_disk(str(path))
+    for f in path.parent.glob(f"{path.name}-map*.arrow"):
+        f.unlink()
+    return {"examples": len(kept), "dropped": dict(dropped), "truncated": status.count("truncated"),
+            **(length_stats(TokenizedExamples(path)) if kept else {"tokens": 0}),
+            "kept_mask": [r not in DROPPED for r in status]}
+
+
+DROPPED = ("special_token_text", "too_long", "no_supervised_tokens_after_truncation")
+
+
+def _encode_batch(batch: dict, tokenizer, loss_on: str, max_length: int, too_long: str) -> dict:
+    """Dataset.map's function: token ids, supervision mask, length and status of each conversation."""
+    special = special_token_pattern(tokenizer)
+    conversations = [json.loads(c) for c in batch["conversation"]]
+    clean = [special is None or not any(special.search(m["content"]) for m in c) for c in conversations]
+    encoded = iter(encode_chats(tokenizer, [c for c, ok in zip(conversations, clean) if ok], loss_on=loss_on))
+    out = {"input_ids": [], "supervised": [], "length": [], "status": [], "tokens": []}
+    for ok in clean:
+        enc = next(encoded) if ok else None
+        ids, labels = (enc.input_ids, enc.labels) if ok else ([], [])
+        mask = [label != IGNORE_INDEX for label in labels]
+        status, n = ("ok" if ok else "special_token_text"), len(ids)
+        if ok:
+            if not any(mask):
+                status = "no_supervised_tokens"
+            elif loss_on == "assistant" and all(mask):
+                status = "all_supervised"
+            elif n > max_length:
+                status = {"error": "too_long_error", "drop": "too_long"}.get(too_long, "truncated")
+                if status == "truncated":
+                    ids, mask = ids[:max_length], mask[:max_length]
+                    if not any(mask[1:]):  # targets are the labels shifted by one: the first one is never a target
+                        status = "no_supervised_tokens_after_truncation"
+        keep = status in ("ok", "truncated")
+        out["input_ids"].append(ids if keep else [])
+        out["supervised"].append(mask if keep else [])
+        out["length"].append(len(ids) if keep else 0)
+        out["status"].append(status)
+        out["tokens"].append(n)
+    return out
+
+
+def _row_error(reason: str, split: str, row: int, conversation: list[dict], tokens: int, cfg: TrainConfig) -> str:
+    if reason == "no_supervised_tokens":
+        return f"{split} row {row} has no supervised tokens: {_preview(conversation)}"
+    if reason == "all_supervised":
+        return (f"{split} row {row}: every token is supervised although loss_on='assistant'; the chat template "
+                f"marks no prompt: {_preview(conversation)}")
+    return (f"{split} row {row} has {tokens} tokens, more than max_length={cfg.max_length}; raise max_length or "
+            f"set too_long='truncate' or 'drop': {_preview(conversation)}")
+
+
+class TokenizedExamples(Sequence):
+    """The examples of a tokenized store, memory-mapped from its Arrow files: an `Example` is built from its
+    row only when asked for, so the token ids of a million examples stay on disk, in the page cache, not
+    in the process's own memory."""
+
+    def __init__(self, path: Path):
+        from datasets import Dataset
+
+        self.path = Path(path)
+        self.table = Dataset.load_from_disk(str(path))
+        self.lengths = self.table.data.column("length").to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        row = self.table[int(i)]
+        ids = row["input_ids"]
+        return shift_labels(ids, [t if s else IGNORE_INDEX for t, s in zip(ids, row["supervised"])])
+
+    def to_list(self) -> list[Example]:
+        return [self[i] for i in range(len(self))]
+
+
+def check_store_room(root: Path, *splits: list[list[dict]]) -> None:
+    """A tokenized store takes about 4 bytes per token, and a token takes at least 2 characters of the
+    rendered text in every tokenizer worth training: room for 3 bytes per character of content, checked
+    before any work starts."""
+    chars = sum(len(m["content"]) for conversations in splits for c in conversations for m in c)
+    root.mkdir(parents=True, exist_ok=True)
+    free, need = shutil.disk_usage(root).free, 3 * chars
+    if need > free:
+        raise ConfigError(f"dataset: the tokenized store needs about {need / 2**30:.2f} GiB in {root} and "
+                          f"{free / 2**30:.2f} GiB are free; free some space or point SFT_CACHE elsewhere")
 
 
 def _progress(split: str) -> dict:
     """A progress bar that appears only once tokenizing has taken a couple of seconds."""
     return dict(desc=f"tokenizing ({split})", unit="conversation", delay=2, leave=False, dynamic_ncols=True)
-
-
-def _init_worker(tokenizer, loss_on: str) -> None:
-    """Each tokenization process receives the tokenizer once, not once per conversation."""
-    _WORKER.update(tokenizer=tokenizer, loss_on=loss_on, special=special_token_pattern(tokenizer))
 
 
 def special_token_pattern(tokenizer) -> re.Pattern | None:
@@ -209,23 +289,31 @@ def special_token_pattern(tokenizer) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
-def _encode(conversation: list[dict]) -> tuple[list[int], list[int]] | None:
-    """Token ids and labels, or None for a conversation whose text holds a special token's text."""
-    special = _WORKER["special"]
-    if special is not None and any(special.search(m["content"]) for m in conversation):
-        return None
-    enc = encode_chat(_WORKER["tokenizer"], conversation, loss_on=_WORKER["loss_on"])
-    return enc.input_ids, enc.labels
+def example_lengths(examples: Sequence[Example]) -> list[int]:
+    """Token counts of the examples: read from the store's length column, not from the examples."""
+    if isinstance(examples, TokenizedExamples):
+        return examples.lengths.tolist()
+    return [len(e.input_ids) for e in examples]
 
 
-def length_stats(examples: list[Example]) -> dict:
-    if not examples:
+def length_stats(examples: "TokenizedExamples") -> dict:
+    if not len(examples):
         return {"tokens": 0}
-    lengths = np.array([len(e.input_ids) for e in examples])
-    supervised = sum(e.num_targets for e in examples)
+    lengths = examples.lengths
+    supervised = _supervised_targets(examples)
     return {"tokens": int(lengths.sum()), "supervised_tokens": supervised,
             "supervised_fraction": round(supervised / int(lengths.sum()), 4),
             "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)}}
+
+
+def _supervised_targets(examples: "TokenizedExamples") -> int:
+    """Targets are the labels shifted by one inside each example: every supervised token but a first one."""
+    import pyarrow.compute as pc
+
+    column = examples.table.data.column("supervised")
+    total = pc.sum(pc.cast(pc.list_flatten(column), "int64")).as_py() or 0
+    first = pc.sum(pc.cast(pc.list_element(column, 0), "int64")).as_py() or 0
+    return total - first
 
 
 def _preview(conversation: list[dict], width: int = 80) -> str:

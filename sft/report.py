@@ -194,7 +194,8 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
     for name, path, columns in (
             ("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv", INFERENCE_COLUMNS),
             ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv", INFERENCE_COLUMNS),
-            ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS)):
+            ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS),
+            ("data-cpu", root / "bench" / "results" / "data_cpu.csv", None)):
         if results.exists(path):
             out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), columns)
     gpu_runs = results.glob(root / "bench" / "results", "bench_gpu*.csv")

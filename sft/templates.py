@@ -140,6 +140,37 @@ def encode_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     token carry labels (every token does with loss_on="all"). Generation: `messages` ends with a user
     turn and `add_generation_prompt=True`; labels are all IGNORE_INDEX.
     """
+    return encode_chats(tokenizer, [messages], add_generation_prompt=add_generation_prompt, loss_on=loss_on)[0]
+
+
+def encode_chats(tokenizer, conversations: list[list[dict]], *, add_generation_prompt: bool = False,
+                 loss_on: str = "assistant") -> list[Encoded]:
+    """`encode_chat` of many conversations, with one tokenizer call over all their segments (a fast tokenizer
+    encodes a batch in parallel, and each segment's ids are those of encoding it alone)."""
+    all_segments = [chat_segments(tokenizer, messages, add_generation_prompt) for messages in conversations]
+    texts = [text for segments in all_segments for text, _ in segments if text]
+    encoded = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
+    bos = tokenizer.bos_token_id
+    out = []
+    for segments in all_segments:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for text, supervised in segments:
+            if not text:
+                continue
+            ids = next(encoded)
+            input_ids += ids
+            labels += ids if (supervised or loss_on == "all") and not add_generation_prompt else [IGNORE_INDEX] * len(ids)
+        if bos is not None and len(input_ids) > 1 and input_ids[0] == bos and input_ids[1] == bos:
+            raise ConfigError("template: the rendered conversation starts with two BOS tokens; the template and "
+                              "the tokenizer both add one")
+        out.append(Encoded(input_ids, labels))
+    return out
+
+
+def chat_segments(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, supervised) pieces: each assistant reply up to and including
+    its end-of-turn token is supervised, everything else (system, user turns, the template's headers) is not."""
     if add_generation_prompt and messages[-1]["role"] == "assistant":
         raise DataError("a generation prompt must end with a user turn, not an assistant turn")
     full = render(tokenizer, messages, add_generation_prompt)
@@ -165,20 +196,7 @@ def encode_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
         segments.append((supervised, True))
         pos = len(prefix) + len(supervised)
     segments.append((full[pos:], False))
-
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, supervised in segments:
-        if not text:
-            continue
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        input_ids += ids
-        labels += ids if (supervised or loss_on == "all") and not add_generation_prompt else [IGNORE_INDEX] * len(ids)
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(input_ids) > 1 and input_ids[0] == bos and input_ids[1] == bos:
-        raise ConfigError("template: the rendered conversation starts with two BOS tokens; the template and "
-                          "the tokenizer both add one")
-    return Encoded(input_ids, labels)
+    return segments
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import TrainConfig, script_spelling, settings_from
-from .data import PreparedData, prepare_data, set_aside
+from .data import PreparedData, example_lengths, prepare_data, set_aside
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, host_indices, resolve_loss_impl
@@ -346,7 +346,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
 
     world = accelerator.num_processes
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
-    lengths = [len(e.input_ids) for e in data.train]
+    lengths = example_lengths(data.train)
     steps: list[list[MicroBatch]] = []  # plans; collated as training reaches them (Setup.batches)
     for epoch in range(cfg.epochs):
         batches = plan_epoch(lengths, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size,

@@ -239,3 +239,17 @@ def test_the_profile_splits_device_time_by_kind_of_kernel():
               event("aten::mm", 600, device=cpu)]  # the op that launched a kernel: not counted again
     assert time_split(events) == ("where the device time goes: matmul 60.0%, attention 10.0%, optimizer step 15.0%, "
                                   "other 15.0%")
+
+
+def test_data_bench_measures_every_path_and_checks_the_goals(tmp_path):
+    from bench import data_bench
+
+    rows = data_bench.main(["--rows", "300", "--out", str(tmp_path), "--timeout-s", "600"])
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"ours", "ours_cache_hit", "trl", "per_conversation"}
+    assert all(r["status"] == "ok" for r in rows), rows
+    # the same rows, the same template: every path sees the same tokens (the held-out split aside)
+    assert by_variant["ours"]["tokens"] == by_variant["per_conversation"]["tokens"] == by_variant["trl"]["tokens"]
+    assert by_variant["ours_cache_hit"]["anon_bytes_per_token"] > 0
+    markdown = (tmp_path / "data_cpu.md").read_text()
+    assert "| ours | 300 | ok |" in markdown and "300 rows: " in markdown and "x trl" in markdown
