@@ -3,10 +3,11 @@
 rows (sft.sources) -> conversations (sft.formats) -> held-out split -> token ids and labels
 (sft.templates.encode_chat) -> special-token text, length and supervision checks -> `Example`s (sft.packing).
 
-Tokenization runs in `num_proc` processes and is cached on disk under a key made of everything that
-determines its output (the conversations, the tokenizer files, the chat template with the system
-prompt written into it, max_length, too_long, loss_on): a rerun with the same inputs loads the cache;
-any change misses it.
+Tokenization runs in `num_proc` processes (`Dataset.map`) into a store on disk (Arrow files, memory-mapped
+back) under a key made of everything that determines its output (the source files' bytes or a hub
+dataset's pinned revision, the settings that read and split them, the tokenizer files, the chat template
+with the system prompt written into it, max_length, too_long, loss_on): a rerun with the same inputs opens
+the store without reading the source; any change makes a new one.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .modeling import cache_root
 from .packing import Example, shift_labels
 from .templates import IGNORE_INDEX, encode_chats
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 DEFAULT_EVAL_FRACTION = 0.05
 
 
@@ -70,6 +71,40 @@ def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None, spli
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+    """The tokenized train and held-out examples, from the store in the cache when one was made from the same
+    source files and settings (`_cache_key`): then nothing is read or parsed but the store itself."""
+    key = _cache_key(tokenizer, cfg, source_fingerprint(cfg.dataset, cfg.dataset_revision, cfg.dataset_files),
+                     cfg.eval_dataset and source_fingerprint(cfg.eval_dataset, cfg.eval_dataset_revision,
+                                                             cfg.eval_dataset_files))
+    store = cache_root() / "tokenized" / key
+    hit = (store / "stats.json").exists()
+    if not hit:
+        work = store.with_name(f".{key}.{os.getpid()}.tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            (work / "stats.json").parent.mkdir(parents=True)
+            stats = tokenize_source(cfg, tokenizer, work)
+            (work / "stats.json").write_text(json.dumps(stats))
+            shutil.rmtree(store, ignore_errors=True)
+            os.replace(work, store)  # complete stores only: a crash or an error leaves no half-written one
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    stats = json.loads((store / "stats.json").read_text())
+    if not stats["train"]["examples"]:
+        raise DataError(f"dataset {cfg.dataset}: no training example is left after the checks "
+                        f"({stats['train']['dropped']})")
+    if not stats["eval"]["examples"]:
+        raise DataError(f"dataset {cfg.eval_dataset or cfg.dataset}: no held-out example is left after the "
+                        f"checks ({stats['eval']['dropped']}); the held-out loss would be undefined")
+    kept_eval = json.loads((store / "eval_conversations.json").read_text())
+    stats["tokenization_cache"] = {"key": key, "hit": hit}
+    return PreparedData(TokenizedExamples(store / "train"), TokenizedExamples(store / "eval").to_list(), kept_eval,
+                        stats, hit)
+
+
+def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
+    """Reads the source, splits off the held-out set and tokenizes both into the store at `work`, with the
+    held-out conversations (for generation) and the statistics of every step; returns the statistics."""
     numbered, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split,
                                               revision=cfg.dataset_revision, data_files=cfg.dataset_files)
     if cfg.eval_dataset is not None:
@@ -87,38 +122,35 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
         except ConfigError as e:
             raise ConfigError(f"{e} ({read_stats['rows_kept']} of {read_stats['rows_read']} rows of {cfg.dataset} "
                               f"are usable; rejected by reason: {read_stats['rows_rejected']})") from None
+    del numbered
     train_convs, eval_convs = [c for _, c in train_numbered], [c for _, c in eval_numbered]
-    key = _cache_key(tokenizer, cfg, train_convs, eval_convs)
-    store = cache_root() / "tokenized" / key
-    hit = (store / "stats.json").exists()
-    if not hit:
-        check_store_room(store.parent, train_convs, eval_convs)
-        work = store.with_name(f".{key}.{os.getpid()}.tmp")
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            train_stats = tokenize_to_store(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train",
-                                            [n for n, _ in train_numbered], work / "train")
-            eval_stats = tokenize_to_store(eval_convs, tokenizer, cfg,
-                                           f"dataset {cfg.eval_dataset or cfg.dataset}: held-out",
-                                           [n for n, _ in eval_numbered], work / "eval")
-            (work / "stats.json").write_text(json.dumps({"train": train_stats, "eval": eval_stats}))
-            shutil.rmtree(store, ignore_errors=True)
-            os.replace(work, store)  # complete stores only: a crash or an error leaves no half-written one
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    tok_stats = json.loads((store / "stats.json").read_text())
-    if not tok_stats["train"]["examples"]:
-        raise DataError(f"dataset {cfg.dataset}: no training example is left after the checks "
-                        f"({tok_stats['train']['dropped']})")
-    if not tok_stats["eval"]["examples"]:
-        raise DataError(f"dataset {cfg.eval_dataset or cfg.dataset}: no held-out example is left after the "
-                        f"checks ({tok_stats['eval']['dropped']}); the held-out loss would be undefined")
-    train, evals = TokenizedExamples(store / "train"), TokenizedExamples(store / "eval")
+    check_store_room(work.parent, train_convs, eval_convs)
+    tok_stats = {
+        "train": tokenize_to_store(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train",
+                                   [n for n, _ in train_numbered], work / "train"),
+        "eval": tokenize_to_store(eval_convs, tokenizer, cfg, f"dataset {cfg.eval_dataset or cfg.dataset}: held-out",
+                                  [n for n, _ in eval_numbered], work / "eval")}
     kept_eval = [c for c, keep in zip(eval_convs, tok_stats["eval"]["kept_mask"]) if keep]
-    stats = {**read_stats, "train_conversations": len(train_convs), "eval_conversations": len(eval_convs),
-             **{k: {kk: vv for kk, vv in v.items() if kk != "kept_mask"} for k, v in tok_stats.items()},
-             "tokenization_cache": {"key": key, "hit": hit}}
-    return PreparedData(train, evals.to_list(), kept_eval, stats, hit)
+    (work / "eval_conversations.json").write_text(json.dumps(kept_eval, ensure_ascii=False))
+    return {**read_stats, "train_conversations": len(train_convs), "eval_conversations": len(eval_convs),
+            **{k: {kk: vv for kk, vv in v.items() if kk != "kept_mask"} for k, v in tok_stats.items()}}
+
+
+def source_fingerprint(source: str, revision: str | None, files: str | None) -> str:
+    """What identifies a source's rows without reading them as rows: the bytes of a local file or folder
+    (hashed), the embedded set's code, or a hub dataset's id at its pinned revision (and the files chosen)."""
+    if source.startswith("embedded:"):
+        return f"{source}:{hashlib.sha256(Path(demo_rows.__code__.co_filename).read_bytes()).hexdigest()}"
+    path = Path(source).expanduser()
+    if not path.exists():
+        return f"hub:{source}@{revision}:{files}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def set_aside(stats: dict) -> list[str]:
@@ -321,9 +353,14 @@ def _preview(conversation: list[dict], width: int = 80) -> str:
     return text if len(text) <= width else text[:width] + "..."
 
 
-def _cache_key(tokenizer, cfg: TrainConfig, *parts) -> str:
+def _cache_key(tokenizer, cfg: TrainConfig, *sources) -> str:
+    """Everything that determines the store: the sources' fingerprints, the settings that read, split and
+    tokenize them, and the tokenizer with its chat template (which holds the system prompt)."""
     h = hashlib.sha256()
+    reading = {k: getattr(cfg, k) for k in ("dataset", "dataset_revision", "dataset_format", "dataset_split",
+                                             "dataset_files", "max_rows", "eval_dataset", "eval_dataset_split",
+                                             "eval_dataset_revision", "eval_dataset_files", "eval_rows", "seed")}
     h.update(json.dumps([CACHE_VERSION, cfg.max_length, cfg.too_long, cfg.loss_on, tokenizer.chat_template,
                          tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token, tokenizer.bos_token,
-                         parts], sort_keys=True, ensure_ascii=False).encode())
+                         reading, sources], sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()[:24]

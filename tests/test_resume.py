@@ -116,11 +116,8 @@ def test_checkpoint_refuses_to_start_without_disk_space(tiny_config, monkeypatch
     from sft.checkpoint import CheckpointError
 
     usage = namedtuple("usage", "total used free")
-    calls = []
-
-    def filled_after_the_start(path):  # room at the check before loading, none by the first checkpoint
-        calls.append(path)
-        return usage(10, 0, 10 * 2**30) if len(calls) == 1 else usage(10, 10, 0)
+    def filled_after_the_start(path):  # room at the checks before loading, none by the first checkpoint
+        return usage(10, 10, 0) if Path(path).name == "checkpoints" else usage(10, 0, 10 * 2**30)
 
     monkeypatch.setattr(shutil, "disk_usage", filled_after_the_start)
     with pytest.raises(CheckpointError, match="not enough free disk space"):
