@@ -259,7 +259,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
             lines.append(f"{n:,} rows: no successful run of ours")
             continue
         ours, parts = got["ours"], []
-        parts.append(f"{ours['tok_s']:,} tok/s with {ours['processes']} processes (goal {GOALS['tok_s']:,}: "
+        parts.append(f"{int(ours['tok_s']):,} tok/s with {int(ours['processes'])} processes (goal {GOALS['tok_s']:,}: "
                      + ("met" if ours["tok_s"] >= GOALS["tok_s"] else "not met") + ")")
         for other in ("trl", "per_conversation"):
             if other in got:

@@ -198,6 +198,12 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
             ("data-cpu", root / "bench" / "results" / "data_cpu.csv", None)):
         if results.exists(path):
             out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), columns)
+    data = root / "bench" / "results" / "data_cpu.csv"
+    if "data-cpu" in out:  # with the goals checked over its rows
+        from bench.data_bench import goal_lines as data_goals
+
+        rows = pd.read_csv(io.StringIO(results.read(data)), comment="#").to_dict("records")
+        out["data-cpu"] += "\n\nAgainst the goals:\n\n" + "".join(f"- {line}\n" for line in data_goals(rows))
     gpu_runs = results.glob(root / "bench" / "results", "bench_gpu*.csv")
     if gpu_runs:
         out["bench-gpu"] = bench_gpu(gpu_runs, root, results)
