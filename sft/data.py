@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import formats, sources
 from .config import EMBEDDED_DATASET, TrainConfig
@@ -193,22 +192,27 @@ def tokenize_to_store(conversations: list[list[dict]], tokenizer, cfg: TrainConf
     `path`: int32 token ids, a one-bit supervision mask and the length, for the examples that pass the length
     and supervision rules; the others are counted. An error names the conversation by the number of the row
     it came from (`row_numbers`). Returns the split's statistics."""
-    from datasets import Dataset, Features, List, Value, disable_progress_bars
+    from datasets import Dataset, Features, List, Value, disable_progress_bars, enable_progress_bars
 
-    disable_progress_bars()  # ours says what is being tokenized; its bars would interleave with it
     features = Features({"input_ids": List(Value("int32")), "supervised": List(Value("bool")),
                          "length": Value("int32"), "status": Value("string"), "tokens": Value("int32")})
     table = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations]})
     procs = auto_num_proc(cfg.num_proc, len(conversations))
     if procs > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are forked: each tokenizes on its own
-    with tqdm(total=len(conversations), **_progress(split)) as bar:
+    # the map's own progress bar, for sets that take more than a moment (small ones would only add lines)
+    if len(conversations) >= MIN_ROWS_PER_PROC:
+        enable_progress_bars()
+    else:
+        disable_progress_bars()
+    try:
         encoded = table.map(_encode_batch, batched=True, batch_size=TOKENIZE_BATCH, num_proc=procs if procs > 1 else None,
                             remove_columns=["conversation"], features=features, keep_in_memory=False,
-                            cache_file_name=str(path.parent / f"{path.name}-map.arrow"),
+                            cache_file_name=str(path.parent / f"{path.name}-map.arrow"), desc=f"tokenizing ({split})",
                             fn_kwargs=dict(tokenizer=tokenizer, loss_on=cfg.loss_on, max_length=cfg.max_length,
                                            too_long=cfg.too_long))
-        bar.update(len(conversations))
+    finally:
+        disable_progress_bars()  # saving and loading the store are quick
     status = encoded.data.column("status").to_pylist()
     for i, reason in enumerate(status):
         if reason in ("no_supervised_tokens", "all_supervised", "too_long_error"):
@@ -306,11 +310,6 @@ def check_store_room(root: Path, *splits: list[list[dict]]) -> None:
     if need > free:
         raise ConfigError(f"dataset: the tokenized store needs about {need / 2**30:.2f} GiB in {root} and "
                           f"{free / 2**30:.2f} GiB are free; free some space or point SFT_CACHE elsewhere")
-
-
-def _progress(split: str) -> dict:
-    """A progress bar that appears only once tokenizing has taken a couple of seconds."""
-    return dict(desc=f"tokenizing ({split})", unit="conversation", delay=2, leave=False, dynamic_ncols=True)
 
 
 def special_token_pattern(tokenizer) -> re.Pattern | None:

@@ -49,7 +49,7 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
         raise ValueError("an example is longer than the packing capacity")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    free = _BinsByFreeSpace(capacity)
+    free = _BinsByFreeSpace()
     for i in order:
         n = lengths[i]
         found = free.pop_fullest_fitting(n)
@@ -68,7 +68,7 @@ class _BinsByFreeSpace:
     in a Python integer, finds the least free space that is at least n with a shift and a lowest-bit test
     (machine-word operations, whatever the number of bins); a heap per value keeps the oldest bin first."""
 
-    def __init__(self, capacity: int):
+    def __init__(self):
         self.present = 0  # bit s is set when some open bin has exactly s free
         self.bins: dict[int, list[int]] = {}
 
