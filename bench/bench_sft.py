@@ -1,5 +1,5 @@
 """Side by side on one GPU: this toolkit's trainer, TRL's SFTTrainer at its best settings, and the
-original study's recipe; full-parameter SFT of random-init Llama shapes on synthetic instruction data.
+original study's recipe; full-parameter SFT of random-init Llama and MPT shapes on synthetic instruction data.
 
     python -m bench.bench_sft                 # the GPU plan (about 10 minutes on an H100; see --budget-s)
     python -m bench.bench_sft --cpu-smoke     # tiny model, a few steps of every variant a CPU can run
@@ -55,6 +55,9 @@ OURS_PURE_BF16 = dict(OURS, precision="bf16_pure", bf16_update="stochastic_round
                       optimizer_state_dtype="bfloat16")
 OURS_INT8_STATES = dict(OURS_PURE_BF16, optimizer_state_dtype="int8")  # block-wise 8-bit moments
 OURS_7B_INT8 = dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, compile=True)
+# MPT padded to the longest example of each micro-batch, on transformers' eager attention (which cannot pack)
+OURS_MPT_PADDED = dict(OURS_INT8_STATES, packing=False, attn_implementation="eager", max_length=STUDY_PAD_TO,
+                       micro_batch_size=ROWS, gradient_checkpointing=True)
 # TRL's best (as in the anchor): best-fit-decreasing packing, padding-free batches, Liger kernels.
 TRL_BEST = dict(per_device_train_batch_size=ROWS, max_length=ROW_LENGTH, packing=True, packing_strategy="bfd",
                 padding_free=True, bf16=True, use_liger_kernel=True, optim="adamw_torch_fused")
@@ -87,7 +90,12 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
     # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation,
     # with one 4096-token row per micro-batch and 4 micro-batches per step
     Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3, OURS_7B_INT8, profile=True),
+    # the original study's own model: MPT-7B packed, ALiBi as a flex-attention score modification; then padded
+    # on transformers' eager MPT attention (every layer recomputed: its [T, T] fp32 scores would not fit)
+    Variant("ours_mpt7b_packed_int8_states_compile", "ours", "mpt-7b", 10, 3, OURS_7B_INT8, profile=True),
+    Variant("ours_mpt7b_padded_eager_int8_states_gc", "ours", "mpt-7b", 10, 3, OURS_MPT_PADDED, max_s=80),
     Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
+    Variant("study_mpt7b", "study", "mpt-7b", 10, 3, dict(STUDY, attn="eager"), max_s=80),
     # TRL's best settings, with one batch shape so that its flex attention compiles once (at 1B it had not
     # finished within 100 s in the last GPU run; a timeout now records how far it got)
     Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
@@ -140,6 +148,9 @@ ANCHOR = ("anchor, real tok/s: 1B study 5,892, TRL sdpa fp32 master 10,635, TRL 
 ANCHOR_TRL_BEST = {"llama-1b": 47_149, "llama-7b": 9_986}  # TRL's best in the anchor: flex attention, pure bf16
 # The goals (issue 4): real tok/s of the best "ours" row, its peak memory, and time to the first step.
 GOALS = {"llama-1b": dict(real_tok_s=70_000), "llama-7b": dict(real_tok_s=13_000, peak_gib=60)}
+# MPT-7B packed: a share of the llama-7b row's speed (about the same FLOPs per token) within the same memory, and a
+# multiple of the study's recipe on the MPT-7B shape
+MPT_GOAL = dict(arch="mpt-7b", like="llama-7b", share=0.9, peak_gib=60, times_study=8)
 FIRST_STEP_GOAL_S = 60
 # master weights whose updates are precise to fp32 (never plain bf16 rounding): the goals count only these
 PRECISE_UPDATES = ("fp32", "bf16_stochastic_rounding", "bf16_kahan")
@@ -165,6 +176,14 @@ CPU_PLAN = [
                  dtype="fp32", attn="sdpa")),
     Variant("study_tiny", "study", "tiny", 4, 2,
             dict(STUDY, max_length=CPU_MAX_EXAMPLE, pad_to_multiple_of=CPU_MAX_EXAMPLE, use_cpu=True, dtype="fp32")),
+    Variant("ours_tiny_mpt_packed", "ours", "tiny-mpt", 4, 2,
+            dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=2, precision="fp32")),
+    Variant("ours_tiny_mpt_padded_eager", "ours", "tiny-mpt", 4, 2,
+            dict(OURS, packing=False, attn_implementation="eager", max_length=CPU_MAX_EXAMPLE, micro_batch_size=2,
+                 precision="fp32")),
+    Variant("study_tiny_mpt", "study", "tiny-mpt", 4, 2,
+            dict(STUDY, max_length=CPU_MAX_EXAMPLE, pad_to_multiple_of=CPU_MAX_EXAMPLE, use_cpu=True, dtype="fp32",
+                 attn="eager")),
 ]
 
 METHOD = """\
@@ -529,12 +548,44 @@ def goal_lines(rows: list[dict]) -> list[str]:
         parts.append(f"goal {goal['real_tok_s']:,}" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else "")
                      + (": met" if met else f": not met ({speed / goal['real_tok_s']:.0%} of it)"))
         lines.append("; ".join(parts))
+    lines += mpt_goal_line(ok, number)
     firsts = [number(r, "first_step_s") for r in ok if r["recipe"] == "ours"]
     if firsts:
         worst = max(firsts)
         lines.append(f"time to the first step, ours: at most {worst:.1f} s over {len(firsts)} runs; goal "
                      f"{FIRST_STEP_GOAL_S} s: {'met' if worst <= FIRST_STEP_GOAL_S else 'not met'}")
     return lines
+
+
+def mpt_goal_line(ok: list[dict], number) -> list[str]:
+    """MPT-7B packed against the llama-7b row (the same memory limit) and against the study's recipe on MPT-7B."""
+    goal = MPT_GOAL
+
+    def best(arch: str, recipe: str, fits=lambda r: True):
+        found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and fits(r)]
+        return max(found, key=lambda r: number(r, "real_tok_s")) if found else None
+
+    fits = lambda r: number(r, "peak_gib") <= goal["peak_gib"] and master_weights(r) in PRECISE_UPDATES  # noqa: E731
+    mpt = best(goal["arch"], "ours", lambda r: fits(r) and "packed ALiBi" in str(r.get("settings")))
+    if mpt is None:
+        return [f"{goal['arch']}: no successful packed run of ours within {goal['peak_gib']} GiB"] if any(
+            r["arch"] == goal["arch"] for r in ok) else []
+    speed = number(mpt, "real_tok_s")
+    parts = [f"{goal['arch']} packed: {speed:,.0f} real tok/s ({mpt['variant']}, {number(mpt, 'peak_gib'):.1f} GiB)"]
+    like, study = best(goal["like"], "ours", fits), best(goal["arch"], "study")
+    if like is not None:
+        share = speed / number(like, "real_tok_s")
+        parts.append(f"{share:.0%} of {goal['like']} ({like['variant']}, {number(like, 'real_tok_s'):,.0f}); goal "
+                     f"{goal['share']:.0%}: {'met' if share >= goal['share'] else 'not met'}")
+    else:
+        parts.append(f"no {goal['like']} row of ours to compare with")
+    if study is not None:
+        times = speed / number(study, "real_tok_s")
+        parts.append(f"{times:.1f}x the study's recipe on {goal['arch']} ({number(study, 'real_tok_s'):,.0f}); goal "
+                     f"{goal['times_study']}x: {'met' if times >= goal['times_study'] else 'not met'}")
+    else:
+        parts.append(f"the study's recipe on {goal['arch']} did not complete (goal {goal['times_study']}x it)")
+    return ["; ".join(parts)]
 
 
 def master_weights(row: dict) -> str | None:

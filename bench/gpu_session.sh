@@ -7,7 +7,8 @@
 # bench:  bench.bench_sft within the part's budget: every variant is cut to end within it, so no variant is
 #         killed without a row; the variants marked `profile` write their top operators (profiles.tar)
 # checks: inf_tests/runtime.py with $INF_ARGS (a 7B Llama shape by default; its CSV is written after every row),
-#         then the GPU tests: varlen attention against sdpa, eager and compiled (tests/test_attention.py), the
+#         then the GPU tests: varlen attention against sdpa, eager and compiled (tests/test_attention.py), MPT's
+#         flex attention against its eager attention (tests/test_mpt_attention.py), the
 #         CUDA cases of the compiled optimizer steps, loss kernel and float8 layers (test_optim.py,
 #         test_loss.py, test_levers.py), and the FSDP2 config in one process against the run without it
 #         (test_distributed.py); then the precision comparison if time is left
@@ -69,8 +70,9 @@ else
     step "inference runtime"
     timeout "$(by "$INF_END_S")" "$PY" -m inf_tests.runtime --out-dir "$OUT" $INF_ARGS || echo "runtime stopped (exit $?)"
   fi
-  step "GPU tests: varlen attention, compiled optimizer steps, loss kernel, float8 layers, FSDP2 in one process"
+  step "GPU tests: varlen attention, MPT flex attention, compiled optimizer steps, loss kernel, float8 layers, FSDP2"
   timeout "$(left 200)" "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_attention.py tests/test_optim.py \
+    tests/test_mpt_attention.py \
     tests/test_loss.py tests/test_levers.py tests/test_distributed.py -k "cuda or gpu" || echo "GPU tests failed (exit $?)"
   if [ "$(left 120)" -ge 90 ]; then
     step "precision comparison"

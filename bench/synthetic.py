@@ -1,4 +1,4 @@
-"""What the benchmarks train on: random-init Llama shapes and synthetic instruction-length examples.
+"""What the benchmarks train on: random-init Llama and MPT shapes and synthetic instruction-length examples.
 
 The length distribution is the anchor's (/work/shared/GPU.md): lognormal, median 300 tokens, clipped to
 24..2048, the first 20-60% of each example a prompt without loss. Token ids are uniform random, which
@@ -22,6 +22,11 @@ ARCH = {
                      num_attention_heads=32, num_key_value_heads=32),
     "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
+    # mosaicml/mpt-7b's dimensions (ALiBi attention, no position embeddings, 2048-token context)
+    "mpt-7b": dict(family="mpt", vocab_size=50432, d_model=4096, n_heads=32, n_layers=32, expansion_ratio=4,
+                   max_seq_len=2048),
+    "tiny-mpt": dict(family="mpt", vocab_size=1000, d_model=64, n_heads=4, n_layers=2, expansion_ratio=2,
+                     max_seq_len=512),
 }
 MAX_POSITION_EMBEDDINGS = 4096
 LENGTH_MEDIAN = 300
@@ -69,10 +74,13 @@ def benchmark_tokenizer():
 
 
 def model_config(arch: str):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MptConfig
 
+    settings = dict(ARCH[arch])
+    if settings.pop("family", "llama") == "mpt":
+        return MptConfig(pad_token_id=0, eos_token_id=1, bos_token_id=1, **settings)
     return LlamaConfig(max_position_embeddings=MAX_POSITION_EMBEDDINGS, pad_token_id=0, eos_token_id=1,
-                       bos_token_id=1, **ARCH[arch])
+                       bos_token_id=1, **settings)
 
 
 def model_folder(arch: str, path: Path) -> Path:

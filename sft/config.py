@@ -11,6 +11,7 @@ import difflib
 import math
 import re
 import types
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ class TrainConfig:
     trust_remote_code: bool = False
     # data: "embedded:demo-tasks", a local file/folder (json, jsonl, parquet, csv) or a hub dataset id
     dataset: str = EMBEDDED_DATASET
+    # a mixture instead of DATASET: [(source, share), ...] or (source, share, {"format": ..., "revision": ...,
+    # "files": ..., "split": ..., "max_rows": ...}); share: a float is that fraction of the source's training
+    # rows (above 1 repeats them), an int that many rows, None all of them; each source holds out its own rows
+    datasets: list | None = None
     dataset_revision: str | None = None
     dataset_format: str = "auto"
     dataset_split: str = "train"
@@ -179,6 +184,8 @@ class TrainConfig:
         for name in ("model", "dataset"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name}: must not be empty")
+        if self.datasets is not None:
+            self._check_mixture()
         _positive("lr", self.lr)
         _positive("adam_eps", self.adam_eps)
         for name in ("max_length", "micro_batch_size", "grad_accum_steps", "epochs", "log_every",
@@ -223,11 +230,80 @@ class TrainConfig:
             if not 0 < self.top_p <= 1:
                 raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
 
+    def _check_mixture(self) -> None:
+        if not isinstance(self.datasets, (list, tuple)) or not self.datasets:
+            raise ConfigError(f"datasets: a non-empty list of (source, share) pairs, got {self.datasets!r}")
+        for name, default in (("dataset", EMBEDDED_DATASET), ("dataset_revision", None), ("dataset_files", None),
+                              ("max_rows", None), ("eval_dataset", None)):
+            if getattr(self, name) != default:
+                where = ("each source holds out its own rows (eval_rows of each)" if name == "eval_dataset" else
+                         "give it per source: (source, share, {'" + name.removeprefix("dataset_") + "': ...})"
+                         if name != "dataset" else "list every source in datasets")
+                raise ConfigError(f"{name}: set with datasets, which replaces it; {where}")
+        self.sources()  # every entry parses
+
+    def sources(self) -> list["Source"]:
+        """The run's datasets: the one `dataset`, or each entry of `datasets`."""
+        if self.datasets is None:
+            return [Source(self.dataset, None, self.dataset_format, self.dataset_revision, self.dataset_files,
+                           self.dataset_split, self.max_rows, self.dataset)]
+        out, names = [], Counter()
+        for entry in self.datasets:
+            if not (isinstance(entry, (list, tuple)) and len(entry) in (2, 3)):
+                raise ConfigError(f"datasets: each entry is (source, share) or (source, share, {{options}}), "
+                                  f"got {entry!r}")
+            source, share, options = (*entry, {}) if len(entry) == 2 else entry
+            if not isinstance(source, str) or not source.strip():
+                raise ConfigError(f"datasets: a source is a path, a hub id or 'embedded:...', got {source!r}")
+            if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                      or not math.isfinite(share) or share <= 0):
+                raise ConfigError(f"datasets: {source}: the share is a fraction of its rows (float > 0), a row "
+                                  f"count (int >= 1) or None for all of them, got {share!r}")
+            if not isinstance(options, dict):
+                raise ConfigError(f"datasets: {source}: options are a dict, got {options!r}")
+            unknown = set(options) - set(SOURCE_OPTIONS)
+            if unknown:
+                raise ConfigError(f"datasets: {source}: unknown option {sorted(unknown)[0]!r}; the options are "
+                                  f"{', '.join(SOURCE_OPTIONS)}")
+            opts = {"format": self.dataset_format, "revision": None, "files": None, "split": self.dataset_split,
+                    "max_rows": None, **options}
+            _choice(f"datasets: {source}: format", opts["format"], DATASET_FORMATS)
+            for key in ("revision", "files"):
+                if opts[key] is not None and not isinstance(opts[key], str):
+                    raise ConfigError(f"datasets: {source}: {key} is a string, got {opts[key]!r}")
+            if not isinstance(opts["split"], str):
+                raise ConfigError(f"datasets: {source}: split is a string, got {opts['split']!r}")
+            if opts["max_rows"] is not None and (isinstance(opts["max_rows"], bool)
+                                                 or not isinstance(opts["max_rows"], int) or opts["max_rows"] < 1):
+                raise ConfigError(f"datasets: {source}: max_rows is a count >= 1, got {opts['max_rows']!r}")
+            name = source + (f":{opts['files']}" if opts["files"] else "")
+            names[name] += 1
+            name += f"#{names[name]}" if names[name] > 1 else ""
+            out.append(Source(source, share, opts["format"], opts["revision"], opts["files"], opts["split"],
+                              opts["max_rows"], name))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+SOURCE_OPTIONS = ("format", "revision", "files", "split", "max_rows")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of a run: where its rows come from, how they are read, and how many go into training."""
+    dataset: str
+    share: float | int | None  # a fraction of its training rows (above 1 repeats them), a row count, None: all
+    format: str
+    revision: str | None
+    files: str | None
+    split: str
+    max_rows: int | None
+    name: str  # how statistics and metrics name it
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -12,6 +12,7 @@ the store without reading the source; any change makes a new one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -24,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from . import formats, sources
-from .config import EMBEDDED_DATASET, TrainConfig
+from .config import EMBEDDED_DATASET, Source, TrainConfig
 from .demo_data import demo_rows
 from .errors import ConfigError, DataError
 from .modeling import cache_root
 from .packing import Example, shift_labels
 from .templates import IGNORE_INDEX, encode_chats
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 DEFAULT_EVAL_FRACTION = 0.05
 
 
@@ -42,23 +43,27 @@ class PreparedData:
     eval_conversations: list[list[dict]]  # held-out conversations, for generation and the task metric
     stats: dict = field(default_factory=dict)
     cache_hit: bool = False
+    source_names: list[str] = field(default_factory=list)  # the run's datasets (more than one: a mixture)
+    eval_sources: list[int] = field(default_factory=list)  # each held-out example's dataset, by its index
 
 
-def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None, split: str, *,
-                       revision: str | None, data_files: str | None) -> tuple[list[tuple[int, list[dict]]], dict]:
-    """(row number, conversation) for each usable row, numbered from 1 in the order read, and the counts."""
+def read_conversations(src: Source) -> tuple[list[tuple[int, list[dict]]], dict]:
+    """(row number, conversation) for each usable row of a source, numbered from 1 in the order read, and
+    the counts."""
+    source = src.dataset
     if source == EMBEDDED_DATASET:
-        rows = demo_rows(max_rows)
+        rows = demo_rows(src.max_rows)
     elif source.startswith("embedded:"):
         raise DataError(f"dataset: unknown embedded dataset {source!r}; the embedded one is {EMBEDDED_DATASET!r}")
     else:
-        rows = sources.load_rows(source, revision=revision, split=split, max_rows=max_rows, data_files=data_files)
+        rows = sources.load_rows(source, revision=src.revision, split=src.split, max_rows=src.max_rows,
+                                 data_files=src.files)
     columns = sorted({k for row in rows[:100] for k in row})
     try:
-        fmt = formats.detect_format(columns) if cfg.dataset_format == "auto" else cfg.dataset_format
+        fmt = formats.detect_format(columns) if src.format == "auto" else src.format
     except DataError as e:
         raise DataError(f"dataset {source}: {e}") from None
-    if cfg.dataset_format != "auto" and not set(formats.FORMATS[fmt]) <= set(columns):
+    if src.format != "auto" and not set(formats.FORMATS[fmt]) <= set(columns):
         raise DataError(f"dataset {source}: format {fmt!r} needs the columns {list(formats.FORMATS[fmt])}, "
                         f"found {columns}")
     conversations, rejected, numbers = formats.convert_rows(rows, fmt)
@@ -72,9 +77,9 @@ def read_conversations(source: str, cfg: TrainConfig, max_rows: int | None, spli
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     """The tokenized train and held-out examples, from the store in the cache when one was made from the same
     source files and settings (`_cache_key`): then nothing is read or parsed but the store itself."""
-    key = _cache_key(tokenizer, cfg, source_fingerprint(cfg.dataset, cfg.dataset_revision, cfg.dataset_files),
-                     cfg.eval_dataset and source_fingerprint(cfg.eval_dataset, cfg.eval_dataset_revision,
-                                                             cfg.eval_dataset_files))
+    fingerprints = [source_fingerprint(s.dataset, s.revision, s.files) for s in cfg.sources()]
+    key = _cache_key(tokenizer, cfg, fingerprints, cfg.eval_dataset and source_fingerprint(
+        cfg.eval_dataset, cfg.eval_dataset_revision, cfg.eval_dataset_files))
     store = cache_root() / "tokenized" / key
     hit = (store / "stats.json").exists()
     if not hit:
@@ -97,42 +102,60 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
                         f"checks ({stats['eval']['dropped']}); the held-out loss would be undefined")
     kept_eval = json.loads((store / "eval_conversations.json").read_text())
     stats["tokenization_cache"] = {"key": key, "hit": hit}
-    return PreparedData(TokenizedExamples(store / "train"), TokenizedExamples(store / "eval").to_list(), kept_eval,
-                        stats, hit)
+    held_out = TokenizedExamples(store / "eval")
+    return PreparedData(TokenizedExamples(store / "train"), held_out.to_list(), kept_eval, stats, hit,
+                        [s["name"] for s in stats["sources"]], held_out.sources.tolist())
 
 
 def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
-    """Reads the source, splits off the held-out set and tokenizes both into the store at `work`, with the
-    held-out conversations (for generation) and the statistics of every step; returns the statistics."""
-    numbered, read_stats = read_conversations(cfg.dataset, cfg, cfg.max_rows, cfg.dataset_split,
-                                              revision=cfg.dataset_revision, data_files=cfg.dataset_files)
-    if cfg.eval_dataset is not None:
-        train_numbered = sources.shuffle_rows(numbered, cfg.seed)
-        same_repo = cfg.eval_dataset == cfg.dataset
-        eval_numbered, eval_read = read_conversations(
-            cfg.eval_dataset, cfg, cfg.eval_rows, cfg.eval_dataset_split,
-            revision=cfg.eval_dataset_revision or (cfg.dataset_revision if same_repo else None),
-            data_files=cfg.eval_dataset_files)
-        read_stats["eval_source"] = eval_read
-    else:
-        eval_rows = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION
+    """Reads each source, splits off its held-out rows, takes its share of the rest, and tokenizes all sources'
+    train and held-out conversations into the store at `work`, with the held-out conversations (for
+    generation) and the statistics of every step, in all and per source; returns the statistics."""
+    srcs = cfg.sources()
+    train, held_out, reads = [], [], []  # (source index, row number, conversation); each source's counts
+    for k, src in enumerate(srcs):
+        numbered, read = read_conversations(src)
+        if cfg.eval_dataset is not None:  # one source (checked in the config), held out from another dataset
+            train_numbered = sources.shuffle_rows(numbered, cfg.seed)
+            same_repo = cfg.eval_dataset == cfg.dataset
+            eval_numbered, read["eval_source"] = read_conversations(Source(
+                cfg.eval_dataset, None, cfg.dataset_format,
+                cfg.eval_dataset_revision or (cfg.dataset_revision if same_repo else None), cfg.eval_dataset_files,
+                cfg.eval_dataset_split, cfg.eval_rows, cfg.eval_dataset))
+        else:
+            eval_rows = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION
+            try:
+                train_numbered, eval_numbered = sources.split_heldout(numbered, eval_rows=eval_rows, seed=cfg.seed)
+            except ConfigError as e:
+                raise ConfigError(f"{e} ({read['rows_kept']} of {read['rows_read']} rows of {src.dataset} "
+                                  f"are usable; rejected by reason: {read['rows_rejected']})") from None
+        del numbered
         try:
-            train_numbered, eval_numbered = sources.split_heldout(numbered, eval_rows=eval_rows, seed=cfg.seed)
+            train_numbered = sources.take_share(train_numbered, src.share, seed=cfg.seed + k)
         except ConfigError as e:
-            raise ConfigError(f"{e} ({read_stats['rows_kept']} of {read_stats['rows_read']} rows of {cfg.dataset} "
-                              f"are usable; rejected by reason: {read_stats['rows_rejected']})") from None
-    del numbered
-    train_convs, eval_convs = [c for _, c in train_numbered], [c for _, c in eval_numbered]
-    check_store_room(work.parent, train_convs, eval_convs)
-    tok_stats = {
-        "train": tokenize_to_store(train_convs, tokenizer, cfg, f"dataset {cfg.dataset}: train",
-                                   [n for n, _ in train_numbered], work / "train"),
-        "eval": tokenize_to_store(eval_convs, tokenizer, cfg, f"dataset {cfg.eval_dataset or cfg.dataset}: held-out",
-                                  [n for n, _ in eval_numbered], work / "eval")}
-    kept_eval = [c for c, keep in zip(eval_convs, tok_stats["eval"]["kept_mask"]) if keep]
+            raise ConfigError(f"datasets: {src.name}: {e}") from None
+        reads.append(dict(name=src.name, **read, share=src.share, train_conversations=len(train_numbered),
+                          eval_conversations=len(eval_numbered)))
+        train += [(k, n, c) for n, c in train_numbered]
+        held_out.append([(k, n, c) for n, c in eval_numbered])
+    # held-out conversations taken from each source in turn: the samples and the task metric, which read the
+    # first of them, see every source
+    held_out = [x for turn in itertools.zip_longest(*held_out) for x in turn if x is not None]
+    check_store_room(work.parent, [c for _, _, c in train], [c for _, _, c in held_out])
+    eval_names = [cfg.eval_dataset] if cfg.eval_dataset is not None else [s.name for s in srcs]
+    tok_stats = {"train": tokenize_to_store(train, tokenizer, cfg, "train", [s.name for s in srcs], work / "train"),
+                 "eval": tokenize_to_store(held_out, tokenizer, cfg, "held-out", eval_names, work / "eval")}
+    kept_eval = [c for (_, _, c), keep in zip(held_out, tok_stats["eval"].pop("kept_mask")) if keep]
+    tok_stats["train"].pop("kept_mask")
     (work / "eval_conversations.json").write_text(json.dumps(kept_eval, ensure_ascii=False))
-    return {**read_stats, "train_conversations": len(train_convs), "eval_conversations": len(eval_convs),
-            **{k: {kk: vv for kk, vv in v.items() if kk != "kept_mask"} for k, v in tok_stats.items()}}
+    by_source = {split: tok_stats[split].pop("by_source") for split in tok_stats}
+    for k, read in enumerate(reads):
+        read["train"], read["eval"] = by_source["train"][k], by_source["eval"][min(k, len(eval_names) - 1)]
+    single = {k: v for k, v in reads[0].items() if k not in ("name", "share", "train", "eval")} if len(reads) == 1 else {
+        "rows_read": sum(r["rows_read"] for r in reads), "rows_kept": sum(r["rows_kept"] for r in reads),
+        "rows_rejected": dict(sum((Counter(r["rows_rejected"]) for r in reads), Counter())),
+        "train_conversations": len(train), "eval_conversations": len(held_out)}
+    return {**single, **tok_stats, "sources": reads}
 
 
 def source_fingerprint(source: str, revision: str | None, files: str | None) -> str:
@@ -156,7 +179,7 @@ def set_aside(stats: dict) -> list[str]:
     """One line per step that set data aside (rejected rows, dropped or truncated examples), for the
     console: counted in data_stats.json either way, but a run should not lose rows unannounced."""
     lines = []
-    for read in (stats, stats.get("eval_source")):
+    for read in [r for source in stats["sources"] for r in (source, source.get("eval_source"))]:
         if read and read["rows_rejected"]:
             lines.append(f"dataset {read['source']}: {sum(read['rows_rejected'].values())} of {read['rows_read']} "
                          f"rows are not usable {read['format']} conversations and were left out "
@@ -186,17 +209,20 @@ MIN_ROWS_PER_PROC = 2000
 TOKENIZE_BATCH = 256  # conversations per tokenizer call
 
 
-def tokenize_to_store(conversations: list[list[dict]], tokenizer, cfg: TrainConfig, split: str,
-                      row_numbers: list[int], path: Path) -> dict:
-    """Encodes each conversation (`Dataset.map`, batched, in `num_proc` processes) into an Arrow dataset at
-    `path`: int32 token ids, a one-bit supervision mask and the length, for the examples that pass the length
-    and supervision rules; the others are counted. An error names the conversation by the number of the row
-    it came from (`row_numbers`). Returns the split's statistics."""
+def tokenize_to_store(conversations: list[tuple[int, int, list[dict]]], tokenizer, cfg: TrainConfig, split: str,
+                      source_names: list[str], path: Path) -> dict:
+    """Encodes each (source index, row number, conversation) (`Dataset.map`, batched, in `num_proc` processes)
+    into an Arrow dataset at `path`: int32 token ids, a one-bit supervision mask, the length and the source,
+    for the examples that pass the length and supervision rules; the others are counted. An error names the
+    source and the number of the row the conversation came from. Returns the split's statistics, in all and
+    per source (`by_source`), and which conversations were kept (`kept_mask`)."""
     from datasets import Dataset, Features, List, Value, disable_progress_bars, enable_progress_bars
 
     features = Features({"input_ids": List(Value("int32")), "supervised": List(Value("bool")),
-                         "length": Value("int32"), "status": Value("string"), "tokens": Value("int32")})
-    table = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations]})
+                         "length": Value("int32"), "source": Value("int16"), "status": Value("string"),
+                         "tokens": Value("int32"), "targets": Value("int32")})
+    table = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for _, _, c in conversations],
+                               "source": [k for k, _, _ in conversations]})
     procs = auto_num_proc(cfg.num_proc, len(conversations))
     if procs > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are forked: each tokenizes on its own
@@ -216,29 +242,47 @@ def tokenize_to_store(conversations: list[list[dict]], tokenizer, cfg: TrainConf
     status = encoded.data.column("status").to_pylist()
     for i, reason in enumerate(status):
         if reason in ("no_supervised_tokens", "all_supervised", "too_long_error"):
-            raise DataError(_row_error(reason, split, row_numbers[i], conversations[i], encoded[i]["tokens"], cfg))
-    dropped = Counter(r for r in status if r in DROPPED)
-    kept = [i for i, r in enumerate(status) if r not in DROPPED]
-    store = encoded.remove_columns(["status", "tokens"])
-    store = store.select(kept) if kept else Dataset.from_dict({k: [] for k in store.features}, features=store.features)
+            k, row, conversation = conversations[i]
+            raise DataError(_row_error(reason, f"dataset {source_names[k]}: {split}", row, conversation,
+                                       encoded[i]["tokens"], cfg))
+    kept = np.array([r not in DROPPED for r in status], dtype=bool)
+    columns = {name: encoded.data.column(name).to_numpy() for name in ("length", "targets", "source")}
+    store = encoded.remove_columns(["status", "tokens", "targets"])
+    store = store.select(np.flatnonzero(kept)) if kept.any() else Dataset.from_dict(
+        {k: [] for k in store.features}, features=store.features)
     store.save_to_disk(str(path))
     for f in path.parent.glob(f"{path.name}-map*.arrow"):
         f.unlink()
-    return {"examples": len(kept), "dropped": dict(dropped), "truncated": status.count("truncated"),
-            **(length_stats(TokenizedExamples(path)) if kept else {"tokens": 0}),
-            "kept_mask": [r not in DROPPED for r in status]}
+
+    reasons = np.array(status)
+
+    def counts(mine: np.ndarray) -> dict:
+        lengths = columns["length"][mine & kept]
+        dropped = {r: int(((reasons == r) & mine).sum()) for r in DROPPED}
+        return {"examples": int(len(lengths)), "dropped": {r: n for r, n in dropped.items() if n},
+                "truncated": int(((reasons == "truncated") & mine).sum()), "tokens": int(lengths.sum()),
+                "supervised_tokens": int(columns["targets"][mine & kept].sum())}
+
+    everything = counts(np.ones(len(status), dtype=bool))
+    if everything["tokens"]:
+        lengths = columns["length"][kept]
+        everything.update(supervised_fraction=round(everything["supervised_tokens"] / everything["tokens"], 4),
+                          length_percentiles={f"p{q}": int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)})
+    return {**everything, "by_source": [counts(columns["source"] == k) for k in range(len(source_names))],
+            "kept_mask": kept.tolist()}
 
 
 DROPPED = ("special_token_text", "too_long", "no_supervised_tokens_after_truncation")
 
 
 def _encode_batch(batch: dict, tokenizer, loss_on: str, max_length: int, too_long: str) -> dict:
-    """Dataset.map's function: token ids, supervision mask, length and status of each conversation."""
+    """Dataset.map's function: token ids, supervision mask, length, status and supervised targets (the mask
+    shifted by one) of each conversation."""
     special = special_token_pattern(tokenizer)
     conversations = [json.loads(c) for c in batch["conversation"]]
     clean = [special is None or not any(special.search(m["content"]) for m in c) for c in conversations]
     encoded = iter(encode_chats(tokenizer, [c for c, ok in zip(conversations, clean) if ok], loss_on=loss_on))
-    out = {"input_ids": [], "supervised": [], "length": [], "status": [], "tokens": []}
+    out = {"input_ids": [], "supervised": [], "length": [], "status": [], "tokens": [], "targets": []}
     for ok in clean:
         enc = next(encoded) if ok else None
         ids, labels = (enc.input_ids, enc.labels) if ok else ([], [])
@@ -261,6 +305,7 @@ def _encode_batch(batch: dict, tokenizer, loss_on: str, max_length: int, too_lon
         out["length"].append(len(ids) if keep else 0)
         out["status"].append(status)
         out["tokens"].append(n)
+        out["targets"].append(sum(mask[1:]) if keep else 0)
     return out
 
 
@@ -285,6 +330,7 @@ class TokenizedExamples(Sequence):
         self.path = Path(path)
         self.table = Dataset.load_from_disk(str(path))
         self.lengths = self.table.data.column("length").to_numpy()
+        self.sources = self.table.data.column("source").to_numpy()  # each example's dataset, by its index
 
     def __len__(self) -> int:
         return len(self.table)
@@ -327,26 +373,6 @@ def example_lengths(examples: Sequence[Example]) -> list[int]:
     return [len(e.input_ids) for e in examples]
 
 
-def length_stats(examples: "TokenizedExamples") -> dict:
-    if not len(examples):
-        return {"tokens": 0}
-    lengths = examples.lengths
-    supervised = _supervised_targets(examples)
-    return {"tokens": int(lengths.sum()), "supervised_tokens": supervised,
-            "supervised_fraction": round(supervised / int(lengths.sum()), 4),
-            "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)}}
-
-
-def _supervised_targets(examples: "TokenizedExamples") -> int:
-    """Targets are the labels shifted by one inside each example: every supervised token but a first one."""
-    import pyarrow.compute as pc
-
-    column = examples.table.data.column("supervised")
-    total = pc.sum(pc.cast(pc.list_flatten(column), "int64")).as_py() or 0
-    first = pc.sum(pc.cast(pc.list_element(column, 0), "int64")).as_py() or 0
-    return total - first
-
-
 def _preview(conversation: list[dict], width: int = 80) -> str:
     text = json.dumps(conversation, ensure_ascii=False)
     return text if len(text) <= width else text[:width] + "..."
@@ -356,7 +382,7 @@ def _cache_key(tokenizer, cfg: TrainConfig, *sources) -> str:
     """Everything that determines the store: the sources' fingerprints, the settings that read, split and
     tokenize them, and the tokenizer with its chat template (which holds the system prompt)."""
     h = hashlib.sha256()
-    reading = {k: getattr(cfg, k) for k in ("dataset", "dataset_revision", "dataset_format", "dataset_split",
+    reading = {k: getattr(cfg, k) for k in ("dataset", "datasets", "dataset_revision", "dataset_format", "dataset_split",
                                              "dataset_files", "max_rows", "eval_dataset", "eval_dataset_split",
                                              "eval_dataset_revision", "eval_dataset_files", "eval_rows", "seed")}
     h.update(json.dumps([CACHE_VERSION, cfg.max_length, cfg.too_long, cfg.loss_on, tokenizer.chat_template,

@@ -129,16 +129,23 @@ def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = 
                                                     trust_remote_code=trust_remote_code, **kwargs)
 
 
-def parameters_from_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
-    """The model's parameter count from its config alone: the model is built on the meta device, which
-    allocates nothing, so it takes a moment and reads no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_model_config(model: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's transformers config, read without its weights."""
+    from transformers import AutoConfig
 
     source, kwargs = resolve_model_source(model, revision)
     with _load_errors(model, revision):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        with torch.device("meta"):
-            return count_parameters(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def parameters_from_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
+    """The model's parameter count from its config alone: the model is built on the meta device, which
+    allocates nothing, so it takes a moment and reads no weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = read_model_config(model, revision, trust_remote_code)
+    with _load_errors(model, revision), torch.device("meta"):
+        return count_parameters(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
 
 
 @contextlib.contextmanager
@@ -154,11 +161,16 @@ def _load_errors(model: str, revision: str | None):
 
 
 def check_packing_support(model) -> None:
-    """Packed rows are kept apart through position ids; an architecture that takes none (MPT, which
-    uses ALiBi) would let packed examples attend to each other."""
+    """Packed rows are kept apart through position ids; an architecture that takes none would let packed
+    examples attend to each other, unless its attention was replaced by one that reads them (MPT's, by
+    sft.mpt_attention)."""
+    if getattr(model, "packed_attention", None):
+        return
     if "position_ids" not in inspect.signature(model.base_model.forward).parameters:
+        hint = ("; attn_implementation 'eager' keeps transformers' MPT attention, which cannot pack: use 'auto'"
+                if model.config.model_type == "mpt" else "")
         raise ConfigError(f"packing: the {model.config.model_type} architecture takes no position ids, so packed "
-                          f"examples could attend to each other; set packing=False")
+                          f"examples could attend to each other; set packing=False{hint}")
 
 
 def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:

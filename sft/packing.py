@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from queue import Full, Queue
 
+import numpy as np
 import torch
 
 from .templates import IGNORE_INDEX
@@ -45,9 +46,10 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
     >>> pack_best_fit_decreasing([3, 5, 2, 4], capacity=6)
     [[1], [3, 2], [0]]
     """
-    if any(n > capacity for n in lengths):
+    by_length = np.asarray(lengths, dtype=np.int64)
+    if len(by_length) and by_length.max() > capacity:
         raise ValueError("an example is longer than the packing capacity")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = np.argsort(-by_length, kind="stable").tolist()  # longest first; equal lengths in index order
     bins: list[list[int]] = []
     free = _BinsByFreeSpace()
     for i in order:

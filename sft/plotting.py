@@ -26,6 +26,8 @@ def _draw_losses(ax, run: Run, x: str) -> None:
         ax.plot(run.train[x], run.train["loss"], label="train loss", alpha=0.8)
     if not run.evals.empty:
         ax.plot(run.evals[x], run.evals["eval_loss"], marker="o", label="eval loss")
+        for name, losses in eval_losses_by_source(run).items():  # a mixture: each dataset's own
+            ax.plot(run.evals[x], losses, marker=".", linestyle="--", alpha=0.8, label=f"eval loss: {Path(name).name}")
     if run.train.empty and run.evals.empty:
         ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -33,6 +35,15 @@ def _draw_losses(ax, run: Run, x: str) -> None:
     ax.set_xlabel(X_AXES[x])
     ax.set_ylabel("loss (per supervised token)")
     ax.grid(alpha=0.3)
+
+
+def eval_losses_by_source(run: Run) -> dict[str, list[float]]:
+    """Each dataset's held-out loss at every eval (NaN where it was not logged), for a mixture; else empty."""
+    if "eval_loss_by_source" not in run.evals:
+        return {}
+    records = [d if isinstance(d, dict) else {} for d in run.evals["eval_loss_by_source"]]
+    names = list(dict.fromkeys(name for d in records for name in d))
+    return {name: [d.get(name, float("nan")) for d in records] for name in names}
 
 
 def plot_loss_curves(run: Run, x: str = "step") -> Figure:

@@ -279,3 +279,18 @@ def split_heldout(rows: list, *, eval_rows: int | float, seed: int) -> tuple[lis
         )
     shuffled = shuffle_rows(rows, seed)
     return shuffled[count:], shuffled[:count]
+
+
+def take_share(rows: list, share: int | float | None, *, seed: int) -> list:
+    """The training rows a dataset of a mixture gives: all of them (None), a fraction (a float) or a count (an
+    int). Above 1 (or above the row count), every row comes that many whole times and a seeded sample of the
+    rows makes up the rest; kept in the rows' order."""
+    if share is None:
+        return rows
+    n = len(rows)
+    count = round(share * n) if isinstance(share, float) else share
+    if count < 1:
+        raise ConfigError(f"a share of {share!r} of its {n} training rows is no rows; raise it")
+    whole, rest = divmod(count, n)
+    picked = sorted(random.Random(seed).sample(range(n), rest))
+    return rows * whole + [rows[i] for i in picked]

@@ -129,7 +129,14 @@ def end_of_turn(tokenizer) -> str:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render_many(tokenizer, [messages], add_generation_prompt)[0]
+
+
+def render_many(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+    """`render` of many conversations in one call of the template (its setup is paid once)."""
+    if not conversations:
+        return []
+    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def encode_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
@@ -147,9 +154,9 @@ def encode_chats(tokenizer, conversations: list[list[dict]], *, add_generation_p
                  loss_on: str = "assistant") -> list[Encoded]:
     """`encode_chat` of many conversations, with one tokenizer call over all their segments (a fast tokenizer
     encodes a batch in parallel, and each segment's ids are those of encoding it alone)."""
-    all_segments = [chat_segments(tokenizer, messages, add_generation_prompt) for messages in conversations]
+    all_segments = chat_segments_many(tokenizer, conversations, add_generation_prompt)
     texts = [text for segments in all_segments for text, _ in segments if text]
-    encoded = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
+    encoded = iter(token_ids(tokenizer, texts))
     bos = tokenizer.bos_token_id
     out = []
     for segments in all_segments:
@@ -168,35 +175,69 @@ def encode_chats(tokenizer, conversations: list[list[dict]], *, add_generation_p
     return out
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The ids of each text, without added special tokens; a fast tokenizer's batch call that skips the
+    character offsets nothing here reads (the same ids as `tokenizer(texts)`)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False).input_ids
+
+
 def chat_segments(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, supervised) pieces: each assistant reply up to and including
     its end-of-turn token is supervised, everything else (system, user turns, the template's headers) is not."""
-    if add_generation_prompt and messages[-1]["role"] == "assistant":
+    return chat_segments_many(tokenizer, [messages], add_generation_prompt)[0]
+
+
+def chat_segments_many(tokenizer, conversations: list[list[dict]],
+                       add_generation_prompt: bool = False) -> list[list[tuple[str, bool]]]:
+    """`chat_segments` of many conversations. Each assistant reply is located by rendering the conversation up
+    to it twice: with the generation prompt (where the reply starts) and with the reply (where it ends, at its
+    last end-of-turn token). The renderings of all conversations go to the template in two calls."""
+    if add_generation_prompt and any(messages[-1]["role"] == "assistant" for messages in conversations):
         raise DataError("a generation prompt must end with a user turn, not an assistant turn")
-    full = render(tokenizer, messages, add_generation_prompt)
+    # what to render, with and without the generation prompt: the whole conversation, then for each reply the
+    # prefix before it and the conversation up to it (the whole conversation itself, when the reply ends it)
+    requests: dict[bool, list[list[dict]]] = {True: [], False: []}
+
+    def ask(messages: list[dict], prompt: bool) -> tuple[bool, int]:
+        requests[prompt].append(messages)
+        return prompt, len(requests[prompt]) - 1
+
+    plans = []
+    for messages in conversations:
+        full = ask(messages, add_generation_prompt)
+        replies = [(ask(messages[:i], True), full if i == len(messages) - 1 else ask(messages[: i + 1], False))
+                   for i, message in enumerate(messages) if message["role"] == "assistant"]
+        plans.append((full, replies))
+    rendered = {prompt: render_many(tokenizer, batch, prompt) for prompt, batch in requests.items()}
     eot = end_of_turn(tokenizer)
-    segments: list[tuple[str, bool]] = []
-    pos = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        turn = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not (turn.startswith(prefix) and full.startswith(turn)):
-            raise ConfigError("template: the chat template does not render conversations as prefixes of each "
-                              "other (it rewrites earlier turns), so assistant spans cannot be located; "
-                              "use template='plain' or a template without that behaviour")
-        reply = turn[len(prefix):]
-        cut = reply.rfind(eot)
-        if cut < 0:
-            raise ConfigError(f"template: the chat template does not end assistant turns with the EOS token "
-                              f"{eot!r}, so the model would never learn to stop; use template='plain'")
-        supervised = reply[: cut + len(eot)]
-        segments.append((full[pos:len(prefix)], False))
-        segments.append((supervised, True))
-        pos = len(prefix) + len(supervised)
-    segments.append((full[pos:], False))
-    return segments
+    out = []
+    for (full_at, replies) in plans:
+        full = rendered[full_at[0]][full_at[1]]
+        segments: list[tuple[str, bool]] = []
+        pos = 0
+        for prefix_at, turn_at in replies:
+            prefix, turn = rendered[prefix_at[0]][prefix_at[1]], rendered[turn_at[0]][turn_at[1]]
+            if not (turn.startswith(prefix) and full.startswith(turn)):
+                raise ConfigError("template: the chat template does not render conversations as prefixes of each "
+                                  "other (it rewrites earlier turns), so assistant spans cannot be located; "
+                                  "use template='plain' or a template without that behaviour")
+            reply = turn[len(prefix):]
+            cut = reply.rfind(eot)
+            if cut < 0:
+                raise ConfigError(f"template: the chat template does not end assistant turns with the EOS token "
+                                  f"{eot!r}, so the model would never learn to stop; use template='plain'")
+            supervised = reply[: cut + len(eot)]
+            segments.append((full[pos:len(prefix)], False))
+            segments.append((supervised, True))
+            pos = len(prefix) + len(supervised)
+        segments.append((full[pos:], False))
+        out.append(segments)
+    return out
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:

@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import TrainConfig, script_spelling, settings_from
+from .mpt_attention import choose_kind as choose_mpt_kind, install as install_mpt_attention
 from .data import PreparedData, example_lengths, prepare_data, set_aside
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, host_indices, resolve_loss_impl
-from .modeling import (check_packing_support, compile_layers, convert_to_float8, count_parameters,
+from .modeling import (check_packing_support, read_model_config, compile_layers, convert_to_float8, count_parameters,
                        enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer,
                        parameters_from_config, require_torchao)
 from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
@@ -56,7 +57,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps: list[list[MicroBatch]]  # each optimizer step's micro-batches, as plans over data.train
-    eval_batches: list[dict]
+    eval_batches: list[tuple[int, dict]]  # (dataset index, collated held-out examples of that dataset)
     derived: dict
     in_backward: StepInBackward | None = None  # set when the optimizer steps inside the backward pass
     offload: bool = False  # activations saved for the backward pass wait in pinned host memory
@@ -224,8 +225,9 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
     saved.update(extend)
     saved["adam_betas"] = tuple(saved["adam_betas"])
-    differing = sorted(k for k, v in cfg.to_dict().items() if k != "resume" and saved.get(k) != v
-                       and not (isinstance(v, tuple) and list(v) == saved.get(k)))
+    # compared as config.json holds them (tuples as lists)
+    differing = sorted(k for k, v in json.loads(json.dumps(cfg.to_dict())).items()
+                       if k != "resume" and json.loads(json.dumps(saved.get(k))) != v)
     if differing:
         print(f"note: resuming with the run's saved settings; ignoring the script's {', '.join(differing)}",
               file=sys.stderr)
@@ -283,9 +285,14 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16_autocast" if bf16_ok else "fp32"
 
 
-def resolve_attention(cfg: TrainConfig, device: torch.device, precision: str) -> str | None:
+def resolve_attention(cfg: TrainConfig, device: torch.device, precision: str, model_type: str) -> str | None:
     """The attention implementation to load the model with; None lets transformers pick its default
-    (sdpa where the architecture supports it, eager otherwise)."""
+    (sdpa where the architecture supports it, eager otherwise). MPT loads with its own (eager) attention,
+    which sft.mpt_attention replaces once it is loaded."""
+    if model_type == "mpt":
+        from .mpt_attention import choose_kind
+        choose_kind(cfg.attn_implementation, device)  # refuses what MPT cannot run, before the model loads
+        return None
     if cfg.attn_implementation != "auto":
         if cfg.attn_implementation == "varlen":
             from .attention import register_varlen_attention
@@ -360,15 +367,17 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
         raise ConfigError(f"warmup_ratio: {cfg.warmup_ratio} of this run's {len(steps)} optimizer steps is "
                           f"{warmup_steps(cfg, len(steps))} warmup steps, so the learning rate would never reach "
                           f"lr; lower warmup_ratio or train for more steps")
-    eval_batches = [collate_padded(sorted(data.eval, key=lambda e: len(e.input_ids))[k:k + cfg.eval_batch_size],
-                                   tokenizer.pad_token_id)
-                    for k in range(0, len(data.eval), cfg.eval_batch_size)]
+    eval_batches = held_out_batches(data, cfg.eval_batch_size, tokenizer.pad_token_id)
 
     set_seed(cfg.seed)
-    attention = resolve_attention(cfg, device, precision)
+    model_type = read_model_config(cfg.model, cfg.model_revision, cfg.trust_remote_code).model_type
+    attention = resolve_attention(cfg, device, precision, model_type)
     dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
     model = load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
                        trust_remote_code=cfg.trust_remote_code, device=device)
+    attention_used = model.config._attn_implementation
+    if model_type == "mpt" and (kind := choose_mpt_kind(cfg.attn_implementation, device)):
+        attention_used = install_mpt_attention(model, kind)
     if cfg.packing or cfg.padding_free:
         check_packing_support(model)
     if cfg.gradient_checkpointing:
@@ -392,7 +401,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                "optimizer": describe_optimizer(inner_optimizer)
                + (", stepped per parameter in the backward pass" if in_backward else ""),
                "max_grad_norm": cfg.max_grad_norm,
-               "attn_implementation": model.config._attn_implementation, "float8": float8,
+               "attn_implementation": attention_used, "float8": float8,
                "loss_impl": loss_impl, "template": template, "system_prompt": system_prompt,
                "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,
                "optimizer_steps": len(steps), "steps_per_epoch": steps_per_epoch,
@@ -485,26 +494,46 @@ def my_share(n: int, acc) -> list[tuple[int, bool]]:
     return [(i, True) for i in mine] + [(0, False)] * (per_process - len(mine)) if n else []
 
 
+def held_out_batches(data: PreparedData, batch_size: int, pad_id: int) -> list[tuple[int, dict]]:
+    """The held-out examples of each dataset, sorted by length (little padding) and collated in batches."""
+    by_source: dict[int, list] = {}
+    for i, example in enumerate(data.eval):
+        by_source.setdefault(data.eval_sources[i] if data.eval_sources else 0, []).append(example)
+    batches = []
+    for k, examples in sorted(by_source.items()):
+        examples.sort(key=lambda e: len(e.input_ids))
+        batches += [(k, collate_padded(examples[j:j + batch_size], pad_id)) for j in range(0, len(examples), batch_size)]
+    return batches
+
+
 @torch.no_grad()
-def evaluate_loss(setup: Setup) -> float:
-    """Token-weighted mean loss over the held-out examples (all processes together)."""
+def evaluate_loss(setup: Setup) -> tuple[float, dict[str, float] | None]:
+    """Token-weighted mean loss over the held-out examples (all processes together), and per dataset when the
+    run mixes several."""
     acc = setup.accelerator
     was_training = setup.loss_model.training
     setup.loss_model.eval()
-    total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    names = setup.data.source_names or ["all"]
+    total = torch.zeros(len(names), 2, device=acc.device, dtype=torch.float64)  # summed loss, targets
     share = my_share(len(setup.eval_batches), acc)
     with tqdm(share, desc="eval loss", leave=False, unit="batch", disable=not acc.is_local_main_process,
               dynamic_ncols=True) as bar:  # closed on an error too, before it is printed
         for i, counts in bar:
-            batch = setup.eval_batches[i]
+            source, batch = setup.eval_batches[i]
             loss = setup.loss_model(**_to_device(batch, acc.device))
             if counts:  # summed on the device: no host sync per batch
-                total[0] += loss.double()
-                total[1] += _num_targets(batch)
+                total[source, 0] += loss.double()
+                total[source, 1] += _num_targets(batch)
     setup.loss_model.train(was_training)
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    total = total.tolist()
+
+    def mean(loss: float, targets: float) -> float:
+        return loss / targets if targets > 0 else float("nan")
+
+    overall = mean(sum(t[0] for t in total), sum(t[1] for t in total))
+    return overall, ({name: mean(*t) for name, t in zip(names, total)} if len(names) > 1 else None)
 
 
 def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolder) -> float | None:
@@ -604,15 +633,16 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
 
     def run_eval(step: int, with_metric: bool, stage: str | None) -> tuple[float, float | None]:
         t = time.perf_counter()
-        eval_loss = evaluate_loss(setup)
+        eval_loss, by_source = evaluate_loss(setup)
         metric = generation_pass(cfg, setup, stage, folder) if with_metric else None
         state["eval_time"] += time.perf_counter() - t
         folder.append_jsonl("metrics.jsonl", {
             "kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens": state["tokens"],
-            "eval_loss": eval_loss, "task_metric": metric, "task_metric_name": cfg.task_metric,
-            "elapsed_s": elapsed()})
+            "eval_loss": eval_loss, **({"eval_loss_by_source": by_source} if by_source else {}),
+            "task_metric": metric, "task_metric_name": cfg.task_metric, "elapsed_s": elapsed()})
         if acc.is_main_process:
             tqdm.write(f"step {step}: eval loss {eval_loss:.4f}"
+                       + (" (" + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items()) + ")" if by_source else "")
                        + (f", {cfg.task_metric} {metric:.3f}" if metric is not None else ""), file=sys.stderr)
         return eval_loss, metric
 

@@ -71,6 +71,11 @@ def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
     capped = rows["ours_tiny_compile_capped"]  # the compiled trainer, stopped by its time cap
     assert capped["status"] == "ok" and capped["timed_steps"] == "1", capped
     assert "compile=True" in capped["settings"]
+    mpt = rows["ours_tiny_mpt_packed"]  # the original study's architecture, packed with its ALiBi attention
+    assert mpt["status"] == "ok" and "attn=packed ALiBi (sdpa)" in mpt["settings"], mpt
+    for name in ("ours_tiny_mpt_padded_eager", "study_tiny_mpt"):  # transformers' eager MPT attention, padded
+        assert rows[name]["status"] == "ok", rows[name]
+        assert float(rows[name]["real_tok_s"]) < float(rows[name]["padded_tok_s"])
     markdown = (tmp_path / "bench_cpu.md").read_text()
     assert "| ours_tiny | ok |" in markdown and "packages: torch" in markdown
 
@@ -140,6 +145,11 @@ def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
             row("ours_7b_big", "ours", "llama-7b", 14_000, 61, first="70"), row("ours_7b", "ours", "llama-7b", 6_500, 50),
             dict(variant="ours_7b_oom", recipe="ours", arch="llama-7b", status="OOM")]
     one_b, seven_b, first = goal_lines(rows)
+    mpt = [row("ours_mpt", "ours", "mpt-7b", 5_850, 55), row("study_mpt", "study", "mpt-7b", 700, 70)]
+    mpt[0]["settings"] += " (packed ALiBi (flex_attention))"
+    assert goal_lines(rows + mpt)[2] == (
+        "mpt-7b packed: 5,850 real tok/s (ours_mpt, 55.0 GiB); 90% of llama-7b (ours_7b, 6,500); goal 90%: met; "
+        "8.4x the study's recipe on mpt-7b (700); goal 8x: met")
     assert one_b.startswith("llama-1b: ours 71,000 real tok/s (ours_1b_a, 30.0 GiB")
     assert "updates bf16_stochastic_rounding (precise to fp32)" in one_b
     assert "2.00x TRL measured here (trl_1b, 35,500)" in one_b and "10.0x the study's recipe" in one_b

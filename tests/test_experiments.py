@@ -117,12 +117,16 @@ def test_mpt7b_dolphin_path_runs_on_a_tiny_mpt(tiny_mpt, tmp_path):
     assert summary["status"] == "completed" and summary["global_step"] == 2
 
 
-def test_mpt_refuses_packing_because_it_takes_no_position_ids(tiny_mpt, tmp_path):
-    cfg = local_version("mpt7b_guanaco", tiny_mpt, tmp_path, packing=True,
-                        dataset=write_jsonl(tmp_path / "g.jsonl", guanaco_rows(20)),
-                        eval_dataset=write_jsonl(tmp_path / "g_test.jsonl", guanaco_rows(4)))
+def test_mpt_packs_with_its_own_attention_and_refuses_packing_on_transformers_eager_one(tiny_mpt, tmp_path):
+    data = dict(dataset=write_jsonl(tmp_path / "g.jsonl", guanaco_rows(20)),
+                eval_dataset=write_jsonl(tmp_path / "g_test.jsonl", guanaco_rows(4)))
+    assert script_settings("mpt7b_guanaco")["packing"] and script_settings("mpt7b_dolphin")["packing"]
+    folder = run(local_version("mpt7b_guanaco", tiny_mpt, tmp_path, **data))
+    config = json.loads((folder.path / "config.json").read_text())
+    assert config["derived"]["attn_implementation"] == "packed ALiBi (sdpa)"  # flex attention on GPUs
+    assert config["derived"]["packing_efficiency"] > 0.5
     with pytest.raises(ConfigError, match="takes no position ids"):
-        run(cfg)
+        run(local_version("mpt7b_guanaco", tiny_mpt, tmp_path, attn_implementation="eager", **data))
 
 
 @pytest.mark.parametrize("name", ["mpt7b_guanaco", "llama31_8b_guanaco"])

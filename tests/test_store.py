@@ -36,11 +36,15 @@ def conversations() -> list[list[dict]]:
     return out + demo
 
 
+def numbered(convs: list[list[dict]]) -> list[tuple[int, int, list[dict]]]:
+    return [(0, n, c) for n, c in enumerate(convs, 1)]
+
+
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_the_store_holds_exactly_the_ids_and_labels_of_encode_chat(chatml_tokenizer, tmp_path, num_proc):
     convs = conversations()
     cfg = TrainConfig(experiment="x", max_length=4096, num_proc=num_proc)
-    stats = tokenize_to_store(convs, chatml_tokenizer, cfg, "test", list(range(1, len(convs) + 1)), tmp_path / "s")
+    stats = tokenize_to_store(numbered(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / "s")
     store = TokenizedExamples(tmp_path / "s")
     assert stats["examples"] == len(store) == len(convs)
     for conversation, example in zip(convs, store):
@@ -58,7 +62,7 @@ def test_truncation_and_drops_match_the_rules(chatml_tokenizer, tmp_path):
     cap = sorted(lengths)[len(lengths) // 2]
     for too_long in ("truncate", "drop"):
         cfg = TrainConfig(experiment="x", max_length=cap, too_long=too_long, num_proc=1)
-        stats = tokenize_to_store(convs, chatml_tokenizer, cfg, "test", list(range(1, 9)), tmp_path / too_long)
+        stats = tokenize_to_store(numbered(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / too_long)
         store = TokenizedExamples(tmp_path / too_long)
         assert all(len(e.input_ids) <= cap for e in store)
         over = sum(n > cap for n in lengths)

@@ -8,7 +8,8 @@ import pytest
 from tokenizers import processors
 
 from sft.errors import ConfigError
-from sft.templates import IGNORE_INDEX, encode_chat, render, setup_template, system_prompt_record
+from sft.templates import (IGNORE_INDEX, chat_segments, chat_segments_many, encode_chat, encode_chats, render,
+                           setup_template, system_prompt_record, token_ids)
 
 SINGLE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
           {"role": "assistant", "content": "5"}]
@@ -49,6 +50,28 @@ def bos_tokenizer(chatml_tokenizer):
     assert tok("a").input_ids[0] == bos_id  # the premise of the BOS tests
     assert chatml_tokenizer("a").input_ids[0] != bos_id and chatml_tokenizer.bos_token == "<|im_start|>"
     return tok
+
+
+def test_many_conversations_at_once_are_each_as_alone(chatml_tokenizer):
+    """The batched renderings and tokenizer call give every conversation its own segments and ids, whatever
+    else is in the batch (its turn count, a generation prompt or not)."""
+    batch = [MULTI, SINGLE, MULTI[1:3], SINGLE[1:]]
+    alone = [chat_segments(chatml_tokenizer, c) for c in batch]
+    assert chat_segments_many(chatml_tokenizer, batch) == alone
+    for c, segments in zip(batch, alone):
+        assert "".join(text for text, _ in segments) == render(chatml_tokenizer, c, False)
+        assert [text for text, supervised in segments if supervised] == [
+            m["content"] + "<|im_end|>" for m in c if m["role"] == "assistant"]
+    assert encode_chats(chatml_tokenizer, batch) == [encode_chat(chatml_tokenizer, c) for c in batch]
+    prompts = [MULTI[:4], SINGLE[:2]]
+    assert chat_segments_many(chatml_tokenizer, prompts, True) == [chat_segments(chatml_tokenizer, c, True)
+                                                                     for c in prompts]
+
+
+def test_token_ids_are_those_of_the_tokenizer_call(chatml_tokenizer):
+    texts = ["", " leading space", "tabs\tand\nnewlines\n\n", "<|im_end|> as text", "émoji 🙂 and 中文",
+             "numbers 1999 42", "a" * 3000]
+    assert token_ids(chatml_tokenizer, texts) == chatml_tokenizer(texts, add_special_tokens=False).input_ids
 
 
 def test_single_turn_supervises_exactly_the_reply_and_its_end_of_turn_token(chatml_tokenizer):

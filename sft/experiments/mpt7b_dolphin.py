@@ -2,9 +2,11 @@
 
 Needs one 80 GB GPU and the hub. Run: `python -m sft.experiments.mpt7b_dolphin`.
 Full-parameter: bf16 weights with stochastic-rounding AdamW and bf16 optimizer states
-(6.7B x (2 + 2 + 4) bytes = 54 GB) plus gradient checkpointing. MPT uses ALiBi and takes no position
-ids, so its examples cannot be packed safely: batches are padded to their longest example instead,
-with examples of similar length batched together.
+(6.7B x (2 + 2 + 4) bytes = 54 GB) plus gradient checkpointing. Examples are packed into rows of
+2048 tokens: MPT's ALiBi attention runs as flex attention on the GPU (sdpa elsewhere) with each packed
+example masked from the others (sft/mpt_attention.py), and 8 rows per optimizer step hold about the
+64 examples a step of the original study's padded batches held. ATTN_IMPLEMENTATION = "eager" with
+PACKING = False gives transformers' own MPT attention, padded.
 """
 from sft.train import main
 
@@ -19,9 +21,9 @@ MAX_ROWS = 100_000        # streamed: only these rows are downloaded
 EVAL_ROWS = 500
 MAX_LENGTH = 2048
 TOO_LONG = "truncate"
-PACKING = False
-MICRO_BATCH_SIZE = 8
-GRAD_ACCUM_STEPS = 8
+PACKING = True
+MICRO_BATCH_SIZE = 4
+GRAD_ACCUM_STEPS = 2
 EPOCHS = 1
 LR = 2e-5
 LR_SCHEDULE = "cosine"

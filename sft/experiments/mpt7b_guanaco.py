@@ -1,7 +1,7 @@
 """MPT-7B x openassistant-guanaco (all turns of every conversation, not only the first).
 
 Needs one 80 GB GPU and the hub. Run: `python -m sft.experiments.mpt7b_guanaco`.
-Memory plan and the no-packing reason as in mpt7b_dolphin.py. The held-out set is guanaco's own
+Memory plan and packed ALiBi attention as in mpt7b_dolphin.py. The held-out set is guanaco's own
 test split.
 """
 from sft.train import main
@@ -16,9 +16,9 @@ EVAL_DATASET = DATASET    # its "test" split
 EVAL_ROWS = 200
 MAX_LENGTH = 2048
 TOO_LONG = "truncate"
-PACKING = False
-MICRO_BATCH_SIZE = 8
-GRAD_ACCUM_STEPS = 4
+PACKING = True
+MICRO_BATCH_SIZE = 4
+GRAD_ACCUM_STEPS = 2
 EPOCHS = 1
 LR = 2e-5
 SEED = 43
