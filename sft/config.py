@@ -35,6 +35,7 @@ LOSS_IMPLS = ("auto", "selected", "full")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 DATASET_FORMATS = ("auto", *FORMATS)
 TASK_METRICS = ("exact_match",)
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 
 
 @dataclass
@@ -112,9 +113,14 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     generation_batch_size: int = 16
+    report_to: tuple[str, ...] = ("tensorboard",)  # trackers fed what metrics.jsonl gets: "tensorboard" (event files
+                                         # in the run folder), "wandb", "trackio", "mlflow"; () for none
     # outputs, checkpoints and resume
     runs_root: str = DEFAULT_RUNS_ROOT    # a relative path is taken from the current directory
     save_model: bool = True
+    push_to_hub: str | None = None       # "user/name": upload model/ and its card after a completed run
+    push_private: bool = True            # a private repository (when it is created)
+    push_revision: str | None = None     # a branch to upload to (made if missing); None: main
     checkpoint_every: int | None = None  # optimizer steps between checkpoints (also saved on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     keep_checkpoints_after_completion: int = 0  # checkpoints left once the model is saved; with >= 1, the last
@@ -179,6 +185,15 @@ class TrainConfig:
                                   f"(the gradient norm is still logged)")
         if self.task_metric is not None:
             _choice("task_metric", self.task_metric, TASK_METRICS)
+        for backend in self.report_to:
+            _choice("report_to", backend, TRACKERS)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"report_to: names a tracker twice: {list(self.report_to)}")
+        if self.push_to_hub is not None:
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
+                raise ConfigError(f"push_to_hub: a hub repository id of the form owner/name, got {self.push_to_hub!r}")
+            if not self.save_model:
+                raise ConfigError("push_to_hub: uploads the saved model; set save_model=True")
         if not self.experiment.strip() or any(c in self.experiment for c in "/\\ "):
             raise ConfigError(f"experiment: a non-empty name without spaces or slashes, got {self.experiment!r}")
         for name in ("model", "dataset"):

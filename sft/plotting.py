@@ -81,16 +81,23 @@ def plot_training_panels(run: Run) -> Figure:
 
 
 def plot_comparison(runs: list[Run]) -> Figure:
-    """Eval loss of several runs against real tokens seen, one line per run."""
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
-    for run in runs:
-        ax.plot(run.evals["tokens"], run.evals["eval_loss"], marker="o", label=run.name)
-    ax.set_xlabel(X_AXES["tokens"])
-    ax.set_ylabel("eval loss (per supervised token)")
-    ax.grid(alpha=0.3)
+    """Several runs overlaid: train loss (line) and held-out loss (dashed, markers), one colour per run,
+    against optimizer steps (left) and real tokens seen (right)."""
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    for ax, x in zip(fig.subplots(1, 2), ("step", "tokens")):
+        for k, run in enumerate(runs):
+            colour = f"C{k % 10}"
+            if not run.train.empty:
+                ax.plot(run.train[x], run.train["loss"], color=colour, alpha=0.6, linewidth=1,
+                        label=f"{run.name}: train")
+            if not run.evals.empty:
+                ax.plot(run.evals[x], run.evals["eval_loss"], color=colour, linestyle="--", marker="o",
+                        label=f"{run.name}: held-out")
+        ax.set_xlabel(X_AXES[x])
+        ax.set_ylabel("loss (per supervised token)")
+        ax.grid(alpha=0.3)
     if runs:
-        ax.legend(fontsize="small")
+        fig.axes[0].legend(fontsize="small")
     return fig
 
 

@@ -12,9 +12,12 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SFTError
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "einops", "numpy",
             "pandas", "matplotlib", "gguf")
@@ -72,6 +75,7 @@ class RunFolder:
     def __init__(self, path: Path, writable: bool = True):
         self.path = Path(path)
         self.writable = writable
+        self.trackers = None  # sft.tracking.Trackers: fed every metrics record and every pass's samples
 
     @classmethod
     def create(cls, root: str | Path, experiment: str, now: dt.datetime | None = None) -> "RunFolder":
@@ -100,6 +104,24 @@ class RunFolder:
         with open(self.path / name, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
             f.flush()
+
+    def append_metrics(self, record: dict) -> None:
+        """A metrics.jsonl line, and the same record to the run's trackers."""
+        self.append_jsonl("metrics.jsonl", record)
+        if self.writable and self.trackers is not None:
+            self.trackers.log(record)
+
+    def append_samples(self, stage: str, step: int, records: list[dict]) -> None:
+        """A generation pass's samples.jsonl lines, and the same samples to the run's trackers."""
+        for record in records:
+            self.append_jsonl("samples.jsonl", record)
+        if self.writable and self.trackers is not None:
+            self.trackers.samples(stage, step, records)
+
+    def close_trackers(self) -> None:
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            trackers.close()
 
     def truncate_metrics(self, step: int) -> None:
         """Drops metric lines past `step`: a resumed run recomputes them from its checkpoint."""

@@ -25,19 +25,19 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import TrainConfig, script_spelling, settings_from
-from .mpt_attention import choose_kind as choose_mpt_kind, install as install_mpt_attention
 from .data import PreparedData, example_lengths, prepare_data, set_aside
 from .errors import ConfigError, SFTError
 from .generation import Decoding, exact_match, generate
 from .loss import LossModel, host_indices, resolve_loss_impl
-from .modeling import (check_packing_support, read_model_config, compile_layers, convert_to_float8, count_parameters,
+from .modeling import (check_packing_support, compile_layers, convert_to_float8, count_parameters,
                        enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer,
-                       parameters_from_config, require_torchao)
+                       parameters_from_config, read_model_config, require_torchao)
 from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
 from .packing import MicroBatch, collate_padded, collated_steps, optimizer_steps, packing_efficiency, plan_epoch
 from .perf import mfu, peak_memory, reset_peak_memory, synchronize
 from .run_folder import RunFolder, RunLock, collect_env
 from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template, system_prompt_record
+from .tracking import Trackers, check_available
 
 MASTER_WEIGHTS = {("bf16_pure", "stochastic_rounding"): "bf16_stochastic_rounding",
                   ("bf16_pure", "kahan"): "bf16_kahan", ("bf16_pure", "none"): "bf16_plain"}
@@ -100,6 +100,7 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
     newest checkpoint (with that run's saved settings). The runs folder is checked first (writable, room
     for the outputs); a resume takes the run folder's lock before any compute is spent."""
     cfg = resumed_config(cfg) if cfg.resume else cfg
+    check_available(cfg.report_to)
     check_room(cfg)
     lock = RunLock(Path(cfg.resume)).acquire() if cfg.resume and _main_process() else None
     try:
@@ -120,6 +121,8 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
         except BaseException as e:
             folder.record_failure("failed", f"{type(e).__name__}: {e}")
             raise
+        finally:
+            folder.close_trackers()
     finally:
         if lock is not None:
             lock.release()
@@ -219,7 +222,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
         if not checkpoint.checkpoints(path):
             raise ConfigError(f"resume: {path} has completed and kept no checkpoint to train further from; set "
                               f"KEEP_CHECKPOINTS_AFTER_COMPLETION = 1 for runs you may extend")
-        print(f"note: extending the completed run: " + ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in extend.items()),
+        print("note: extending the completed run: " + ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in extend.items()),
               file=sys.stderr)
     elif not checkpoint.checkpoints(path):
         raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
@@ -376,8 +379,10 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     model = load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
                        trust_remote_code=cfg.trust_remote_code, device=device)
     attention_used = model.config._attn_implementation
-    if model_type == "mpt" and (kind := choose_mpt_kind(cfg.attn_implementation, device)):
-        attention_used = install_mpt_attention(model, kind)
+    if model_type == "mpt":
+        from .mpt_attention import choose_kind, install
+        if kind := choose_kind(cfg.attn_implementation, device):
+            attention_used = install(model, kind)
     if cfg.packing or cfg.padding_free:
         check_packing_support(model)
     if cfg.gradient_checkpointing:
@@ -506,25 +511,29 @@ def held_out_batches(data: PreparedData, batch_size: int, pad_id: int) -> list[t
     return batches
 
 
-@torch.no_grad()
 def evaluate_loss(setup: Setup) -> tuple[float, dict[str, float] | None]:
-    """Token-weighted mean loss over the held-out examples (all processes together), and per dataset when the
-    run mixes several."""
-    acc = setup.accelerator
-    was_training = setup.loss_model.training
-    setup.loss_model.eval()
-    names = setup.data.source_names or ["all"]
+    return held_out_losses(setup.accelerator, setup.loss_model, setup.eval_batches, setup.data.source_names)
+
+
+@torch.no_grad()
+def held_out_losses(acc, loss_model, batches: list[tuple[int, dict]],
+                    names: list[str]) -> tuple[float, dict[str, float] | None]:
+    """Token-weighted mean loss over held-out batches (all processes together), and per dataset when there
+    are several (`names`, indexed by each batch's dataset)."""
+    was_training = loss_model.training
+    loss_model.eval()
+    names = names or ["all"]
     total = torch.zeros(len(names), 2, device=acc.device, dtype=torch.float64)  # summed loss, targets
-    share = my_share(len(setup.eval_batches), acc)
+    share = my_share(len(batches), acc)
     with tqdm(share, desc="eval loss", leave=False, unit="batch", disable=not acc.is_local_main_process,
               dynamic_ncols=True) as bar:  # closed on an error too, before it is printed
         for i, counts in bar:
-            source, batch = setup.eval_batches[i]
-            loss = setup.loss_model(**_to_device(batch, acc.device))
+            source, batch = batches[i]
+            loss = loss_model(**_to_device(batch, acc.device))
             if counts:  # summed on the device: no host sync per batch
                 total[source, 0] += loss.double()
                 total[source, 1] += _num_targets(batch)
-    setup.loss_model.train(was_training)
+    loss_model.train(was_training)
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="sum")
     total = total.tolist()
@@ -536,7 +545,7 @@ def evaluate_loss(setup: Setup) -> tuple[float, dict[str, float] | None]:
     return overall, ({name: mean(*t) for name, t in zip(names, total)} if len(names) > 1 else None)
 
 
-def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolder) -> float | None:
+def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolder, step: int) -> float | None:
     """Generates for the held-out prompts; writes samples and returns the task metric (or None)."""
     from accelerate.utils import gather_object
 
@@ -557,11 +566,11 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
     gathered = dict(gather_object([(i, r) for (i, counts), r in zip(share, replies) if counts]))
     replies = [gathered[i] for i in range(len(prompts))]
     if folder.writable:
-        for i in range(min(cfg.num_samples, len(prompts))):
-            folder.append_jsonl("samples.jsonl", {"stage": stage, "index": i, "messages": list(prompts[i]),
-                                                  "prompt": render(setup.tokenizer, list(prompts[i]), True),
-                                                  "response": replies[i], "reference": references[i],
-                                                  "decoding": decoding.record()})
+        folder.append_samples(stage, step, [
+            {"stage": stage, "index": i, "messages": list(prompts[i]),
+             "prompt": render(setup.tokenizer, list(prompts[i]), True), "response": replies[i],
+             "reference": references[i], "decoding": decoding.record()}
+            for i in range(min(cfg.num_samples, len(prompts)))])
     if not cfg.task_metric:
         return None
     k = min(cfg.task_metric_rows, len(prompts))
@@ -634,9 +643,9 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
     def run_eval(step: int, with_metric: bool, stage: str | None) -> tuple[float, float | None]:
         t = time.perf_counter()
         eval_loss, by_source = evaluate_loss(setup)
-        metric = generation_pass(cfg, setup, stage, folder) if with_metric else None
+        metric = generation_pass(cfg, setup, stage, folder, step) if with_metric else None
         state["eval_time"] += time.perf_counter() - t
-        folder.append_jsonl("metrics.jsonl", {
+        folder.append_metrics({
             "kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens": state["tokens"],
             "eval_loss": eval_loss, **({"eval_loss_by_source": by_source} if by_source else {}),
             "task_metric": metric, "task_metric_name": cfg.task_metric, "elapsed_s": elapsed()})
@@ -654,6 +663,9 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
             tqdm.write(f"step {state['step']}: checkpoint saved ({path.name})", file=sys.stderr)
         return path
 
+    if folder.writable and cfg.report_to:
+        folder.trackers = Trackers(cfg.report_to, folder.path, folder.path.name, cfg.to_dict(),
+                                   resume_step=restored["step"] if restored is not None else None)
     if restored is not None:
         state.update(restored)
         folder.truncate_metrics(state["step"])
@@ -690,7 +702,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
             if step % cfg.log_every == 0 or step == total_steps:
                 tps = window["tokens"] / window["time"]
                 mean_loss = window["loss_x_targets"] / window["targets"]
-                folder.append_jsonl("metrics.jsonl", {
+                folder.append_metrics({
                     "kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
                     "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
                     "supervised_tokens": state["supervised"], "tokens_per_s": tps, "elapsed_s": elapsed()})
@@ -740,7 +752,10 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
 def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> None:
     """Completes the run folder: the summary's numbers first (a save that fails keeps them), then the model
     (gathered from all processes when sharded), the figures, and the checkpoints pruned to
-    keep_checkpoints_after_completion; `completed` is written last."""
+    keep_checkpoints_after_completion; `completed` is written then. The model card follows, from the
+    completed folder's files, and the upload (push_to_hub), whose failure leaves the run completed."""
+    from .card import write_card
+    from .hub import push_run
     from .plotting import write_figures
 
     acc = setup.accelerator
@@ -757,6 +772,14 @@ def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> 
     write_figures(folder.path)
     checkpoint.prune(folder.path, cfg.keep_checkpoints_after_completion)
     folder.update_summary(status="completed")
+    if cfg.save_model:
+        print(f"model card: {write_card(folder.path)}", file=sys.stderr)
+        if cfg.push_to_hub:
+            pushed = push_run(folder.path, cfg.push_to_hub, cfg.push_private, cfg.push_revision)
+            folder.update_summary(push_to_hub=pushed)
+            print(f"uploaded to {pushed['url']}" if pushed["status"] == "uploaded" else
+                  f"note: the run is complete, but uploading to {cfg.push_to_hub} failed: {pushed['reason']}; "
+                  f"retry with: {pushed['retry']}", file=sys.stderr)
     print(f"done: {folder.path}  eval loss {summary['eval_loss_first']:.4f} -> {summary['eval_loss_final']:.4f}"
           + (f", {cfg.task_metric} {summary['task_metric_before']:.3f} -> {summary['task_metric_after']:.3f}"
              if cfg.task_metric and summary["task_metric_before"] is not None else ""), file=sys.stderr)

@@ -18,7 +18,7 @@ import sft.train
 from sft import checkpoint
 from sft.analysis import load_run, summary_table
 from sft.errors import ConfigError
-from sft.run_folder import LOCK, RunLock, RunLockError, lock_is_held
+from sft.run_folder import LOCK, RunLockError, lock_is_held
 from sft.train import Interrupted, StopRequest, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,82 @@
+"""Evaluating a finished model on another dataset: the held-out loss and exact match the trainer would
+compute on it, the base model for comparison, and an lm-evaluation-harness task defined on a local file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sft.evaluate import evaluate, main
+
+QUESTIONS = [("What is 2 + 3?", "5"), ("What is 4 + 4?", "8"), ("Capital of France?", "Paris"),
+             ("Opposite of hot?", "cold"), ("What is 7 - 2?", "5"), ("Colour of the sky?", "blue")]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory):
+    """A run whose held-out set is a separate file: evaluating that file must give the run's own numbers."""
+    from sft.config import TrainConfig
+    from sft.train import run
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    held_out = write_jsonl(tmp / "held_out.jsonl", [{"messages": [{"role": "user", "content": q},
+                                                                  {"role": "assistant", "content": a}]}
+                                                    for q, a in QUESTIONS])
+    cfg = TrainConfig(experiment="evaluate", model=str(tiny_model_dir), max_rows=64, eval_dataset=held_out,
+                      max_length=128, micro_batch_size=2, grad_accum_steps=2, lr=1e-3, max_steps=3, task_metric_rows=4,
+                      num_samples=2, max_new_tokens=4, runs_root=str(tmp / "runs"), save_model=True, precision="fp32",
+                      report_to=())
+    return run(cfg).path, held_out
+
+
+def test_scoring_the_runs_own_held_out_file_gives_the_runs_numbers(finished):
+    path, held_out = finished
+    out = evaluate(path, dataset=held_out)
+    assert out == path / "eval" / "held_out.jsonl_model.json"
+    result = json.loads(out.read_text())
+    summary = json.loads((path / "summary.json").read_text())
+    assert result["eval_loss"] == pytest.approx(summary["eval_loss_final"], rel=1e-6)
+    assert result["exact_match"] == summary["task_metric_after"] and result["exact_match_rows"] == 4
+    assert result["examples"]["examples"] == len(QUESTIONS) and result["dataset"]["format"] == "messages"
+    samples = [json.loads(line) for line in (path / "samples.jsonl").read_text().splitlines()]
+    after = [s["response"] for s in samples if s["stage"] == "after"]
+    assert [s["response"] for s in result["samples"]] == after  # the same prompts, decoded the same way
+
+
+def test_the_base_model_is_scored_the_same_way_for_comparison(finished, tiny_model_dir, capsys):
+    path, held_out = finished
+    assert main([str(path), "--dataset", held_out, "--model", str(tiny_model_dir), "--name", "base"]) == 0
+    base = json.loads((path / "eval" / "base.json").read_text())
+    tuned = json.loads(evaluate(path, dataset=held_out, name="tuned").read_text())
+    assert base["base_model"] and base["model"] == str(tiny_model_dir)
+    summary = json.loads((path / "summary.json").read_text())
+    assert base["eval_loss"] == pytest.approx(summary["eval_loss_first"], rel=1e-6)  # the step-0 eval
+    assert tuned["eval_loss"] < base["eval_loss"]
+    assert "held-out loss" in capsys.readouterr().out
+
+
+def test_an_lm_eval_task_on_a_local_file(finished, tmp_path):
+    pytest.importorskip("lm_eval")
+    path, _ = finished
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"question": q, "choices": [a, "none of these"], "answer": 0}
+                                                for q, a in QUESTIONS])
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_local.yaml").write_text(
+        "task: tiny_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + data + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+    out = evaluate(path, lm_eval_tasks=["tiny_local"], lm_eval_include=str(tmp_path / "tasks"), name="lm_eval")
+    results = json.loads(out.read_text())["lm_eval"]["results"]["tiny_local"]
+    assert 0.0 <= results["acc,none"] <= 1.0
+
+
+def test_nothing_to_evaluate_and_a_missing_model_are_clear_errors(finished, tmp_path, capsys):
+    path, _ = finished
+    assert main([str(path)]) == 2 and "nothing to do" in capsys.readouterr().err
+    assert main([str(tmp_path), "--dataset", "x.jsonl"]) == 2 and "not a run folder" in capsys.readouterr().err
