@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/python -m sft.experiments.demo_smollm2
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 # README tables, assets/ and the notebook's outputs, regenerated from the committed results

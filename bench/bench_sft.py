@@ -122,7 +122,7 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
             dict(OURS_7B_INT8, gradient_checkpointing=True, checkpoint_every_n_layers=8),
             fallback_for="ours_7b_int8_states_compile"),
     Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
-    # bf16 moments, every layer recomputed: the 7B row of the first GPU session, with today's code
+    # bf16 moments, every layer recomputed: the 7B row of the first GPU run, with today's code
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True)),
     Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
@@ -134,7 +134,7 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
             dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
                  checkpoint_every_n_layers=2, compile=True)),
     # TRL's fastest setting in the anchor, as the anchor ran it. Flex attention recompiles for each new packed
-    # length; in the first GPU session it had not completed 6 steps after 7 minutes: late, capped, timed out
+    # length; in the first GPU run it had not completed 6 steps after 7 minutes: late, capped, timed out
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
             max_s=100, timeout_s=130),
     Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa")),
@@ -142,11 +142,11 @@ GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs o
     Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 10, 3, dict(OURS_PURE_BF16, gradient_checkpointing=True)),
     Variant("ours_1b_fp32_master", "ours", "llama-1b", 15, 5, OURS_FP32_MASTER),
 ]
-# The anchor (GPU.md: TRL 1.16 on one H100 80GB HBM3, 2026-11-26), printed beside GPU results.
+# The anchor (TRL 1.16 on one H100 80GB HBM3, 2026-11-26), printed beside GPU results.
 ANCHOR = ("anchor, real tok/s: 1B study 5,892, TRL sdpa fp32 master 10,635, TRL flex pure bf16 47,149; "
           "7B study 1,345, TRL sdpa pure bf16 + checkpointing 3,745, TRL flex pure bf16 + checkpointing 9,986")
 ANCHOR_TRL_BEST = {"llama-1b": 47_149, "llama-7b": 9_986}  # TRL's best in the anchor: flex attention, pure bf16
-# The goals (issue 4): real tok/s of the best "ours" row, its peak memory, and time to the first step.
+# The goals: real tok/s of the best "ours" row, its peak memory, and time to the first step.
 GOALS = {"llama-1b": dict(real_tok_s=70_000), "llama-7b": dict(real_tok_s=13_000, peak_gib=60)}
 # MPT-7B packed: a share of the llama-7b row's speed (about the same FLOPs per token) within the same memory, and a
 # multiple of the study's recipe on the MPT-7B shape
@@ -270,13 +270,13 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
     clock = Clock(start, variant.warmup, variant.steps, device, variant.max_s)
     real = padded = 0
     for step, batches in enumerate(setup.batches(), start=1):
-        _, _, tokens = train_step(setup, batches)
-        real += tokens
+        real += train_step(setup, batches).real_tokens
         padded += sum(b["input_ids"].numel() for b in batches)
         if clock.step_done(step, real, padded):
             break
     result = clock.result(setup.derived["num_parameters"])
-    if PROFILE_DIR is not None and variant.profile:  # after the measurement: the profiler's overhead is not in the numbers
+    # after the measurement: the profiler's overhead is not in the numbers
+    if PROFILE_DIR is not None and variant.profile:
         path = PROFILE_DIR / f"profile_{variant.name}.txt"
         try:
             profile_steps(setup, list(setup.batches(max(0, clock.last - PROFILE_STEPS), clock.last)), device, path)
@@ -461,7 +461,8 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
                 os.killpg(child.pid, signal.SIGKILL)  # the trainer's dataset workers too
                 child.wait()
         if code is None:
-            notes = (Path(tmp) / "progress.txt").read_text().splitlines() if (Path(tmp) / "progress.txt").exists() else []
+            progress_file = Path(tmp) / "progress.txt"
+            notes = progress_file.read_text().splitlines() if progress_file.exists() else []
             row["status"] = f"timeout: no result in {timeout_s:.0f} s (last progress: {notes[-1] if notes else 'none'})"
         elif result.exists():
             row = json.loads(result.read_text())
@@ -611,7 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="every variant ends within this many seconds of the start (cut short if needed)")
-    parser.add_argument("--profile", type=Path, help="ours variants marked `profile` also write profile_<variant>.txt here")
+    parser.add_argument("--profile", type=Path,
+                        help="ours variants marked `profile` also write profile_<variant>.txt here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run_isolated's child: one variant by name
     parser.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)

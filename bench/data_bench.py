@@ -193,7 +193,8 @@ def run_isolated(name: str, source: Path, rows: int, cache: Path, timeout_s: flo
         except subprocess.TimeoutExpired:
             return dict(row, status=f"timeout: no result in {timeout_s:.0f} s")
         if proc.returncode or not result.exists():
-            return dict(row, status=f"error: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1]}"[:300])
+            last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            return dict(row, status=f"error: {last}"[:300])
         return dict(row, status="ok", **json.loads(result.read_text()))
 
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     table = markdown_table(pd.DataFrame(rows, columns=COLUMNS))
     goals = "".join(f"- {line}\n" for line in goal_lines(rows))
-    (args.out / "data_cpu.md").write_text("# Data preparation\n\n" + "".join(f"- {l}\n" for l in lines) + "\n"
+    (args.out / "data_cpu.md").write_text("# Data preparation\n\n" + "".join(f"- {ln}\n" for ln in lines) + "\n"
                                           + table + "\n\nAgainst the goals:\n\n" + goals + "\n"
                                           + __doc__.split("\n\n", 2)[2])
     print(table + "\n\n" + goals)

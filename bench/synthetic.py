@@ -1,7 +1,7 @@
 """What the benchmarks train on: random-init Llama and MPT shapes and synthetic instruction-length examples.
 
-The length distribution is the anchor's (/work/shared/GPU.md): lognormal, median 300 tokens, clipped to
-24..2048, the first 20-60% of each example a prompt without loss. Token ids are uniform random, which
+The length distribution is the anchor's (TRL 1.16 on one H100, bench/README.md): lognormal, median 300
+tokens, clipped to 24..2048, the first 20-60% of each example a prompt without loss. Token ids are uniform random, which
 is all a throughput or precision measurement needs.
 """
 from __future__ import annotations

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from sft.config import DEFAULT_RUNS_ROOT
-from sft.errors import DataError
-from sft.run_folder import lock_is_held
+from .config import DEFAULT_RUNS_ROOT
+from .errors import DataError
+from .run_folder import lock_is_held
 
 TRAIN_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s"]
 EVAL_COLUMNS = ["step", "epoch", "tokens", "eval_loss", "task_metric", "task_metric_name", "elapsed_s"]

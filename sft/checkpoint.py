@@ -48,6 +48,8 @@ def check_disk(path: Path, need: int) -> None:
 
 
 def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler, keep: int, need_bytes: int) -> Path:
+    """Saves a complete checkpoint of `step` (accelerate's state, the scheduler, the loop's state), renamed
+    into place when whole, after checking for `need_bytes` of room; keeps the newest `keep`."""
     root = Path(run_path) / "checkpoints"
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"

@@ -151,7 +151,8 @@ def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
     by_source = {split: tok_stats[split].pop("by_source") for split in tok_stats}
     for k, read in enumerate(reads):
         read["train"], read["eval"] = by_source["train"][k], by_source["eval"][min(k, len(eval_names) - 1)]
-    single = {k: v for k, v in reads[0].items() if k not in ("name", "share", "train", "eval")} if len(reads) == 1 else {
+    one = len(reads) == 1
+    single = {k: v for k, v in reads[0].items() if k not in ("name", "share", "train", "eval")} if one else {
         "rows_read": sum(r["rows_read"] for r in reads), "rows_kept": sum(r["rows_kept"] for r in reads),
         "rows_rejected": dict(sum((Counter(r["rows_rejected"]) for r in reads), Counter())),
         "train_conversations": len(train), "eval_conversations": len(held_out)}
@@ -168,10 +169,27 @@ def source_fingerprint(source: str, revision: str | None, files: str | None) -> 
         return f"hub:{source}@{revision}:{files}"
     h = hashlib.sha256()
     for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{f.stat().st_size}\0".encode())
-        with open(f, "rb") as stream:
-            while chunk := stream.read(1 << 24):
-                h.update(chunk)
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{file_digest(f)}\0".encode())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes, remembered in the cache by the file's path, size, modification time and
+    inode (as git's index remembers what it hashed): an unchanged file is not read again, so a cache hit on
+    a million-row file costs a stat, not a second of hashing."""
+    st = path.stat()
+    seen = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    memo = cache_root() / "file_digests" / hashlib.sha256(seen.encode()).hexdigest()[:40]
+    if memo.is_file():
+        return memo.read_text()
+    h = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 24):
+            h.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(h.hexdigest())
+    os.replace(tmp, memo)
     return h.hexdigest()
 
 
@@ -232,7 +250,8 @@ def tokenize_to_store(conversations: list[tuple[int, int, list[dict]]], tokenize
     else:
         disable_progress_bars()
     try:
-        encoded = table.map(_encode_batch, batched=True, batch_size=TOKENIZE_BATCH, num_proc=procs if procs > 1 else None,
+        encoded = table.map(_encode_batch, batched=True, batch_size=TOKENIZE_BATCH,
+                            num_proc=procs if procs > 1 else None,
                             remove_columns=["conversation"], features=features, keep_in_memory=False,
                             cache_file_name=str(path.parent / f"{path.name}-map.arrow"), desc=f"tokenizing ({split})",
                             fn_kwargs=dict(tokenizer=tokenizer, loss_on=cfg.loss_on, max_length=cfg.max_length,
@@ -266,8 +285,9 @@ def tokenize_to_store(conversations: list[tuple[int, int, list[dict]]], tokenize
     everything = counts(np.ones(len(status), dtype=bool))
     if everything["tokens"]:
         lengths = columns["length"][kept]
-        everything.update(supervised_fraction=round(everything["supervised_tokens"] / everything["tokens"], 4),
-                          length_percentiles={f"p{q}": int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)})
+        everything.update(
+            supervised_fraction=round(everything["supervised_tokens"] / everything["tokens"], 4),
+            length_percentiles={f"p{q}": int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)})
     return {**everything, "by_source": [counts(columns["source"] == k) for k in range(len(source_names))],
             "kept_mask": kept.tolist()}
 
@@ -339,11 +359,17 @@ class TokenizedExamples(Sequence):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         row = self.table[int(i)]
-        ids = row["input_ids"]
-        return shift_labels(ids, [t if s else IGNORE_INDEX for t, s in zip(ids, row["supervised"])])
+        return _example(row["input_ids"], row["supervised"])
 
     def to_list(self) -> list[Example]:
-        return [self[i] for i in range(len(self))]
+        """Every example, read column by column (a row at a time costs more than the conversion)."""
+        data = self.table.data
+        return [_example(ids, mask) for ids, mask in zip(data.column("input_ids").to_pylist(),
+                                                          data.column("supervised").to_pylist())]
+
+
+def _example(ids: list[int], supervised: list[bool]) -> Example:
+    return shift_labels(ids, [t if s else IGNORE_INDEX for t, s in zip(ids, supervised)])
 
 
 def check_store_room(root: Path, *splits: list[list[dict]]) -> None:
@@ -382,7 +408,8 @@ def _cache_key(tokenizer, cfg: TrainConfig, *sources) -> str:
     """Everything that determines the store: the sources' fingerprints, the settings that read, split and
     tokenize them, and the tokenizer with its chat template (which holds the system prompt)."""
     h = hashlib.sha256()
-    reading = {k: getattr(cfg, k) for k in ("dataset", "datasets", "dataset_revision", "dataset_format", "dataset_split",
+    reading = {k: getattr(cfg, k) for k in ("dataset", "datasets", "dataset_revision", "dataset_format",
+                                             "dataset_split",
                                              "dataset_files", "max_rows", "eval_dataset", "eval_dataset_split",
                                              "eval_dataset_revision", "eval_dataset_files", "eval_rows", "seed")}
     h.update(json.dumps([CACHE_VERSION, cfg.max_length, cfg.too_long, cfg.loss_on, tokenizer.chat_template,

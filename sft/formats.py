@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from sft.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),

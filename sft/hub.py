@@ -47,7 +47,8 @@ def prepare_upload(run_dir, repo_id: str, private: bool = True, revision: str | 
     if not (folder / "config.json").is_file():
         raise DataError(f"{run_dir}: no saved model to upload (model/config.json is missing)")
     if not (folder / "README.md").is_file():
-        raise DataError(f"{run_dir}: the model has no card (model/README.md); write it with python -m sft.card {run_dir}")
+        raise DataError(f"{run_dir}: the model has no card (model/README.md); write it with "
+                        f"python -m sft.card {run_dir}")
     files = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
     if not any(f.endswith((".safetensors", ".bin")) for f in files):
         raise DataError(f"{run_dir}: model/ holds no weights (.safetensors)")

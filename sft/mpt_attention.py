@@ -6,7 +6,8 @@ the softmax in fp32, and it takes no position ids, so packed examples would atte
 switches a loaded MPT model to this path without editing transformers' files:
 
 - a forward pre-hook on the base model reads the batch's position ids (handed over from the causal LM's
-  own call, which keeps them to itself) and padding mask, and turns them into document numbers: a document starts wherever positions restart (a packed
+  own call, which keeps them to itself) and padding mask, and turns them into document numbers: a
+  document starts wherever positions restart (a packed
   example) and wherever the padding mask switches (see sft.attention.segment_starts);
 - the base model asks `build_mpt_alibi_tensor` for the bias it hands every layer; for a training or held-out
   batch it gets, once per forward pass, the attention pattern instead: on GPUs a flex-attention block mask

@@ -26,10 +26,21 @@ from collections.abc import Iterable
 
 import torch
 
-from sft.errors import ConfigError
-from sft.kernels import compile_available, kernel
+from .errors import ConfigError
+from .kernels import compile_available, kernel
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic_rounding", "bf16_kahan", "bf16_plain")
+
+
+def master_weights_for(precision: str, bf16_update: str) -> str:
+    """Which of MASTER_WEIGHTS a run's precision and bf16 update give: fp32 masters unless the weights are bf16.
+
+    >>> master_weights_for("bf16_pure", "kahan"), master_weights_for("bf16_autocast", "kahan")
+    ('bf16_kahan', 'fp32')
+    """
+    if precision != "bf16_pure":
+        return "fp32"
+    return {"stochastic_rounding": "bf16_stochastic_rounding", "kahan": "bf16_kahan", "none": "bf16_plain"}[bf16_update]
 _ROUNDING = {"bf16_stochastic_rounding": "stochastic", "bf16_kahan": "kahan", "bf16_plain": "none"}
 # int8 marks block-wise 8-bit states (uint8 codes + an fp32 scale per block), not int8 tensors
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -99,7 +110,7 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+def _scalars_to_device(values: list[float], device: torch.device) -> torch.Tensor:
     """A small fp32 tensor on `device` without waiting for the device: a plain host-to-GPU copy
     synchronizes the stream, which would stall the host until the backward pass has finished and then
     leave the GPU idle while the host launches the optimizer's kernels one by one."""
@@ -243,6 +254,8 @@ class BF16AdamW(torch.optim.Optimizer):
         return torch.random.fork_rng(devices=sorted(self._cuda_devices))
 
     def _update(self, p: torch.Tensor, group: dict, hyper: dict[tuple, torch.Tensor]) -> None:
+        """One parameter's AdamW step, in place: its moments, then its bf16 weight (with stochastic rounding
+        or Kahan compensation); `hyper` holds the step's scalars on the parameter's device."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if p.grad.is_sparse:
             raise RuntimeError("BF16AdamW does not support sparse gradients")
@@ -269,8 +282,8 @@ class BF16AdamW(torch.optim.Optimizer):
             key = (step, p.device)
             if key not in hyper:
                 bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-                hyper[key] = _to_device([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
-                                        p.device)
+                hyper[key] = _scalars_to_device([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
+                                                p.device)
             # The noise of this parameter's step depends only on (seed, parameter, step): the same in
             # every data-parallel process, on resume, and whatever order the parameters step in.
             torch.manual_seed(hash((self.seed, self._index[p], int(step))) % 2**63)

@@ -52,16 +52,17 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
     order = np.argsort(-by_length, kind="stable").tolist()  # longest first; equal lengths in index order
     bins: list[list[int]] = []
     free = _BinsByFreeSpace()
+    fullest, add, append = free.pop_fullest_fitting, free.add, bins.append  # bound once: the loop runs per example
     for i in order:
         n = lengths[i]
-        found = free.pop_fullest_fitting(n)
+        found = fullest(n)
         if found is None:
-            bins.append([i])
-            free.add(capacity - n, len(bins) - 1)
+            append([i])
+            add(capacity - n, len(bins) - 1)
         else:
             space, b = found
             bins[b].append(i)
-            free.add(space - n, b)
+            add(space - n, b)
     return bins
 
 

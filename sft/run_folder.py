@@ -284,13 +284,14 @@ def _version(name: str) -> str | None:
 OUTPUT_PATHS = ("runs", "bench/results", "inf_tests/results")
 
 
-def _git_state() -> dict:
-    """The commit, and whether the code differs from it (changes under OUTPUT_PATHS do not count, so
-    that a results file written a moment earlier, or being written, does not mark the next one dirty)."""
+def _git_state(root: Path = Path(__file__).resolve().parents[1]) -> dict:
+    """The commit of the checkout at `root` (this toolkit's), and whether the code differs from it (changes
+    under OUTPUT_PATHS do not count, so that a results file written a moment earlier, or being written, does
+    not mark the next one dirty)."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+                                  cwd=root).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sft.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # json.loads accepts an escaped lone UTF-16 surrogate ("\ud800"); the str it makes cannot be encoded,

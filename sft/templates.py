@@ -167,7 +167,8 @@ def encode_chats(tokenizer, conversations: list[list[dict]], *, add_generation_p
                 continue
             ids = next(encoded)
             input_ids += ids
-            labels += ids if (supervised or loss_on == "all") and not add_generation_prompt else [IGNORE_INDEX] * len(ids)
+            supervise = (supervised or loss_on == "all") and not add_generation_prompt
+            labels += ids if supervise else [IGNORE_INDEX] * len(ids)
         if bos is not None and len(input_ids) > 1 and input_ids[0] == bos and input_ids[1] == bos:
             raise ConfigError("template: the rendered conversation starts with two BOS tokens; the template and "
                               "the tokenizer both add one")

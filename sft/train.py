@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -32,16 +33,13 @@ from .loss import LossModel, host_indices, resolve_loss_impl
 from .modeling import (check_packing_support, compile_layers, convert_to_float8, count_parameters,
                        enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer,
                        parameters_from_config, read_model_config, require_torchao)
-from .optim import StepInBackward, build_optimizer, describe_optimizer, param_groups_for_weight_decay
+from .optim import (StepInBackward, build_optimizer, describe_optimizer, master_weights_for,
+                    param_groups_for_weight_decay)
 from .packing import MicroBatch, collate_padded, collated_steps, optimizer_steps, packing_efficiency, plan_epoch
 from .perf import mfu, peak_memory, reset_peak_memory, synchronize
 from .run_folder import RunFolder, RunLock, collect_env
 from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template, system_prompt_record
 from .tracking import Trackers, check_available
-
-MASTER_WEIGHTS = {("bf16_pure", "stochastic_rounding"): "bf16_stochastic_rounding",
-                  ("bf16_pure", "kahan"): "bf16_kahan", ("bf16_pure", "none"): "bf16_plain"}
-
 
 class TrainingError(SFTError):
     """Training cannot go on (for example, the loss is no longer finite)."""
@@ -61,6 +59,8 @@ class Setup:
     derived: dict
     in_backward: StepInBackward | None = None  # set when the optimizer steps inside the backward pass
     offload: bool = False  # activations saved for the backward pass wait in pinned host memory
+    max_grad_norm: float | None = None  # gradients clipped to this norm (None: not clipped)
+    steps_per_epoch: int = 1  # optimizer steps in an epoch (a logged record's epoch is step / steps_per_epoch)
 
     def batches(self, start: int = 0, stop: int | None = None) -> Iterator[list[dict]]:
         """Steps `start` to `stop` as collated micro-batches, prepared a few steps ahead in the background."""
@@ -222,7 +222,8 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
         if not checkpoint.checkpoints(path):
             raise ConfigError(f"resume: {path} has completed and kept no checkpoint to train further from; set "
                               f"KEEP_CHECKPOINTS_AFTER_COMPLETION = 1 for runs you may extend")
-        print("note: extending the completed run: " + ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in extend.items()),
+        changes = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in extend.items())
+        print(f"note: extending the completed run: {changes}",
               file=sys.stderr)
     elif not checkpoint.checkpoints(path):
         raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
@@ -321,7 +322,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16_autocast" else "no",
                               cpu=probe.type == "cpu")
     device = accelerator.device
-    master = MASTER_WEIGHTS.get((precision, cfg.bf16_update), "fp32")
+    master = master_weights_for(precision, cfg.bf16_update)
     if accelerator.distributed_type.name == "FSDP" and master != "fp32":
         raise ConfigError("FSDP shards parameters as DTensors, which BF16AdamW's bf16 update does not handle: use "
                           "precision='bf16_autocast' (fp32 master weights) with FSDP, or 'bf16_pure' on one GPU or DDP")
@@ -416,7 +417,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                "packing_efficiency": round(packing_efficiency([b for s in steps for b in s], lengths), 4)}
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
     return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived,
-                 in_backward, cfg.activation_offload)
+                 in_backward, cfg.activation_offload, cfg.max_grad_norm, steps_per_epoch)
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
@@ -440,7 +441,7 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return factor
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def batch_to_device(batch: dict, device: torch.device) -> dict:
     """The micro-batch's tensors on the device, with the loss's index tensors made on the host first."""
     batch = dict(batch, **host_indices(batch))
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -450,8 +451,20 @@ def _num_targets(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
-def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, int]:
-    """One optimizer step over the global step's micro-batches; returns (loss, grad norm, real tokens).
+class StepResult(NamedTuple):
+    """What one optimizer step did, summed over its micro-batches and processes."""
+    loss_sum: float   # the token losses, summed
+    targets: int      # the supervised tokens: the loss's denominator
+    grad_norm: float  # before clipping
+    real_tokens: int  # tokens that are not padding
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.targets
+
+
+def train_step(setup: Setup, step_batches: list[dict]) -> StepResult:
+    """One optimizer step over the global step's micro-batches.
 
     Each process takes its share of the micro-batches. Each token loss is divided by the supervised
     tokens of the WHOLE step (every micro-batch of every process) and multiplied by the world size,
@@ -466,20 +479,20 @@ def train_step(setup: Setup, step_batches: list[dict]) -> tuple[float, float, in
         weight = 1.0 if counts else 0.0
         sync = k == len(share) - 1
         with (acc.no_sync(setup.loss_model) if not sync else contextlib.nullcontext()), offloaded(setup):
-            loss = setup.loss_model(**_to_device(step_batches[i], acc.device))
+            loss = setup.loss_model(**batch_to_device(step_batches[i], acc.device))
             acc.backward(loss * (weight * world / total_targets))
         loss_sum += loss.detach() * weight
     if setup.in_backward is not None:  # every parameter has already stepped, inside the backward pass
         grad_norm = setup.in_backward.grad_norm()
     else:
-        grad_norm = acc.clip_grad_norm_(setup.loss_model.parameters(), setup.derived.get("max_grad_norm") or math.inf)
+        grad_norm = acc.clip_grad_norm_(setup.loss_model.parameters(), setup.max_grad_norm or math.inf)
         grad_norm = float("nan") if grad_norm is None else grad_norm  # DeepSpeed clips inside its engine
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
     setup.scheduler.step()
     loss_sum = acc.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
     real_tokens = sum(b["num_real_tokens"] for b in step_batches)
-    return loss_sum.item() / total_targets, float(grad_norm), real_tokens
+    return StepResult(loss_sum.item(), total_targets, float(grad_norm), real_tokens)
 
 
 def offloaded(setup: Setup):
@@ -507,7 +520,8 @@ def held_out_batches(data: PreparedData, batch_size: int, pad_id: int) -> list[t
     batches = []
     for k, examples in sorted(by_source.items()):
         examples.sort(key=lambda e: len(e.input_ids))
-        batches += [(k, collate_padded(examples[j:j + batch_size], pad_id)) for j in range(0, len(examples), batch_size)]
+        batches += [(k, collate_padded(examples[j:j + batch_size], pad_id))
+                    for j in range(0, len(examples), batch_size)]
     return batches
 
 
@@ -529,7 +543,7 @@ def held_out_losses(acc, loss_model, batches: list[tuple[int, dict]],
               dynamic_ncols=True) as bar:  # closed on an error too, before it is printed
         for i, counts in bar:
             source, batch = batches[i]
-            loss = loss_model(**_to_device(batch, acc.device))
+            loss = loss_model(**batch_to_device(batch, acc.device))
             if counts:  # summed on the device: no host sync per batch
                 total[source, 0] += loss.double()
                 total[source, 1] += _num_targets(batch)
@@ -626,11 +640,14 @@ class StopRequest:
 
 
 def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict | None = None) -> dict:
+    """The optimizer steps of the run (from a checkpoint's state when `restored`), with the held-out
+    evaluations before, every eval_every steps and after, logging, checkpoints and the stop on a signal;
+    returns the summary's numbers."""
     acc = setup.accelerator
     total_steps = len(setup.steps)
-    steps_per_epoch = setup.derived["steps_per_epoch"]
+    steps_per_epoch = setup.steps_per_epoch
     # Everything the loop accumulates lives here, so that a checkpoint can carry it across a resume.
-    state = {"step": 0, "tokens": 0, "supervised": 0, "train_time": 0.0, "eval_time": 0.0, "elapsed": 0.0,
+    state = {"step": 0, "tokens": 0, "train_time": 0.0, "eval_time": 0.0, "elapsed": 0.0,
              "train_wall": 0.0,
              "loss_x_targets": 0.0, "targets": 0, "eval_first": None, "metric_before": None,
              "window": {"loss_x_targets": 0.0, "targets": 0, "tokens": 0, "time": 0.0},
@@ -685,27 +702,26 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
             step = state["step"] + 1
             lr = setup.scheduler.get_last_lr()[0]
             t = time.perf_counter()
-            loss, grad_norm, real_tokens = train_step(setup, step_batches)
+            done = train_step(setup, step_batches)
             synchronize(acc.device)
             dt = time.perf_counter() - t
-            if not math.isfinite(loss):
-                raise TrainingError(f"the training loss became {loss} at step {step}; lower lr or check the data"
+            if not math.isfinite(done.loss):
+                raise TrainingError(f"the training loss became {done.loss} at step {step}; lower lr or check the data"
                                     + ("; the last good checkpoint is kept" if cfg.checkpoint_every else ""))
-            targets = sum(_num_targets(b) for b in step_batches)
-            state.update(step=step, tokens=state["tokens"] + real_tokens, supervised=state["supervised"] + targets,
-                         train_time=state["train_time"] + dt, loss_x_targets=state["loss_x_targets"] + loss * targets,
-                         targets=state["targets"] + targets)
+            state.update(step=step, tokens=state["tokens"] + done.real_tokens, train_time=state["train_time"] + dt,
+                         loss_x_targets=state["loss_x_targets"] + done.loss_sum,
+                         targets=state["targets"] + done.targets)
             window = state["window"]
-            for key, value in (("loss_x_targets", loss * targets), ("targets", targets), ("tokens", real_tokens),
-                               ("time", dt)):
+            for key, value in (("loss_x_targets", done.loss_sum), ("targets", done.targets),
+                               ("tokens", done.real_tokens), ("time", dt)):
                 window[key] += value
             if step % cfg.log_every == 0 or step == total_steps:
                 tps = window["tokens"] / window["time"]
                 mean_loss = window["loss_x_targets"] / window["targets"]
                 folder.append_metrics({
                     "kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
-                    "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
-                    "supervised_tokens": state["supervised"], "tokens_per_s": tps, "elapsed_s": elapsed()})
+                    "lr": lr, "grad_norm": done.grad_norm, "tokens": state["tokens"],
+                    "supervised_tokens": state["targets"], "tokens_per_s": tps, "elapsed_s": elapsed()})
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 state["window"] = {key: 0 for key in window}
             bar.update(1)
@@ -734,7 +750,7 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
         "epoch": round(total_steps / steps_per_epoch, 4),
         "global_step": total_steps,
         "real_tokens": state["tokens"],
-        "supervised_tokens": state["supervised"],
+        "supervised_tokens": state["targets"],
         "real_tokens_per_second": round(tokens_per_s, 2),
         "mfu": mfu(setup.derived["num_parameters"], tokens_per_s / acc.num_processes, acc.device),
         "peak_memory_gib": round(peak_gib, 3),

@@ -69,3 +69,11 @@ def tiny_config(tiny_model_dir, tmp_path):
         return TrainConfig(**settings)
 
     return make
+
+
+def write_jsonl(path, rows: list[dict]) -> str:
+    """A JSONL file of `rows` (UTF-8), as a dataset source names it."""
+    import json
+
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)

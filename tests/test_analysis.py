@@ -1,4 +1,4 @@
-"""Reading run folders, comparing runs, figures, the sft.plot CLI and the post-processing notebook.
+"""Reading run folders, comparing runs, figures, the sft.plotting CLI and the post-processing notebook.
 
 The run folders are hand-made in tmp_path following sft/RUN_FOLDER.md, so these tests need no training.
 """
@@ -17,7 +17,7 @@ from nbclient import NotebookClient
 
 matplotlib.use("Agg")
 
-from sft import analysis, plot, plotting  # noqa: E402
+from sft import analysis, plotting  # noqa: E402
 from sft.errors import DataError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -169,16 +169,17 @@ def test_unfinished_run_never_shows_the_step_0_eval_as_its_result(tmp_path):
     run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo")
     (run_dir / "summary.json").write_text(json.dumps({"status": "failed"}))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    evals = [json.loads(l) for l in lines if json.loads(l)["kind"] == "eval"]
+    evals = [json.loads(ln) for ln in lines if json.loads(ln)["kind"] == "eval"]
     assert [e["step"] for e in evals] == [0, 2, 4]
-    kept = [l for l in lines if json.loads(l)["kind"] == "train" or json.loads(l)["step"] < 4]  # died before step 4's
+    # died before step 4's
+    kept = [ln for ln in lines if json.loads(ln)["kind"] == "train" or json.loads(ln)["step"] < 4]
     (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
 
     row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
     assert row["task_metric_before"] == 0.1 and row["task_metric_after"] is None  # step 2 measured no metric
     assert row["eval_loss_final"] == pytest.approx(evals[1]["eval_loss"])
 
-    only_step_0 = [l for l in kept if json.loads(l)["kind"] == "eval" and json.loads(l)["step"] == 0]
+    only_step_0 = [ln for ln in kept if json.loads(ln)["kind"] == "eval" and json.loads(ln)["step"] == 0]
     (run_dir / "metrics.jsonl").write_text("\n".join(only_step_0) + "\n")
     row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
     assert row["eval_loss_first"] == 2.0 and row["eval_loss_final"] is None
@@ -283,7 +284,7 @@ def test_cli_without_run_plots_the_newest_run_into_out(tmp_path, capsys):
     make_fake_run(tmp_path / "runs", "2025-01-01_00-00-00_old")
     make_fake_run(tmp_path / "runs", "2025-02-01_00-00-00_new")
 
-    code = plot.main(["--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "figs")])
+    code = plotting.main(["--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "figs")])
 
     out_dir = tmp_path / "figs" / "2025-02-01_00-00-00_new"
     assert code == 0
@@ -293,7 +294,7 @@ def test_cli_without_run_plots_the_newest_run_into_out(tmp_path, capsys):
 
 def test_cli_on_a_missing_path_prints_one_line_error_and_exits_2(tmp_path):
     missing = tmp_path / "no_such_run"
-    result = subprocess.run([sys.executable, "-m", "sft.plot", str(missing)], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-m", "sft.plotting", str(missing)], cwd=REPO_ROOT,
                             capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
 
     assert result.returncode == 2

@@ -142,7 +142,8 @@ def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
     rows = [row("ours_1b_a", "ours", "llama-1b", 71_000, 30), row("ours_1b_b", "ours", "llama-1b", 60_000, 20),
             row("ours_1b_plain", "ours", "llama-1b", 90_000, 20, master="bf16_plain"),  # imprecise: never counts
             row("trl_1b", "trl", "llama-1b", 35_500, 10), row("study_1b", "study", "llama-1b", 7_100, 11),
-            row("ours_7b_big", "ours", "llama-7b", 14_000, 61, first="70"), row("ours_7b", "ours", "llama-7b", 6_500, 50),
+            row("ours_7b_big", "ours", "llama-7b", 14_000, 61, first="70"),
+            row("ours_7b", "ours", "llama-7b", 6_500, 50),
             dict(variant="ours_7b_oom", recipe="ours", arch="llama-7b", status="OOM")]
     one_b, seven_b, first = goal_lines(rows)
     mpt = [row("ours_mpt", "ours", "mpt-7b", 5_850, 55), row("study_mpt", "study", "mpt-7b", 700, 70)]
@@ -174,8 +175,8 @@ def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
 
 
 def test_stopping_the_benchmark_stops_the_variant_it_is_running(tmp_path):
-    """`timeout` (as gpu_session.sh uses it) sends SIGTERM to the benchmark: its variant's process, which
-    runs in its own session, must not live on holding the device."""
+    """`timeout` (as gpu_run.sh uses it) sends SIGTERM to the benchmark: its variant's process, which
+    runs in its own process group, must not live on holding the device."""
     import signal
 
     parent = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--cpu-smoke", "--only", "ours_tiny_compile",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from sft.data import prepare_data
 from sft.errors import ConfigError, DataError
 from sft.templates import encode_chat, setup_template
+from conftest import write_jsonl
 
 LONG = " ".join(["word"] * 80)
 
@@ -21,10 +21,6 @@ def conversation(i: int) -> list[dict]:
 ROWS = [{"messages": conversation(i)} for i in range(20)]
 MALFORMED = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 pytestmark = pytest.mark.usefixtures("cache_dir")  # an empty tokenization cache for every test

@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 def metrics(folder: Path, kind: str, key: str) -> list[float]:
-    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
     return [m[key] for m in lines if m["kind"] == kind]
 
 
@@ -66,7 +66,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_config,
     # the checkpoint of step 2 was declared complete only after the slower rank had written its files
     saved = {p.name for p in (two / "checkpoints" / "step-000002").iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= saved
-    samples = [json.loads(l) for l in (two / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(ln) for ln in (two / "samples.jsonl").read_text().splitlines()]
     assert [(s["stage"], s["index"]) for s in samples] == [("before", 0), ("before", 1), ("after", 0), ("after", 1)]
 
 
@@ -85,7 +85,7 @@ cfg = TrainConfig(experiment="fsdp_check", model=f"random-init:{model_folder('ti
                   precision="bf16_autocast", lr=1e-3, lr_schedule="constant", warmup_ratio=0.0, seed=0,
                   task_metric=None, num_samples=0, save_model=False, runs_root=str(work / "runs"))
 setup = build(cfg, PreparedData(train=[e.to_example() for e in examples], eval=[], eval_conversations=[], stats={}))
-losses = [train_step(setup, batches)[0] for batches in setup.batches()]
+losses = [train_step(setup, batches).loss for batches in setup.batches()]
 if setup.accelerator.is_main_process:
     Path(sys.argv[1]).write_text(json.dumps({"losses": losses, "type": setup.accelerator.distributed_type.name}))
 """

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["sft.packing", "sft.templates", "sft.config", "sft.tracking", "sft.chat"]
+MODULES = ["sft.packing", "sft.templates", "sft.config", "sft.tracking", "sft.chat", "sft.optim"]
 
 
 @pytest.mark.parametrize("name", MODULES)

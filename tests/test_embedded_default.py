@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sft.config import EMBEDDED_MODEL
-from sft.generation import Decoding, generate
+from sft.generation import Decoding, generate, generation_config, only_given_settings
 from sft.modeling import count_parameters, load_model, load_tokenizer
+from sft.templates import encode_chat
 from sft.train import run
 
 
@@ -27,8 +29,17 @@ def test_embedded_default_is_smollm2_135m_instruct(smollm2):
 def test_embedded_default_answers_and_stops_at_end_of_turn(smollm2):
     model, tokenizer = smollm2
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
-    (reply,) = generate(model, tokenizer, [prompt], Decoding(max_new_tokens=40))
-    assert "Paris" in reply and "<|im_end|>" not in reply
+    decoding = Decoding(max_new_tokens=40)
+    (reply,) = generate(model, tokenizer, [prompt], decoding)
+    assert "Paris" in reply
+    # decoding skips special tokens, so the text cannot show the stop: the generated ids do
+    ids = torch.tensor([encode_chat(tokenizer, prompt, add_generation_prompt=True).input_ids])
+    with only_given_settings(model, decoding.seed):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             generation_config=generation_config(tokenizer, decoding))
+    new = out[0, ids.shape[1]:].tolist()
+    assert len(new) < decoding.max_new_tokens and new[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.decode(new, skip_special_tokens=True).strip() == reply
 
 
 def test_short_run_on_the_embedded_default(tmp_path):

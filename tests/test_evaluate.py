@@ -3,19 +3,19 @@ compute on it, the base model for comparison, and an lm-evaluation-harness task 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from sft.evaluate import evaluate, main
+from conftest import write_jsonl
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [("What is 2 + 3?", "5"), ("What is 4 + 4?", "8"), ("Capital of France?", "Paris"),
              ("Opposite of hot?", "cold"), ("What is 7 - 2?", "5"), ("Colour of the sky?", "blue")]
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,14 @@ def test_an_lm_eval_task_on_a_local_file(finished, tmp_path):
         "task: tiny_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + data + "\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
-    out = evaluate(path, lm_eval_tasks=["tiny_local"], lm_eval_include=str(tmp_path / "tasks"), name="lm_eval")
-    results = json.loads(out.read_text())["lm_eval"]["results"]["tiny_local"]
+    # through the command, in a process of its own: lm-eval imports scipy, scikit-learn and more, which the
+    # rest of the test process (compiled kernels, OpenMP) is better without
+    done = subprocess.run([sys.executable, "-m", "sft.evaluate", str(path), "--lm-eval-tasks", "tiny_local",
+                           "--lm-eval-include", str(tmp_path / "tasks"), "--name", "lm_eval"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lm-eval tiny_local:" in done.stdout and "acc,none" in done.stdout
+    results = json.loads((path / "eval" / "lm_eval.json").read_text())["lm_eval"]["results"]["tiny_local"]
     assert 0.0 <= results["acc,none"] <= 1.0
 
 

@@ -14,6 +14,7 @@ import sft.experiments
 from sft.config import TrainConfig, settings_from
 from sft.errors import ConfigError
 from sft.train import run
+from conftest import write_jsonl
 
 SCRIPTS = [m.name for m in pkgutil.iter_modules(sft.experiments.__path__)]
 
@@ -47,7 +48,8 @@ def bpe_tokenizer(path: Path, *, bos: str | None, eos: str, add_bos: bool):
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=None)
     fast.save_pretrained(path)
     return fast
@@ -90,10 +92,6 @@ def guanaco_rows(n: int) -> list[dict]:
                      f" ### Human: And {i + 1}?### Assistant: {i + 1} comes after {i}."} for i in range(n)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
 
 def local_version(name: str, model: Path, tmp_path: Path, **data) -> TrainConfig:
     """The script's own settings, with the hub model and data swapped for local stand-ins and a short run."""
@@ -110,7 +108,8 @@ def test_mpt7b_dolphin_path_runs_on_a_tiny_mpt(tiny_mpt, tmp_path):
                         dataset=write_jsonl(tmp_path / "dolphin.jsonl", dolphin_rows(40)), eval_rows=6)
     folder = run(cfg)
     config = json.loads((folder.path / "config.json").read_text())
-    assert config["derived"]["template"] == "plain" and config["derived"]["master_weights"] == "bf16_stochastic_rounding"
+    assert config["derived"]["template"] == "plain"
+    assert config["derived"]["master_weights"] == "bf16_stochastic_rounding"
     stats = json.loads((folder.path / "data_stats.json").read_text())
     assert stats["format"] == "dolphin" and stats["rows_kept"] == 40
     summary = json.loads((folder.path / "summary.json").read_text())
@@ -137,7 +136,7 @@ def test_guanaco_experiments_run_on_tiny_models_of_their_family(name, tiny_mpt, 
     folder = run(cfg)
     stats = json.loads((folder.path / "data_stats.json").read_text())
     assert stats["format"] == "guanaco" and stats["eval_source"]["rows_read"] == 4
-    samples = [json.loads(l) for l in (folder.path / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(ln) for ln in (folder.path / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["prompt"].endswith("### Assistant:\n")
     if name.startswith("llama"):  # the base tokenizer adds BOS, so the plain template starts with exactly one
         assert samples[0]["prompt"].startswith("<|begin_of_text|>### Human:")

@@ -108,7 +108,7 @@ def test_activation_offload_saves_through_host_memory_and_trains_identically(tin
     results = []
     for offload in (False, True):
         setup = build(tiny_config(activation_offload=offload))
-        losses = [train_step(setup, batches)[0] for batches in setup.batches(0, 2)]
+        losses = [train_step(setup, batches).loss for batches in setup.batches(0, 2)]
         results.append((losses, [p.detach().clone() for p in setup.model.parameters()]))
         assert bool(packed) == offload  # every saved activation went through the host copy, and only then
     (expected, expected_params), (losses, params) = results

@@ -13,13 +13,10 @@ from sft.errors import ConfigError, DataError
 from sft.plotting import plot_loss_curves
 from sft.sources import take_share
 from sft.train import run
+from conftest import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def alpaca(n: int) -> list[dict]:
@@ -51,7 +48,8 @@ def test_a_bad_mixture_is_one_clear_config_error(settings, message):
 def test_sources_are_named_and_take_the_run_defaults():
     cfg = TrainConfig(experiment="x", dataset_format="guanaco", datasets=[
         ("org/data", 0.5, {"revision": "abc", "files": "a.jsonl"}), ("org/data", 2, {"revision": "abc"}),
-        ["org/data", None, {"revision": "abc", "files": "a.jsonl", "format": "alpaca"}]])  # a list, as config.json has it
+        # a list, as config.json has it
+        ["org/data", None, {"revision": "abc", "files": "a.jsonl", "format": "alpaca"}]])
     names = [(s.name, s.share, s.format, s.revision) for s in cfg.sources()]
     assert names == [("org/data:a.jsonl", 0.5, "guanaco", "abc"), ("org/data", 2, "guanaco", "abc"),
                      ("org/data:a.jsonl#2", None, "alpaca", "abc")]
@@ -76,7 +74,8 @@ def test_a_share_is_a_fraction_or_a_count_and_repeats_beyond_the_rows():
 def test_a_mixture_reads_each_source_in_its_format_and_counts_it(tiny_config, tokenizer, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", alpaca(40))
     g = write_jsonl(tmp_path / "g.jsonl", guanaco(20) + [{"text": "no markers at all"}])
-    cfg = tiny_config(max_rows=None, eval_rows=4, datasets=[(a, 0.5, {"format": "alpaca"}), (g, 30, {"format": "guanaco"})])
+    cfg = tiny_config(max_rows=None, eval_rows=4,
+                      datasets=[(a, 0.5, {"format": "alpaca"}), (g, 30, {"format": "guanaco"})])
     prepared = prepare_data(cfg, tokenizer)
     stats = prepared.stats
     by_name = {s["name"]: s for s in stats["sources"]}

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from sft.errors import ConfigError
+from sft.optim import (MASTER_WEIGHTS, BF16AdamW, build_optimizer, param_groups_for_weight_decay,
+                       stochastic_round_to_bf16)
 
-# The CUDA cases run where a GPU is (bench/gpu_session.sh runs them with `-k cuda`): there the steps are
+# The CUDA cases run where a GPU is (bench/gpu_run.sh runs them with `-k cuda`): there the steps are
 # compiled into Triton kernels and the optimizer's scalars travel through pinned memory.
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 DEVICES = ["cpu", CUDA]
-from sft.optim import (MASTER_WEIGHTS, BF16AdamW, build_optimizer, param_groups_for_weight_decay,
-                       stochastic_round_to_bf16)
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:

@@ -28,22 +28,28 @@ def test_no_peak_and_no_mfu_on_the_cpu():
     assert perf.mfu(10**9, 1000.0, torch.device("cpu")) is None
 
 
-def test_results_being_written_do_not_mark_the_code_dirty():
+def test_results_being_written_do_not_mark_the_code_dirty(tmp_path):
     """A provenance line says whether the code differs from the commit; the results files that a
-    benchmark writes (or has just written) are not code."""
-    import os
-    from pathlib import Path
+    benchmark writes (or has just written) are not code. Checked in a repository of its own, so that
+    neither this checkout's state nor its files play a part."""
+    import subprocess
 
-    from sft.run_folder import _git_state
+    from sft.run_folder import OUTPUT_PATHS, _git_state
 
-    root = Path(__file__).resolve().parents[1]
-    before = _git_state()
-    output, code = root / "bench" / "results" / f"probe_{os.getpid()}.csv", root / "sft" / f"probe_{os.getpid()}.py"
-    try:
-        output.write_text("x\n")
-        assert _git_state() == before
-        code.write_text("x = 1\n")
-        assert _git_state()["dirty"] is True
-    finally:
-        output.unlink(missing_ok=True)
-        code.unlink(missing_ok=True)
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = _git_state(tmp_path)
+    assert clean["dirty"] is False and len(clean["commit"]) == 40
+    for output in OUTPUT_PATHS:
+        (tmp_path / output).mkdir(parents=True, exist_ok=True)
+        (tmp_path / output / "probe.csv").write_text("x\n")
+    assert _git_state(tmp_path) == clean
+    (tmp_path / "sft" / "code.py").write_text("x = 2\n")
+    assert _git_state(tmp_path)["dirty"] is True

@@ -35,12 +35,12 @@ train.main({k.upper(): v for k, v in settings.items()})
 
 
 def losses(folder: Path) -> list[tuple[int, float]]:
-    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
     return [(m["step"], m["loss"]) for m in lines if m["kind"] == "train"]
 
 
 def final_eval_loss(folder: Path) -> float:
-    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
     return [m for m in lines if m["kind"] == "eval"][-1]["eval_loss"]
 
 

@@ -22,7 +22,8 @@ from sft.run_folder import LOCK, RunLockError, lock_is_held
 from sft.train import Interrupted, StopRequest, run
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD_LOCK = "import sys, time; from sft.run_folder import RunLock; lock = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+HOLD_LOCK = ("import sys, time; from sft.run_folder import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+             "print('held', flush=True); time.sleep(600)")
 
 
 @contextlib.contextmanager

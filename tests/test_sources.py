@@ -7,6 +7,7 @@ import pytest
 
 from sft.errors import ConfigError, DataError
 from sft.sources import load_rows, shuffle_rows, split_heldout, take_rows
+from conftest import write_jsonl
 
 ROWS = [
     {"instruction": "Say hi.", "input": "", "output": "Hi"},
@@ -14,10 +15,6 @@ ROWS = [
     {"instruction": "Quote.", "input": 'He said "no",\nthen left.', "output": "ok"},
 ]
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # local files

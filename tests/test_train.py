@@ -14,6 +14,7 @@ from sft import train as train_mod
 from sft.config import TrainConfig
 from sft.errors import ConfigError, DataError
 from sft.train import lr_lambda, run
+from conftest import write_jsonl
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -111,14 +112,9 @@ def test_failure_after_start_is_recorded_and_keeps_earlier_metrics(tiny_config, 
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_config, monkeypatch):
-    monkeypatch.setattr(train_mod, "train_step", lambda setup, batches: (float("nan"), 0.0, 10))
+    monkeypatch.setattr(train_mod, "train_step", lambda setup, batches: train_mod.StepResult(float("nan"), 5, 0.0, 10))
     with pytest.raises(train_mod.TrainingError, match="became nan at step 1"):
         run(tiny_config())
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def chat(user: str, reply: str) -> dict:
@@ -204,3 +200,16 @@ def test_optimizer_in_backward_trains_exactly_like_the_step_after_backward(tiny_
     assert norms[1] == pytest.approx(norms[0], rel=1e-2)  # fp32 sum inside, a bf16 norm after
     derived = json.loads((inside.path / "config.json").read_text())["derived"]
     assert derived["optimizer"].endswith("stepped per parameter in the backward pass")
+
+
+# The tiny model's first three steps, pinned (fp32 on the CPU): a change to the data path, the loss, the
+# optimizer or the schedule that moves a number shows here, even when every equivalence test still holds.
+PINNED_TRAIN_LOSSES = [10.833218661221592, 10.798128763834635, 10.782916653540827]
+PINNED_EVAL_LOSSES = [10.752084096272787, 10.700307210286459, 10.691951751708984]  # steps 0, 2, 3
+
+
+def test_the_tiny_models_losses_are_pinned(tiny_config):
+    folder = run(tiny_config(task_metric=None, num_samples=0, eval_every=2, report_to=()))
+    evals = [m["eval_loss"] for m in read_jsonl(folder.path / "metrics.jsonl") if m["kind"] == "eval"]
+    assert train_losses(folder) == pytest.approx(PINNED_TRAIN_LOSSES, rel=1e-4)
+    assert evals == pytest.approx(PINNED_EVAL_LOSSES, rel=1e-4)

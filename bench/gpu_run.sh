@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work on one H100 in two back-to-back parts, from the repository root (carry .whl and .gpu):
-#   bash bench/gpu_session.sh bench    the side-by-side benchmark (about 9.5 minutes; timeout about 30 s more)
-#   bash bench/gpu_session.sh checks   inference runtime and GPU tests (about 3.5 minutes), on the same machine
+#   bash bench/gpu_run.sh bench    the side-by-side benchmark (about 9.5 minutes; timeout about 30 s more)
+#   bash bench/gpu_run.sh checks   inference runtime and GPU tests (about 3.5 minutes), on the same machine
 # Both parts first install the wheels carried in .whl/ (datasets, trl, liger-kernel, torchao, pytest: see
 # bench/README.md); a second part on the same machine finds them installed.
 # bench:  bench.bench_sft within the part's budget: every variant is cut to end within it, so no variant is
@@ -13,14 +13,14 @@
 #         test_loss.py, test_levers.py), and the FSDP2 config in one process against the run without it
 #         (test_distributed.py); then the precision comparison if time is left
 # Outputs go to the folder named by OUT (default bench/results); everything printed is
-# also in $OUT/gpu_session.log. Every step's timeout is cut to what is left of the part's budget (SESSION_S),
+# also in $OUT/gpu_run.log. Every step's timeout is cut to what is left of the part's budget (PART_S),
 # so the part ends in time and a hang cannot eat the rest.
 set -uo pipefail
 PART="${1:-bench}"
 case "$PART" in
-  bench) SESSION_S="${SESSION_S:-560}" ;;
-  checks) SESSION_S="${SESSION_S:-215}" ;;
-  *) echo "usage: bash bench/gpu_session.sh bench|checks" >&2; exit 2 ;;
+  bench) PART_S="${PART_S:-560}" ;;
+  checks) PART_S="${PART_S:-215}" ;;
+  *) echo "usage: bash bench/gpu_run.sh bench|checks" >&2; exit 2 ;;
 esac
 OUT="${OUT:-bench/results}"
 INF_END_S="${INF_END_S:-125}"             # checks: the inference runtime ends by then, the GPU tests get the rest
@@ -28,16 +28,16 @@ INF_END_S="${INF_END_S:-125}"             # checks: the inference runtime ends b
 # (python -m inf_tests.runtime --save-llama-7b .gpu/llama-2-7b-shape)
 INF_ARGS="${INF_ARGS:---models random-init:.gpu/llama-2-7b-shape --variants generate static_cache+compile \
 --batch-sizes 1 8 --prompt-tokens 128 --new-tokens 64 --warmup 2 --repeats 3}"
-SESSION_START=$SECONDS
+PART_START=$SECONDS
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_session.log") 2>&1
+exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 export MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-step() { echo; echo "=== $* ($(date +%T), $((SECONDS - SESSION_START)) s in)"; }
-# left CAP: seconds for the next step, at most CAP and what is left of SESSION_S
-left() { local rest=$((SESSION_S - (SECONDS - SESSION_START))); echo $((rest < $1 ? rest : $1)); }
+step() { echo; echo "=== $* ($(date +%T), $((SECONDS - PART_START)) s in)"; }
+# left CAP: seconds for the next step, at most CAP and what is left of PART_S
+left() { local rest=$((PART_S - (SECONDS - PART_START))); echo $((rest < $1 ? rest : $1)); }
 # by MARK: seconds left until MARK seconds into the part (never past its end)
-by() { local to=$(( $1 < SESSION_S ? $1 : SESSION_S )); echo $(( to - (SECONDS - SESSION_START) )); }
+by() { local to=$(( $1 < PART_S ? $1 : PART_S )); echo $(( to - (SECONDS - PART_START) )); }
 
 step "environment ($PART)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
