@@ -514,18 +514,11 @@ def goal_lines(rows: list[dict]) -> list[str]:
     (fp32 master weights, stochastic rounding or Kahan summation, never plain bf16), against TRL and the study's
     recipe (measured here, and TRL's best in the anchor) and against the goal. Rows may come from CSV
     files (strings) or from this run."""
-    def number(row: dict, column: str) -> float:
-        try:
-            return float(row.get(column))
-        except (TypeError, ValueError):
-            return float("nan")
-
     ok = [r for r in rows if r.get("status") == "ok"]
     lines = []
     for arch, goal in GOALS.items():
         def best(recipe: str, fits=lambda r: True):
-            found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and fits(r)]
-            return max(found, key=lambda r: number(r, "real_tok_s")) if found else None
+            return fastest(ok, arch, recipe, fits)
 
         ours = best("ours", lambda r: number(r, "peak_gib") <= goal.get("peak_gib", float("inf"))
                     and master_weights(r) in PRECISE_UPDATES)
@@ -549,7 +542,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
         parts.append(f"goal {goal['real_tok_s']:,}" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else "")
                      + (": met" if met else f": not met ({speed / goal['real_tok_s']:.0%} of it)"))
         lines.append("; ".join(parts))
-    lines += mpt_goal_line(ok, number)
+    lines += mpt_goal_line(ok)
     firsts = [number(r, "first_step_s") for r in ok if r["recipe"] == "ours"]
     if firsts:
         worst = max(firsts)
@@ -558,13 +551,24 @@ def goal_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def mpt_goal_line(ok: list[dict], number) -> list[str]:
+def number(row: dict, column: str) -> float:
+    """A row's value as a number (rows read back from a CSV hold strings); NaN when it has none."""
+    try:
+        return float(row.get(column))
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def fastest(ok: list[dict], arch: str, recipe: str, fits=lambda r: True) -> dict | None:
+    """The row of `recipe` on `arch` with the most real tok/s among those `fits` accepts."""
+    found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and fits(r)]
+    return max(found, key=lambda r: number(r, "real_tok_s")) if found else None
+
+
+def mpt_goal_line(ok: list[dict]) -> list[str]:
     """MPT-7B packed against the llama-7b row (the same memory limit) and against the study's recipe on MPT-7B."""
     goal = MPT_GOAL
-
-    def best(arch: str, recipe: str, fits=lambda r: True):
-        found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and fits(r)]
-        return max(found, key=lambda r: number(r, "real_tok_s")) if found else None
+    best = lambda arch, recipe, fits=lambda r: True: fastest(ok, arch, recipe, fits)  # noqa: E731
 
     fits = lambda r: number(r, "peak_gib") <= goal["peak_gib"] and master_weights(r) in PRECISE_UPDATES  # noqa: E731
     mpt = best(goal["arch"], "ours", lambda r: fits(r) and "packed ALiBi" in str(r.get("settings")))

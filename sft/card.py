@@ -57,7 +57,7 @@ def base_model(config: dict) -> tuple[str | None, str]:
 
 def datasets_of(config: dict) -> list[dict]:
     """Each dataset of the run with its revision and files, as TrainConfig reads them."""
-    cfg = TrainConfig(**{**config, "adam_betas": tuple(config["adam_betas"]), "resume": None})
+    cfg = TrainConfig.from_record(config, resume=None)
     return [{"name": s.name, "source": s.dataset, "revision": s.revision, "files": s.files, "share": s.share}
             for s in cfg.sources()]
 

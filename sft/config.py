@@ -298,6 +298,11 @@ class TrainConfig:
                               opts["max_rows"], name))
         return out
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any], **changes: Any) -> "TrainConfig":
+        """The config a run folder's config.json records (JSON lists back to tuples), with `changes`."""
+        return cls(**{**record, "adam_betas": tuple(record["adam_betas"]), **changes})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -34,7 +34,7 @@ def run_config(run_dir: Path) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
     saved = json.loads(path.read_text())["config"]
-    return TrainConfig(**{**saved, "adam_betas": tuple(saved["adam_betas"]), "resume": None})
+    return TrainConfig.from_record(saved, resume=None)
 
 
 def evaluate(run_dir, *, dataset: str | None = None, dataset_format: str = "auto", revision: str | None = None,

@@ -228,15 +228,13 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     elif not checkpoint.checkpoints(path):
         raise ConfigError(f"resume: {path} has no complete checkpoint to resume from")
     saved.update(extend)
-    saved["adam_betas"] = tuple(saved["adam_betas"])
     # compared as config.json holds them (tuples as lists)
     differing = sorted(k for k, v in json.loads(json.dumps(cfg.to_dict())).items()
                        if k != "resume" and json.loads(json.dumps(saved.get(k))) != v)
     if differing:
         print(f"note: resuming with the run's saved settings; ignoring the script's {', '.join(differing)}",
               file=sys.stderr)
-    saved["resume"] = str(path)
-    return TrainConfig(**saved)
+    return TrainConfig.from_record(saved, resume=str(path))
 
 
 def _longer(name: str, new, old) -> bool:
