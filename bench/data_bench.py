@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 ROWS = [10_000, 100_000, 1_000_000]
 PER_CONVERSATION_MAX_ROWS = 100_000  # the per-conversation path and TRL are measured up to here (at a million
-                                     # rows, each takes about half an hour on two cores)
+                                     # rows, each would take about ten times its 100k-row time)
 TURN_WORDS_MEDIAN = 60               # words per turn, lognormal: about 250 tokens per row
 WORDS = ("the model reads each example once and learns which tokens follow a prompt so that answers end "
          "where they should while loss counts only replies data rows come from many sources with their own "
