@@ -482,7 +482,7 @@ def header(device: torch.device) -> list[str]:
 def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> str:
     import pandas as pd  # here, not at the top: a variant's child process would count the import
 
-    from sft.report import markdown_table
+    from sft.tables import markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"bench_{kind}.csv", "w", newline="") as f:
@@ -506,7 +506,21 @@ def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> s
     markdown = "\n".join([f"# SFT throughput side by side ({kind.upper()})", ""] + [f"- {line}" for line in lines]
                          + ["", *table, *goals, "", METHOD, ""])
     (out / f"bench_{kind}.md").write_text(markdown)
+    if kind == "gpu":
+        write_gpu_goals(out)
     return markdown
+
+
+def write_gpu_goals(out: Path) -> Path:
+    """The goal lines over the rows of every GPU benchmark CSV in `out` (one per invocation), in
+    bench_gpu_goals.md: what the README shows under the GPU tables (python -m sft.report)."""
+    import pandas as pd
+
+    rows = [row for path in sorted(out.glob("bench_gpu*.csv"))
+            for row in pd.read_csv(path, comment="#", dtype=str).to_dict("records")]
+    path = out / "bench_gpu_goals.md"
+    path.write_text("".join(f"- {line}\n" for line in goal_lines(rows)))
+    return path
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
@@ -622,7 +636,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-progress", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--goals", action="store_true",
+                        help="only rewrite bench_gpu_goals.md from the GPU CSVs in --out, running nothing")
     args = parser.parse_args(argv)
+    if args.goals:
+        print(write_gpu_goals(args.out).read_text())
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
         global PROFILE_DIR

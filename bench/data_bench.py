@@ -237,11 +237,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    from sft.report import markdown_table
+    from sft.tables import markdown_table
     import pandas as pd
 
     table = markdown_table(pd.DataFrame(rows, columns=COLUMNS))
     goals = "".join(f"- {line}\n" for line in goal_lines(rows))
+    (args.out / "data_cpu_goals.md").write_text(goals)  # the README's goal lines (python -m sft.report)
     (args.out / "data_cpu.md").write_text("# Data preparation\n\n" + "".join(f"- {ln}\n" for ln in lines) + "\n"
                                           + table + "\n\nAgainst the goals:\n\n" + goals + "\n"
                                           + __doc__.split("\n\n", 2)[2])

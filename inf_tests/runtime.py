@@ -537,7 +537,8 @@ def settings_from_args(argv=None) -> Settings:
 
 
 def main(argv=None) -> int:
-    from sft.report import INFERENCE_COLUMNS, markdown_table
+    from sft.report import INFERENCE_COLUMNS
+    from sft.tables import markdown_table
 
     try:
         settings = settings_from_args(argv)

@@ -72,6 +72,12 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def read_metrics(path, kind: str | None = None) -> list[dict]:
+    """The records of a run folder's metrics.jsonl in order, or those of one `kind` ("train" or "eval"); a torn
+    last line is skipped with a warning."""
+    return [r for r in _read_jsonl(Path(path) / "metrics.jsonl") if kind is None or r.get("kind") == kind]
+
+
 def _frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
     """A DataFrame that has at least `columns`, so code reading an empty run finds the columns it expects."""
     frame = pd.DataFrame.from_records(records)
@@ -92,7 +98,7 @@ def load_run(path) -> Run:
     if not isinstance(config, dict) or "config" not in config:
         raise DataError(f"{config_file}: has no 'config' key (see sft/RUN_FOLDER.md)")
 
-    metrics = _read_jsonl(path / "metrics.jsonl")
+    metrics = read_metrics(path)
     train = [{k: v for k, v in m.items() if k != "kind"} for m in metrics if m.get("kind") == "train"]
     evals = [{k: v for k, v in m.items() if k != "kind"} for m in metrics if m.get("kind") == "eval"]
     return Run(

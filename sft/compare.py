@@ -19,7 +19,7 @@ import pandas as pd
 from .analysis import Run, compare_runs, load_run
 from .errors import SFTError
 from .plotting import plot_comparison
-from .report import markdown_table
+from .tables import markdown_table
 
 RESULT_COLUMNS = ["status", "train_loss_final", "eval_loss_first", "eval_loss_final", "task_metric_name",
                   "task_metric_before", "task_metric_after", "train_runtime", "real_tokens_per_second"]

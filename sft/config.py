@@ -94,7 +94,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1   # with gradient_checkpointing: 1 = every layer; 2 = every other one...
     attn_implementation: str = "auto"
-    loss_impl: str = "auto"              # "selected": lm_head only on loss-bearing positions, in chunks
+    loss_impl: str = "auto"              # "selected": lm_head only on supervised positions, in chunks
     loss_chunk_tokens: int = 4096
     compile: bool = False
     compile_mode: str = "default"        # torch.compile mode of the layers; "reduce-overhead" adds CUDA graphs

@@ -1,16 +1,19 @@
 """From a dataset source to tokenized train and held-out examples, with the statistics of every step.
 
-rows (sft.sources) -> conversations (sft.formats) -> held-out split -> token ids and labels
-(sft.templates.encode_chat) -> special-token text, length and supervision checks -> `Example`s (sft.packing).
+rows as JSON text (sft.sources.row_texts) -> conversations (sft.formats; `read_source`) -> held-out split and
+shares, as row indices (`Selection`) -> token ids and labels (sft.templates.encode_chats) -> special-token
+text, length and supervision checks (`tokenize_to_store`) -> `Example`s (sft.packing; `TokenizedExamples`).
 
-Tokenization runs in `num_proc` processes (`Dataset.map`) into a store on disk (Arrow files, memory-mapped
-back) under a key made of everything that determines its output (the source files' bytes or a hub
+Reading and tokenization run in `num_proc` processes (two `Dataset.map`s), so the process that starts the
+run never holds the rows as Python objects, into a store on disk (Arrow files, memory-mapped back) under a
+key made of everything that determines its output (the source files' bytes or a hub
 dataset's pinned revision, the settings that read and split them, the tokenizer files, the chat template
 with the system prompt written into it, max_length, too_long, loss_on): a rerun with the same inputs opens
 the store without reading the source; any change makes a new one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import formats, sources
 from .config import EMBEDDED_DATASET, Source, TrainConfig
@@ -47,18 +52,31 @@ class PreparedData:
     eval_sources: list[int] = field(default_factory=list)  # each held-out example's dataset, by its index
 
 
-def read_conversations(src: Source) -> tuple[list[tuple[int, list[dict]]], dict]:
-    """(row number, conversation) for each usable row of a source, numbered from 1 in the order read, and
-    the counts."""
+@dataclass
+class ReadSource:
+    """A source's rows, read, checked and converted by `read_source`: each row's conversation as JSON text (empty
+    for a rejected row) in a memory-mapped Arrow table, with the counts."""
+    texts: object  # a datasets.Dataset: columns conversation (JSON text) and chars (the characters of its content)
+    usable: np.ndarray  # the rows that are conversations, by index (a row's number is its index + 1)
+    read: dict  # source, format, rows_read, rows_kept, rows_rejected
+
+
+def read_source(src: Source, num_proc: int | str, work: Path) -> ReadSource:
+    """Reads a source's rows as JSON texts (a JSON-lines file's lines unparsed) into an Arrow file, detects the
+    format from the first rows, then parses, checks and converts every row in `num_proc` processes
+    (`Dataset.map`). The first bad row in the source's order is the error, named by file and line."""
+    from datasets import Dataset, Features, Value
+
     source = src.dataset
     if source == EMBEDDED_DATASET:
-        rows = demo_rows(src.max_rows)
+        texts = ((sources.dumps_row(r), source, n, False) for n, r in enumerate(demo_rows(src.max_rows), 1))
     elif source.startswith("embedded:"):
         raise DataError(f"dataset: unknown embedded dataset {source!r}; the embedded one is {EMBEDDED_DATASET!r}")
     else:
-        rows = sources.load_rows(source, revision=src.revision, split=src.split, max_rows=src.max_rows,
-                                 data_files=src.files)
-    columns = sorted({k for row in rows[:100] for k in row})
+        texts = sources.row_texts(source, revision=src.revision, split=src.split, max_rows=src.max_rows,
+                                  data_files=src.files)
+    first = list(itertools.islice(texts, 100))
+    columns = sorted({k for row in (sources.parse_row(*t) for t in first) for k in row})
     try:
         fmt = formats.detect_format(columns) if src.format == "auto" else src.format
     except DataError as e:
@@ -66,12 +84,97 @@ def read_conversations(src: Source) -> tuple[list[tuple[int, list[dict]]], dict]
     if src.format != "auto" and not set(formats.FORMATS[fmt]) <= set(columns):
         raise DataError(f"dataset {source}: format {fmt!r} needs the columns {list(formats.FORMATS[fmt])}, "
                         f"found {columns}")
-    conversations, rejected, numbers = formats.convert_rows(rows, fmt)
-    if not conversations:
-        raise DataError(f"dataset {source}: none of its {len(rows)} rows is a usable {fmt} conversation "
-                        f"(rejected by reason: {dict(rejected)})")
-    return list(zip(numbers, conversations)), {"source": source, "format": fmt, "rows_read": len(rows),
-                                               "rows_kept": len(conversations), "rows_rejected": dict(rejected)}
+    work.parent.mkdir(parents=True, exist_ok=True)
+    rows_file, files = work.with_name(f"{work.name}-rows.arrow"), {}
+    schema = pa.schema([("text", pa.large_string()), ("file", pa.int32()), ("number", pa.int64()),
+                        ("raw", pa.bool_())])
+    count = 0
+    with pa.OSFile(str(rows_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        rest = itertools.chain(first, texts)
+        while chunk := list(itertools.islice(rest, 8192)):
+            text, file, number, raw = zip(*chunk)
+            writer.write_batch(pa.record_batch([pa.array(text, pa.large_string()),
+                                                pa.array([files.setdefault(f, len(files)) for f in file], pa.int32()),
+                                                pa.array(number, pa.int64()), pa.array(raw, pa.bool_())],
+                                               schema=schema))
+            count += len(chunk)
+    procs = auto_num_proc(num_proc, count)
+    features = Features({"conversation": Value("large_string"), "chars": Value("int64"), "reject": Value("string"),
+                         "error": Value("string")})
+    with _map_progress(count, procs):
+        texts = Dataset.from_file(str(rows_file)).map(
+            _read_batch, batched=True, batch_size=1024, num_proc=procs if procs > 1 else None,
+            remove_columns=["text", "file", "number", "raw"], features=features, keep_in_memory=False,
+            cache_file_name=str(work.with_name(f"{work.name}.arrow")), new_fingerprint=_fingerprint(work),
+            desc=f"reading {src.name}", fn_kwargs=dict(fmt=fmt, files=list(files)))
+    rows_file.unlink()
+    errors = texts.data.table.column("error")
+    if errors.null_count < len(errors):
+        raise DataError(errors[pc.index(pc.is_valid(errors), True).as_py()].as_py())
+    reject = texts.data.table.column("reject")
+    usable = np.flatnonzero(pc.is_null(reject).to_numpy(zero_copy_only=False))
+    rejected = {r["values"]: r["counts"] for r in pc.value_counts(reject.drop_null()).to_pylist()}
+    if not usable.size:
+        raise DataError(f"dataset {source}: none of its {count} rows is a usable {fmt} conversation "
+                        f"(rejected by reason: {rejected})")
+    return ReadSource(texts.remove_columns(["reject", "error"]), usable,
+                      {"source": source, "format": fmt, "rows_read": count, "rows_kept": int(usable.size),
+                       "rows_rejected": rejected})
+
+
+def _read_batch(batch: dict, fmt: str, files: list[str]) -> dict:
+    """Dataset.map's function: each row text parsed, checked and converted; a rejected row gets its reason, an
+    unreadable one its error."""
+    out = {"conversation": [], "chars": [], "reject": [], "error": []}
+    for text, file, number, raw in zip(batch["text"], batch["file"], batch["number"], batch["raw"]):
+        conversation, chars, reject, error = None, 0, None, None
+        try:
+            messages = formats.row_to_messages(sources.parse_row(text, files[file], number, raw), fmt)
+            conversation = json.dumps(messages, ensure_ascii=False)
+            chars = sum(len(m["content"]) for m in messages)
+        except formats.MalformedRow as e:
+            reject = e.reason
+        except DataError as e:
+            error = str(e)
+        out["conversation"].append(conversation)
+        out["chars"].append(chars)
+        out["reject"].append(reject)
+        out["error"].append(error)
+    return out
+
+
+@dataclass
+class Selection:
+    """Conversations to tokenize, by reference: example i is row `index[i]` of `tables[table[i]]` (a `ReadSource`'s
+    texts) and counts for dataset `source[i]`."""
+    tables: list
+    table: np.ndarray
+    index: np.ndarray
+    source: np.ndarray
+
+    @classmethod
+    def of(cls, conversations: list[list[dict]]) -> "Selection":
+        """Conversations in memory, as one dataset."""
+        from datasets import Dataset
+
+        texts = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations],
+                                   "chars": [sum(len(m["content"]) for m in c) for c in conversations]})
+        zeros = np.zeros(len(conversations), dtype=np.int64)
+        return cls([texts], zeros, np.arange(len(conversations)), zeros)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def row(self, i: int) -> int:
+        """The number of the row example i came from, counted from 1 in the order read."""
+        return int(self.index[i]) + 1
+
+    def conversation(self, i: int) -> list[dict]:
+        return json.loads(self.tables[self.table[i]].data.table.column("conversation")[int(self.index[i])].as_py())
+
+    def chars(self) -> int:
+        return int(sum(self.tables[t].data.table.column("chars").to_numpy()[self.index[self.table == t]].sum()
+                       for t in range(len(self.tables))))
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
@@ -112,42 +215,53 @@ def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
     train and held-out conversations into the store at `work`, with the held-out conversations (for
     generation) and the statistics of every step, in all and per source; returns the statistics."""
     srcs = cfg.sources()
-    train, held_out, reads = [], [], []  # (source index, row number, conversation); each source's counts
+    check_source_room(work.parent, [s.dataset for s in srcs] + [cfg.eval_dataset] * (cfg.eval_dataset is not None))
+    tables, train, held_out, reads = [], [], [], []  # the read sources; (table, index, source) per example
     for k, src in enumerate(srcs):
-        numbered, read = read_conversations(src)
+        got = read_source(src, cfg.num_proc, work / "read" / str(k))
+        tables.append(got.texts)
+        read, usable = got.read, got.usable.tolist()
         if cfg.eval_dataset is not None:  # one source (checked in the config), held out from another dataset
-            train_numbered = sources.shuffle_rows(numbered, cfg.seed)
+            train_rows = sources.shuffle_rows(usable, cfg.seed)
             same_repo = cfg.eval_dataset == cfg.dataset
-            eval_numbered, read["eval_source"] = read_conversations(Source(
+            other = read_source(Source(
                 cfg.eval_dataset, None, cfg.dataset_format,
                 cfg.eval_dataset_revision or (cfg.dataset_revision if same_repo else None), cfg.eval_dataset_files,
-                cfg.eval_dataset_split, cfg.eval_rows, cfg.eval_dataset))
+                cfg.eval_dataset_split, cfg.eval_rows, cfg.eval_dataset), cfg.num_proc, work / "read" / "eval")
+            tables.append(other.texts)
+            read["eval_source"], eval_table, eval_rows = other.read, len(tables) - 1, other.usable.tolist()
         else:
-            eval_rows = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION
+            eval_rows, eval_table = cfg.eval_rows if cfg.eval_rows is not None else DEFAULT_EVAL_FRACTION, k
             try:
-                train_numbered, eval_numbered = sources.split_heldout(numbered, eval_rows=eval_rows, seed=cfg.seed)
+                train_rows, eval_rows = sources.split_heldout(usable, eval_rows=eval_rows, seed=cfg.seed)
             except ConfigError as e:
                 raise ConfigError(f"{e} ({read['rows_kept']} of {read['rows_read']} rows of {src.dataset} "
                                   f"are usable; rejected by reason: {read['rows_rejected']})") from None
-        del numbered
         try:
-            train_numbered = sources.take_share(train_numbered, src.share, seed=cfg.seed + k)
+            train_rows = sources.take_share(train_rows, src.share, seed=cfg.seed + k)
         except ConfigError as e:
             raise ConfigError(f"datasets: {src.name}: {e}") from None
-        reads.append(dict(name=src.name, **read, share=src.share, train_conversations=len(train_numbered),
-                          eval_conversations=len(eval_numbered)))
-        train += [(k, n, c) for n, c in train_numbered]
-        held_out.append([(k, n, c) for n, c in eval_numbered])
+        reads.append(dict(name=src.name, **read, share=src.share, train_conversations=len(train_rows),
+                          eval_conversations=len(eval_rows)))
+        train.append((k, np.asarray(train_rows, dtype=np.int64)))
+        held_out.append([(eval_table, i, k) for i in eval_rows])
+    train = Selection(tables, np.concatenate([np.full(len(rows), k) for k, rows in train]),
+                      np.concatenate([rows for _, rows in train]),
+                      np.concatenate([np.full(len(rows), k) for k, rows in train]))
     # held-out conversations taken from each source in turn: the samples and the task metric, which read the
     # first of them, see every source
-    held_out = [x for turn in itertools.zip_longest(*held_out) for x in turn if x is not None]
-    check_store_room(work.parent, [c for _, _, c in train], [c for _, _, c in held_out])
+    turns = [x for turn in itertools.zip_longest(*held_out) for x in turn if x is not None]
+    held_out = Selection(tables, *(np.array(column, dtype=np.int64) for column in zip(*turns)))
+    check_store_room(work.parent, train.chars() + held_out.chars())
     eval_names = [cfg.eval_dataset] if cfg.eval_dataset is not None else [s.name for s in srcs]
     tok_stats = {"train": tokenize_to_store(train, tokenizer, cfg, "train", [s.name for s in srcs], work / "train"),
                  "eval": tokenize_to_store(held_out, tokenizer, cfg, "held-out", eval_names, work / "eval")}
-    kept_eval = [c for (_, _, c), keep in zip(held_out, tok_stats["eval"].pop("kept_mask")) if keep]
+    kept_eval = [held_out.conversation(i) for i in np.flatnonzero(tok_stats["eval"].pop("kept_mask"))]
     tok_stats["train"].pop("kept_mask")
     (work / "eval_conversations.json").write_text(json.dumps(kept_eval, ensure_ascii=False))
+    counts = {"train_conversations": len(train), "eval_conversations": len(held_out)}
+    del tables, train, held_out
+    shutil.rmtree(work / "read")  # the conversations are in the store now
     by_source = {split: tok_stats[split].pop("by_source") for split in tok_stats}
     for k, read in enumerate(reads):
         read["train"], read["eval"] = by_source["train"][k], by_source["eval"][min(k, len(eval_names) - 1)]
@@ -155,7 +269,7 @@ def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
     single = {k: v for k, v in reads[0].items() if k not in ("name", "share", "train", "eval")} if one else {
         "rows_read": sum(r["rows_read"] for r in reads), "rows_kept": sum(r["rows_kept"] for r in reads),
         "rows_rejected": dict(sum((Counter(r["rows_rejected"]) for r in reads), Counter())),
-        "train_conversations": len(train), "eval_conversations": len(held_out)}
+        **counts}
     return {**single, **tok_stats, "sources": reads}
 
 
@@ -227,46 +341,36 @@ MIN_ROWS_PER_PROC = 2000
 TOKENIZE_BATCH = 256  # conversations per tokenizer call
 
 
-def tokenize_to_store(conversations: list[tuple[int, int, list[dict]]], tokenizer, cfg: TrainConfig, split: str,
-                      source_names: list[str], path: Path) -> dict:
-    """Encodes each (source index, row number, conversation) (`Dataset.map`, batched, in `num_proc` processes)
-    into an Arrow dataset at `path`: int32 token ids, a one-bit supervision mask, the length and the source,
-    for the examples that pass the length and supervision rules; the others are counted. An error names the
-    source and the number of the row the conversation came from. Returns the split's statistics, in all and
-    per source (`by_source`), and which conversations were kept (`kept_mask`)."""
-    from datasets import Dataset, Features, List, Value, disable_progress_bars, enable_progress_bars
+def tokenize_to_store(selection: Selection, tokenizer, cfg: TrainConfig, split: str, source_names: list[str],
+                      path: Path) -> dict:
+    """Encodes the selected conversations (`Dataset.map`, batched, in `num_proc` processes, which read them from
+    the memory-mapped tables) into an Arrow dataset at `path`: int32 token ids, a one-bit supervision mask, the
+    length and the source, for the examples that pass the length and supervision rules; the others are
+    counted. An error names the source and the number of the row the conversation came from. Returns the
+    split's statistics, in all and per source (`by_source`), and which examples were kept (`kept_mask`)."""
+    from datasets import Dataset, Features, List, Value
 
     features = Features({"input_ids": List(Value("int32")), "supervised": List(Value("bool")),
                          "length": Value("int32"), "source": Value("int16"), "status": Value("string"),
-                         "tokens": Value("int32"), "targets": Value("int32")})
-    table = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for _, _, c in conversations],
-                               "source": [k for k, _, _ in conversations]})
-    procs = auto_num_proc(cfg.num_proc, len(conversations))
-    if procs > 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are forked: each tokenizes on its own
-    # the map's own progress bar, for sets that take more than a moment (small ones would only add lines)
-    if len(conversations) >= MIN_ROWS_PER_PROC:
-        enable_progress_bars()
-    else:
-        disable_progress_bars()
-    try:
+                         "tokens": Value("int32"), "supervised_tokens": Value("int32")})
+    table = Dataset.from_dict({"table": selection.table.astype(np.int16), "index": selection.index,
+                               "source": selection.source.astype(np.int16)})
+    procs = auto_num_proc(cfg.num_proc, len(selection))
+    with _map_progress(len(selection), procs):
         encoded = table.map(_encode_batch, batched=True, batch_size=TOKENIZE_BATCH,
-                            num_proc=procs if procs > 1 else None,
-                            remove_columns=["conversation"], features=features, keep_in_memory=False,
+                            num_proc=procs if procs > 1 else None, remove_columns=["table", "index"],
+                            features=features, keep_in_memory=False, new_fingerprint=_fingerprint(path),
                             cache_file_name=str(path.parent / f"{path.name}-map.arrow"), desc=f"tokenizing ({split})",
-                            fn_kwargs=dict(tokenizer=tokenizer, loss_on=cfg.loss_on, max_length=cfg.max_length,
-                                           too_long=cfg.too_long))
-    finally:
-        disable_progress_bars()  # saving and loading the store are quick
+                            fn_kwargs=dict(tables=selection.tables, tokenizer=tokenizer, loss_on=cfg.loss_on,
+                                           max_length=cfg.max_length, too_long=cfg.too_long))
     status = encoded.data.column("status").to_pylist()
     for i, reason in enumerate(status):
         if reason in ("no_supervised_tokens", "all_supervised", "too_long_error"):
-            k, row, conversation = conversations[i]
-            raise DataError(_row_error(reason, f"dataset {source_names[k]}: {split}", row, conversation,
-                                       encoded[i]["tokens"], cfg))
+            raise DataError(_row_error(reason, f"dataset {source_names[selection.source[i]]}: {split}",
+                                       selection.row(i), selection.conversation(i), encoded[i]["tokens"], cfg))
     kept = np.array([r not in DROPPED for r in status], dtype=bool)
-    columns = {name: encoded.data.column(name).to_numpy() for name in ("length", "targets", "source")}
-    store = encoded.remove_columns(["status", "tokens", "targets"])
+    columns = {name: encoded.data.column(name).to_numpy() for name in ("length", "supervised_tokens", "source")}
+    store = encoded.remove_columns(["status", "tokens", "supervised_tokens"])
     store = store.select(np.flatnonzero(kept)) if kept.any() else Dataset.from_dict(
         {k: [] for k in store.features}, features=store.features)
     store.save_to_disk(str(path))
@@ -280,7 +384,7 @@ def tokenize_to_store(conversations: list[tuple[int, int, list[dict]]], tokenize
         dropped = {r: int(((reasons == r) & mine).sum()) for r in DROPPED}
         return {"examples": int(len(lengths)), "dropped": {r: n for r, n in dropped.items() if n},
                 "truncated": int(((reasons == "truncated") & mine).sum()), "tokens": int(lengths.sum()),
-                "supervised_tokens": int(columns["targets"][mine & kept].sum())}
+                "supervised_tokens": int(columns["supervised_tokens"][mine & kept].sum())}
 
     everything = counts(np.ones(len(status), dtype=bool))
     if everything["tokens"]:
@@ -292,17 +396,39 @@ def tokenize_to_store(conversations: list[tuple[int, int, list[dict]]], tokenize
             "kept_mask": kept.tolist()}
 
 
+@contextlib.contextmanager
+def _map_progress(rows: int, procs: int):
+    """`Dataset.map`'s own progress bar, for sets that take more than a moment (small ones would only add lines);
+    forked tokenizer processes each tokenize on their own."""
+    from datasets import disable_progress_bars, enable_progress_bars
+
+    if procs > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    (enable_progress_bars if rows >= MIN_ROWS_PER_PROC else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        disable_progress_bars()  # saving and loading the store are quick
+
+
+def _fingerprint(path: Path) -> str:
+    """`Dataset.map`'s name for its output, given rather than computed (which would hash every argument)."""
+    return hashlib.sha256(f"{path.resolve()}\0{os.getpid()}".encode()).hexdigest()[:16]
+
+
 DROPPED = ("special_token_text", "too_long", "no_supervised_tokens_after_truncation")
 
 
-def _encode_batch(batch: dict, tokenizer, loss_on: str, max_length: int, too_long: str) -> dict:
-    """Dataset.map's function: token ids, supervision mask, length, status and supervised targets (the mask
-    shifted by one) of each conversation."""
+def _encode_batch(batch: dict, tables: list, tokenizer, loss_on: str, max_length: int, too_long: str) -> dict:
+    """Dataset.map's function: token ids, supervision mask, length, status and the count of supervised tokens
+    (the mask shifted by one: an example's first token is never predicted) of each selected conversation."""
     special = special_token_pattern(tokenizer)
-    conversations = [json.loads(c) for c in batch["conversation"]]
+    columns = [t.data.table.column("conversation") for t in tables]
+    # element by element: Arrow's take on a column of many chunks would first join them, a copy of all the text
+    conversations = [json.loads(columns[t][i].as_py()) for t, i in zip(batch["table"], batch["index"])]
     clean = [special is None or not any(special.search(m["content"]) for m in c) for c in conversations]
     encoded = iter(encode_chats(tokenizer, [c for c, ok in zip(conversations, clean) if ok], loss_on=loss_on))
-    out = {"input_ids": [], "supervised": [], "length": [], "status": [], "tokens": [], "targets": []}
+    out = {"input_ids": [], "supervised": [], "length": [], "status": [], "tokens": [], "supervised_tokens": []}
     for ok in clean:
         enc = next(encoded) if ok else None
         ids, labels = (enc.input_ids, enc.labels) if ok else ([], [])
@@ -325,7 +451,7 @@ def _encode_batch(batch: dict, tokenizer, loss_on: str, max_length: int, too_lon
         out["length"].append(len(ids) if keep else 0)
         out["status"].append(status)
         out["tokens"].append(n)
-        out["targets"].append(sum(mask[1:]) if keep else 0)
+        out["supervised_tokens"].append(sum(mask[1:]) if keep else 0)
     return out
 
 
@@ -372,13 +498,27 @@ def _example(ids: list[int], supervised: list[bool]) -> Example:
     return shift_labels(ids, [t if s else IGNORE_INDEX for t, s in zip(ids, supervised)])
 
 
-def check_store_room(root: Path, *splits: list[list[dict]]) -> None:
+def check_source_room(root: Path, datasets: list[str]) -> None:
+    """Before anything is read: reading a local source writes its rows and then its conversations as text, about
+    twice its size, and its tokens take about as much again; room for 3 times the source's bytes."""
+    need = 0
+    for dataset in datasets:
+        path = Path(dataset).expanduser()
+        if path.exists():
+            need += 3 * sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+    _check_room(root, need)
+
+
+def check_store_room(root: Path, chars: int) -> None:
     """A tokenized store takes about 4 bytes per token, and a token takes at least 2 characters of the
     rendered text in every tokenizer worth training: room for 3 bytes per character of content, checked
-    before any work starts."""
-    chars = sum(len(m["content"]) for conversations in splits for c in conversations for m in c)
+    before tokenizing."""
+    _check_room(root, 3 * chars)
+
+
+def _check_room(root: Path, need: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    free, need = shutil.disk_usage(root).free, 3 * chars
+    free = shutil.disk_usage(root).free
     if need > free:
         raise ConfigError(f"dataset: the tokenized store needs about {need / 2**30:.2f} GiB in {root} and "
                           f"{free / 2**30:.2f} GiB are free; free some space or point SFT_CACHE elsewhere")

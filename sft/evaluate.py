@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import Source, TrainConfig
@@ -67,8 +68,7 @@ def score_dataset(cfg: TrainConfig, source: Source, model_path: str, own_templat
                   device: torch.device) -> dict:
     from accelerate import Accelerator
 
-    from .data import TokenizedExamples, read_conversations, tokenize_to_store
-    from .data import PreparedData
+    from .data import PreparedData, Selection, TokenizedExamples, read_source, tokenize_to_store
     from .generation import Decoding, exact_match, generate
     from .loss import LossModel, resolve_loss_impl
     from .modeling import load_model, load_tokenizer
@@ -78,12 +78,15 @@ def score_dataset(cfg: TrainConfig, source: Source, model_path: str, own_templat
     tokenizer = load_tokenizer(model_path, eos_token=cfg.eos_token)
     if not own_template:  # the run's model carries its template; a base model gets the one the run set up
         setup_template(tokenizer, cfg.template, cfg.system_prompt)
-    numbered, read = read_conversations(source)
-    conversations = [(0, n, c) for n, c in numbered]
     with tempfile.TemporaryDirectory(prefix="sft_eval_") as tmp:
-        stats = tokenize_to_store(conversations, tokenizer, cfg, "evaluation", [source.name], Path(tmp) / "store")
+        got = read_source(source, cfg.num_proc, Path(tmp) / "read")
+        zeros = np.zeros(len(got.usable), dtype=np.int64)
+        rows = Selection([got.texts], zeros, got.usable, zeros)
+        stats = tokenize_to_store(rows, tokenizer, cfg, "evaluation", [source.name], Path(tmp) / "store")
         examples = TokenizedExamples(Path(tmp) / "store").to_list()
-    kept = [c for (_, _, c), keep in zip(conversations, stats.pop("kept_mask")) if keep]
+        kept = [rows.conversation(i) for i in np.flatnonzero(stats.pop("kept_mask"))]
+        read = got.read
+        del got, rows
     stats.pop("by_source")
     precision = resolve_precision(cfg, device)
     model = load_model(model_path, dtype=torch.bfloat16 if precision == "bf16_pure" else torch.float32,

@@ -1,4 +1,4 @@
-"""The training loss: summed token cross-entropy over the loss-bearing positions of a batch.
+"""The training loss: summed token cross-entropy over the supervised positions of a batch.
 
 `LossModel` wraps a causal LM so that the forward pass that distributed wrappers (DDP, FSDP) see
 returns the loss itself. It returns the SUM of token losses; the training loop divides by the number
@@ -56,8 +56,8 @@ class LossModel(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,
-                loss_positions=None) -> torch.Tensor:
-        """`cu_seqlens` and `loss_positions` (host_indices) are optional: without them they are found on
+                supervised_positions=None) -> torch.Tensor:
+        """`cu_seqlens` and `supervised_positions` (host_indices) are optional: without them they are found on
         the device, at the cost of a host sync each."""
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False)  # a KV cache would also switch off packed-sequence masking
@@ -74,14 +74,14 @@ class LossModel(torch.nn.Module):
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum")
         hidden = self.model.base_model(**inputs).last_hidden_state
-        if loss_positions is None:
-            loss_positions = supervised_positions(targets)
-        return selected_cross_entropy(hidden.flatten(0, 1).index_select(0, loss_positions),
-                                      targets.flatten().index_select(0, loss_positions),
+        if supervised_positions is None:
+            supervised_positions = find_supervised_positions(targets)
+        return selected_cross_entropy(hidden.flatten(0, 1).index_select(0, supervised_positions),
+                                      targets.flatten().index_select(0, supervised_positions),
                                       self.model.get_output_embeddings(), self.chunk_tokens)
 
 
-def supervised_positions(targets: torch.Tensor) -> torch.Tensor:
+def find_supervised_positions(targets: torch.Tensor) -> torch.Tensor:
     """Flat indices of the positions of a [B, T] batch that carry a target (their count is data, so on a
     GPU this copies back to the host)."""
     return (targets != IGNORE_INDEX).flatten().nonzero().flatten()
@@ -96,7 +96,7 @@ def host_indices(batch: dict) -> dict:
     if positions is None:
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     cu_seqlens, _ = cu_seqlens_from_position_ids(positions, batch.get("attention_mask"))
-    return {"cu_seqlens": cu_seqlens, "loss_positions": supervised_positions(batch["targets"])}
+    return {"cu_seqlens": cu_seqlens, "supervised_positions": find_supervised_positions(batch["targets"])}
 
 
 def selected_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,

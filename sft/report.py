@@ -13,18 +13,17 @@ folders and uncommitted changes to result files count too.
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import pandas as pd
 
 from .analysis import Run, find_runs, load_run, samples_side_by_side
 from .errors import SFTError
+from .tables import csv_table, fmt_value, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE_COLUMNS = ["model", "variant", "batch_size", "prompt_tokens", "ttft_ms_p50", "decode_tok_s",
@@ -34,41 +33,22 @@ BENCH_COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s"
                  "first_step_s"]
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "-"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
-    return "\n".join(lines)
-
-
 def demo_results(run: Run) -> str:
     s, env, derived = run.summary, run.env, run.derived
     device = env.get("device", {})
     packages = env.get("packages", {})
     rows = [
-        ("held-out loss", _fmt(s.get("eval_loss_first")), _fmt(s.get("eval_loss_final"))),
-        (f"held-out {s.get('task_metric_name')}", _fmt(s.get("task_metric_before")),
-         _fmt(s.get("task_metric_after"))),
+        ("held-out loss", fmt_value(s.get("eval_loss_first")), fmt_value(s.get("eval_loss_final"))),
+        (f"held-out {s.get('task_metric_name')}", fmt_value(s.get("task_metric_before")),
+         fmt_value(s.get("task_metric_after"))),
     ]
     table = markdown_table(pd.DataFrame(rows, columns=["metric", "before training", "after training"]))
-    facts = (f"Run `{run.name}` ({s.get('status')}): {_fmt(s.get('global_step'))} optimizer steps over "
-             f"{_fmt(derived.get('train_examples'))} examples ({_fmt(s.get('real_tokens'))} real tokens, "
-             f"packing efficiency {_fmt(derived.get('packing_efficiency'))}), training time "
-             f"{_fmt(s.get('train_runtime'), 1)} s, {_fmt(s.get('real_tokens_per_second'), 1)} real tokens/s, "
-             f"peak memory {_fmt(s.get('peak_memory_gib'), 2)} GiB ({s.get('peak_memory_kind')}); "
+    facts = (f"Run `{run.name}` ({s.get('status')}): {fmt_value(s.get('global_step'))} optimizer steps over "
+             f"{fmt_value(derived.get('train_examples'))} examples ({fmt_value(s.get('real_tokens'))} real tokens, "
+             f"packing efficiency {fmt_value(derived.get('packing_efficiency'))}), training time "
+             f"{fmt_value(s.get('train_runtime'), 1)} s, "
+             f"{fmt_value(s.get('real_tokens_per_second'), 1)} real tokens/s, "
+             f"peak memory {fmt_value(s.get('peak_memory_gib'), 2)} GiB ({s.get('peak_memory_kind')}); "
              f"precision {derived.get('precision')}, master weights {derived.get('master_weights')}. "
              f"Device: {device.get('type')} {device.get('name')} ({_device_count(device)}); "
              f"torch {packages.get('torch')}, transformers {packages.get('transformers')}.")
@@ -143,25 +123,6 @@ def committed_files(root: Path) -> set[str]:
     return {name for name in listing.decode().split("\0") if name}
 
 
-def csv_table(text: str, columns: list[str] | None = None, skip_status: str | None = None) -> str:
-    """The CSV `text` as a table (only the `columns` it has, in that order), after its `# ` provenance
-    lines. Rows whose status starts with `skip_status` are named in one line under the table instead."""
-    provenance = [line[2:].strip() for line in text.splitlines() if line.startswith("# ")]
-    frame = pd.read_csv(io.StringIO(text), comment="#")
-    skipped = []
-    if skip_status and "status" in frame.columns:
-        left_out = frame["status"].astype(str).str.startswith(skip_status)
-        skipped = [f"({status}): {', '.join(group['variant'])}" for status, group in
-                   frame[left_out].groupby("status", sort=False)]
-        frame = frame[~left_out]
-    if columns:
-        frame = frame[[c for c in columns if c in frame.columns]]
-    if "mfu" in frame.columns:  # a fraction of the device's peak, shown as a percentage
-        frame = frame.assign(mfu=frame["mfu"].map(lambda v: "-" if pd.isna(v) else f"{float(v):.1%}"))
-    return ("".join(f"- {line}\n" for line in provenance) + ("\n" if provenance else "") + markdown_table(frame)
-            + "".join(f"\n\nNot run {line}" for line in skipped))
-
-
 def replace_block(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", flags=re.S)
     if not pattern.search(text):
@@ -198,12 +159,9 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
             ("data-cpu", root / "bench" / "results" / "data_cpu.csv", None)):
         if results.exists(path):
             out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), columns)
-    data = root / "bench" / "results" / "data_cpu.csv"
-    if "data-cpu" in out:  # with the goals checked over its rows
-        from bench.data_bench import goal_lines as data_goals
-
-        rows = pd.read_csv(io.StringIO(results.read(data)), comment="#").to_dict("records")
-        out["data-cpu"] += "\n\nAgainst the goals:\n\n" + "".join(f"- {line}\n" for line in data_goals(rows))
+    goals = root / "bench" / "results" / "data_cpu_goals.md"
+    if "data-cpu" in out and results.exists(goals):  # the goals, checked by the benchmark over its rows
+        out["data-cpu"] += "\n\nAgainst the goals:\n\n" + results.read(goals)
     gpu_runs = results.glob(root / "bench" / "results", "bench_gpu*.csv")
     if gpu_runs:
         out["bench-gpu"] = bench_gpu(gpu_runs, root, results)
@@ -211,23 +169,21 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
 
 
 def bench_gpu(paths: list[Path], root: Path, results: Results | None = None) -> str:
-    """Each GPU benchmark CSV (one per benchmark invocation) as a table, then the goals checked over the
-    rows of all of them (bench.bench_sft.goal_lines). Files are read through `results` (default: the
-    working tree)."""
-    from bench.bench_sft import goal_lines
-
+    """Each GPU benchmark CSV (one per benchmark invocation) as a table, then the goals the benchmark checked
+    over the rows of all of them (bench_gpu_goals.md). Files are read through `results` (default: the working
+    tree)."""
     results = results or Results(root, include_local=True)
-    texts = [results.read(path) for path in paths]
-    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(text, BENCH_COLUMNS, skip_status="skipped")
-              for path, text in zip(paths, texts)]
-    rows = [row for text in texts for row in pd.read_csv(io.StringIO(text), comment="#", dtype=str).to_dict("records")]
-    goals = "Against the goals, over the rows above:\n\n" + "".join(f"- {line}\n" for line in goal_lines(rows))
+    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), BENCH_COLUMNS,
+                                                                   skip_status="skipped") for path in paths]
+    goals_file = paths[0].parent / "bench_gpu_goals.md"
+    goals = ["Against the goals, over the rows above:\n\n" + results.read(goals_file)] if results.exists(
+        goals_file) else []
     splits = [f"- {p.stem.removeprefix('profile_')}: {line.split(': ', 1)[1]}" for p in results.glob(
         paths[0].parent, "profiles/profile_*.txt") for line in results.read(p).splitlines()
         if line.startswith("where the device time")]
     profiles = ["Where the device time goes (`bench/results/profiles/`, a few steps under the profiler):\n\n"
                 + "\n".join(splits)] if splits else []
-    return "\n\n".join(tables + [goals] + profiles)
+    return "\n\n".join(tables + goals + profiles)
 
 
 def execute_notebook(path: Path, run_dirs: list[Path]) -> None:

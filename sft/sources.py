@@ -60,6 +60,81 @@ def load_rows(
     return rows
 
 
+def row_texts(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    split: str = "train",
+    max_rows: int | None = None,
+    data_files: str | list[str] | None = None,
+) -> Iterator[tuple[str, str, int, bool]]:
+    """The rows of a source as JSON texts, in the order and with the checks of `load_rows`, for parsing in
+    worker processes: (text, file, number, raw). A JSON-lines file's lines come as they are (`raw`: not yet
+    parsed, `number` is the line; `parse_row` parses and checks them); every other row is parsed here and
+    serialized (`number` counts rows), with a value JSON cannot hold (a date, bytes) as an object, which no
+    format accepts where text or a list belongs, as before. Raises DataError, as `load_rows` does, when the
+    source has no rows."""
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ConfigError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    source = os.fspath(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else _local_files(path)
+        texts = chain.from_iterable(_file_texts(p) for p in files)
+    else:
+        rows = load_rows(source, revision=revision, split=split, max_rows=max_rows, data_files=data_files)
+        texts = ((dumps_row(row), source, n, False) for n, row in enumerate(rows, 1))
+    count = 0
+    for item in islice(texts, max_rows):
+        count += 1
+        yield item
+    if not count:
+        raise DataError(f"dataset {source} has no rows")
+
+
+def parse_row(text: str, file: str, number: int, raw: bool) -> dict:
+    """A row from `row_texts`, with the errors `load_rows` raises for it."""
+    if not raw:
+        return json.loads(text)
+    try:
+        item = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _bad_json(Path(file), number, e) from None
+    return _as_row(item, f"dataset file {file}, line {number}", bool(_SURROGATE_ESCAPE.search(text)))
+
+
+def _file_texts(path: Path) -> Iterator[tuple[str, str, int, bool]]:
+    if path.suffix.lower() not in _READERS:
+        raise DataError(f"dataset file {path} has an unsupported type; expected one of {', '.join(_READERS)}")
+    try:
+        if path.suffix.lower() in (".json", ".jsonl"):
+            with path.open(encoding="utf-8-sig") as f:
+                first = next((line for line in f if line.strip()), "")
+            if not first.lstrip().startswith("["):  # JSON lines: handed on unparsed
+                with path.open(encoding="utf-8-sig") as f:
+                    lines = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+                    n, line = next(lines, (0, ""))
+                    if n:
+                        try:
+                            json.loads(line)
+                        except (ValueError, RecursionError) as e:
+                            _refuse_one_object(path)
+                            raise _bad_json(path, n, e) from None
+                        yield line, str(path), n, True
+                    for n, line in lines:
+                        yield line, str(path), n, True
+                return
+        for n, row in enumerate(_READERS[path.suffix.lower()](path), 1):
+            yield dumps_row(row), str(path), n, False
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def dumps_row(row: dict) -> str:
+    """A row as JSON text; a value JSON cannot hold (a date, bytes) becomes an object naming its type."""
+    return json.dumps(row, ensure_ascii=False, default=lambda value: {"not JSON": type(value).__name__})
+
+
 def take_rows(rows: Iterable[dict], max_rows: int | None) -> list[dict]:
     """Stops pulling after max_rows, so a streamed hub dataset only downloads what it yields."""
     return list(islice(rows, max_rows))
@@ -91,6 +166,10 @@ def _iter_local(path: Path) -> Iterator[dict]:
                 f"dataset file {path} has an unsupported type; expected one of {', '.join(_READERS)}"
             )
         return _iter_file(path)
+    return chain.from_iterable(_iter_file(p) for p in _local_files(path))
+
+
+def _local_files(path: Path) -> list[Path]:
     # Hidden entries are skipped: they are caches and tool files (.cache/, .git/), not data.
     files = sorted(
         p
@@ -101,7 +180,7 @@ def _iter_local(path: Path) -> Iterator[dict]:
     )
     if not files:
         raise DataError(f"dataset directory {path} holds no {', '.join(_READERS)} files")
-    return chain.from_iterable(_iter_file(p) for p in files)
+    return files
 
 
 def _iter_file(path: Path) -> Iterator[dict]:

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,7 +35,7 @@ from .modeling import (check_packing_support, compile_layers, convert_to_float8,
                        parameters_from_config, read_model_config, require_torchao)
 from .optim import (StepInBackward, build_optimizer, describe_optimizer, master_weights_for,
                     param_groups_for_weight_decay)
-from .packing import MicroBatch, collate_padded, collated_steps, optimizer_steps, packing_efficiency, plan_epoch
+from .packing import MicroBatch, collate_padded, collated_steps, packing_efficiency, plan_steps
 from .perf import mfu, peak_memory, reset_peak_memory, synchronize
 from .run_folder import RunFolder, RunLock, collect_env
 from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template, system_prompt_record
@@ -182,17 +182,17 @@ def step_plan(setup: "Setup") -> list:
     return [len(setup.steps), setup.data.stats.get("tokenization_cache", {}).get("key")]
 
 
-def restore_checkpoint(cfg: TrainConfig, setup: "Setup") -> dict:
+def restore_checkpoint(cfg: TrainConfig, setup: "Setup") -> "LoopState":
     """Loads the newest checkpoint into the prepared objects, before the run folder is touched, so a
-    resume that cannot work leaves the interrupted run as it was."""
-    restored = checkpoint.load_latest(setup.accelerator, Path(cfg.resume), setup.scheduler)
-    (steps, key), (now_steps, now_key) = restored["plan"], step_plan(setup)
+    resume that cannot work leaves the interrupted run as it was; returns the loop's state at it."""
+    restored = LoopState.from_record(checkpoint.load_latest(setup.accelerator, Path(cfg.resume), setup.scheduler))
+    (steps, key), (now_steps, now_key) = restored.plan, step_plan(setup)
     # the same data, and as many steps, or more when a completed run is extended (the step plan of the
     # first epochs or steps does not depend on how many follow)
     if key != now_key or now_steps < steps or (now_steps > steps and not _completed(Path(cfg.resume))):
-        raise ConfigError(f"resume: the data or step plan differs from the interrupted run's ({restored['plan']} vs "
+        raise ConfigError(f"resume: the data or step plan differs from the interrupted run's ({restored.plan} vs "
                           f"{step_plan(setup)}); resume needs the same data and settings")
-    restored["plan"] = step_plan(setup)
+    restored.plan = step_plan(setup)
     return restored
 
 
@@ -321,19 +321,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
                               cpu=probe.type == "cpu")
     device = accelerator.device
     master = master_weights_for(precision, cfg.bf16_update)
-    if accelerator.distributed_type.name == "FSDP" and master != "fp32":
-        raise ConfigError("FSDP shards parameters as DTensors, which BF16AdamW's bf16 update does not handle: use "
-                          "precision='bf16_autocast' (fp32 master weights) with FSDP, or 'bf16_pure' on one GPU or DDP")
-    if cfg.optimizer_in_backward and accelerator.num_processes > 1:
-        raise ConfigError(f"optimizer_in_backward: with {accelerator.num_processes} processes the gradients are "
-                          f"averaged across processes after each one's backward pass, too late for a step inside "
-                          f"it; run it in one process")
-    zero3 = (accelerator.distributed_type.name == "DEEPSPEED"
-             and accelerator.state.deepspeed_plugin.zero_stage == 3)
-    if accelerator.distributed_type.name == "DEEPSPEED" and (cfg.grad_accum_steps != 1 or master != "fp32"):
-        raise ConfigError("DeepSpeed steps the optimizer inside every backward pass and keeps its own fp32 master "
-                          "weights: use grad_accum_steps=1 (raise micro_batch_size or the process count) and "
-                          "precision='bf16_autocast' or 'fp32'")
+    zero3 = check_runtime(cfg, accelerator, master)
 
     float8 = cfg.float8 and precision != "fp32" and float8_unavailable(device) is None
     if float8:
@@ -354,17 +342,11 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
         print(f"note: {system_note}", file=sys.stderr)
 
     world = accelerator.num_processes
-    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
     lengths = example_lengths(data.train)
-    steps: list[list[MicroBatch]] = []  # plans; collated as training reaches them (Setup.batches)
-    for epoch in range(cfg.epochs):
-        batches = plan_epoch(lengths, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size,
-                             row_length=cfg.max_length, seed=cfg.seed * 1000 + epoch,
-                             group_by_length=cfg.group_by_length, padding_free=cfg.padding_free)
-        steps += optimizer_steps(batches, cfg.grad_accum_steps * world)
-    steps_per_epoch = math.ceil(len(steps) / cfg.epochs)
-    if cfg.max_steps is not None:
-        steps = steps[:cfg.max_steps]
+    steps, steps_per_epoch = plan_steps(  # plans; collated as training reaches them (Setup.batches)
+        lengths, epochs=cfg.epochs, micro_batches_per_step=cfg.grad_accum_steps * world, seed=cfg.seed,
+        max_steps=cfg.max_steps, packing=cfg.packing, rows_per_batch=cfg.micro_batch_size, row_length=cfg.max_length,
+        group_by_length=cfg.group_by_length, padding_free=cfg.padding_free)
     if cfg.warmup_ratio > 0 and warmup_steps(cfg, len(steps)) >= len(steps):
         raise ConfigError(f"warmup_ratio: {cfg.warmup_ratio} of this run's {len(steps)} optimizer steps is "
                           f"{warmup_steps(cfg, len(steps))} warmup steps, so the learning rate would never reach "
@@ -401,21 +383,48 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
     in_backward = StepInBackward(inner_optimizer) if cfg.optimizer_in_backward else None
 
-    derived = {"precision": precision, "master_weights": master,
-               "optimizer": describe_optimizer(inner_optimizer)
-               + (", stepped per parameter in the backward pass" if in_backward else ""),
-               "max_grad_norm": cfg.max_grad_norm,
-               "attn_implementation": attention_used, "float8": float8,
-               "loss_impl": loss_impl, "template": template, "system_prompt": system_prompt,
-               "model_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "world_size": world,
-               "optimizer_steps": len(steps), "steps_per_epoch": steps_per_epoch,
-               "warmup_steps": warmup_steps(cfg, len(steps)), "micro_batches_per_step": cfg.grad_accum_steps * world,
-               "rows_per_optimizer_step": per_step, "num_parameters": num_parameters,
-               "train_examples": len(data.train), "eval_examples": len(data.eval),
-               "packing_efficiency": round(packing_efficiency([b for s in steps for b in s], lengths), 4)}
+    derived = run_description(cfg, accelerator, data, model, inner_optimizer, in_backward is not None, steps,
+                              steps_per_epoch, lengths, precision=precision, master_weights=master,
+                              attn_implementation=attention_used, float8=float8, loss_impl=loss_impl, template=template,
+                              system_prompt=system_prompt, num_parameters=num_parameters)
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
     return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived,
                  in_backward, cfg.activation_offload, cfg.max_grad_norm, steps_per_epoch)
+
+
+def check_runtime(cfg: TrainConfig, accelerator, master: str) -> bool:
+    """Refuses the settings that the process layout (FSDP, DeepSpeed, several processes) cannot run, before
+    anything is loaded; returns whether DeepSpeed ZeRO-3 partitions the weights."""
+    kind = accelerator.distributed_type.name
+    if kind == "FSDP" and master != "fp32":
+        raise ConfigError("FSDP shards parameters as DTensors, which BF16AdamW's bf16 update does not handle: use "
+                          "precision='bf16_autocast' (fp32 master weights) with FSDP, or 'bf16_pure' on one GPU or DDP")
+    if cfg.optimizer_in_backward and accelerator.num_processes > 1:
+        raise ConfigError(f"optimizer_in_backward: with {accelerator.num_processes} processes the gradients are "
+                          f"averaged across processes after each one's backward pass, too late for a step inside "
+                          f"it; run it in one process")
+    if kind == "DEEPSPEED" and (cfg.grad_accum_steps != 1 or master != "fp32"):
+        raise ConfigError("DeepSpeed steps the optimizer inside every backward pass and keeps its own fp32 master "
+                          "weights: use grad_accum_steps=1 (raise micro_batch_size or the process count) and "
+                          "precision='bf16_autocast' or 'fp32'")
+    return kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def run_description(cfg: TrainConfig, accelerator, data: PreparedData, model, optimizer, in_backward: bool,
+                    steps: list, steps_per_epoch: int, lengths: list[int], **resolved) -> dict:
+    """What the run resolved and planned, for config.json's `derived` record (read by people and by the
+    analysis, never by the loop): the settings `auto` became, the optimizer, the step plan and the data's size."""
+    world = accelerator.num_processes
+    return {**resolved,
+            "optimizer": describe_optimizer(optimizer) + (", stepped per parameter in the backward pass"
+                                                          if in_backward else ""),
+            "max_grad_norm": cfg.max_grad_norm, "model_commit": getattr(model.config, "_commit_hash", None),
+            "device": str(accelerator.device), "world_size": world, "optimizer_steps": len(steps),
+            "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps(cfg, len(steps)),
+            "micro_batches_per_step": cfg.grad_accum_steps * world,
+            "rows_per_optimizer_step": cfg.micro_batch_size * cfg.grad_accum_steps * world,
+            "train_examples": len(data.train), "eval_examples": len(data.eval),
+            "packing_efficiency": round(packing_efficiency([b for s in steps for b in s], lengths), 4)}
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
@@ -445,20 +454,20 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def _num_targets(batch: dict) -> int:
+def _num_supervised(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
 class StepResult(NamedTuple):
     """What one optimizer step did, summed over its micro-batches and processes."""
     loss_sum: float   # the token losses, summed
-    targets: int      # the supervised tokens: the loss's denominator
+    supervised: int   # the supervised tokens: the loss's denominator
     grad_norm: float  # before clipping
     real_tokens: int  # tokens that are not padding
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / self.targets
+        return self.loss_sum / self.supervised
 
 
 def train_step(setup: Setup, step_batches: list[dict]) -> StepResult:
@@ -470,7 +479,7 @@ def train_step(setup: Setup, step_batches: list[dict]) -> StepResult:
     one batch holding all the step's tokens, however it is split.
     """
     acc, world = setup.accelerator, setup.accelerator.num_processes
-    total_targets = sum(_num_targets(b) for b in step_batches)
+    total_supervised = sum(_num_supervised(b) for b in step_batches)
     share = my_share(len(step_batches), acc)  # a short last step pads with zero-weight repeats
     loss_sum = torch.zeros((), device=acc.device)
     for k, (i, counts) in enumerate(share):
@@ -478,7 +487,7 @@ def train_step(setup: Setup, step_batches: list[dict]) -> StepResult:
         sync = k == len(share) - 1
         with (acc.no_sync(setup.loss_model) if not sync else contextlib.nullcontext()), offloaded(setup):
             loss = setup.loss_model(**batch_to_device(step_batches[i], acc.device))
-            acc.backward(loss * (weight * world / total_targets))
+            acc.backward(loss * (weight * world / total_supervised))
         loss_sum += loss.detach() * weight
     if setup.in_backward is not None:  # every parameter has already stepped, inside the backward pass
         grad_norm = setup.in_backward.grad_norm()
@@ -490,7 +499,7 @@ def train_step(setup: Setup, step_batches: list[dict]) -> StepResult:
     setup.scheduler.step()
     loss_sum = acc.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
     real_tokens = sum(b["num_real_tokens"] for b in step_batches)
-    return StepResult(loss_sum.item(), total_targets, float(grad_norm), real_tokens)
+    return StepResult(loss_sum.item(), total_supervised, float(grad_norm), real_tokens)
 
 
 def offloaded(setup: Setup):
@@ -544,7 +553,7 @@ def held_out_losses(acc, loss_model, batches: list[tuple[int, dict]],
             loss = loss_model(**batch_to_device(batch, acc.device))
             if counts:  # summed on the device: no host sync per batch
                 total[source, 0] += loss.double()
-                total[source, 1] += _num_targets(batch)
+                total[source, 1] += _num_supervised(batch)
     loss_model.train(was_training)
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="sum")
@@ -637,31 +646,78 @@ class StopRequest:
         return False
 
 
-def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict | None = None) -> dict:
+@dataclass
+class Window:
+    """What the loop adds up between two logged records."""
+    loss_sum: float = 0.0
+    supervised: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, done: StepResult, seconds: float) -> None:
+        self.loss_sum += done.loss_sum
+        self.supervised += done.supervised
+        self.tokens += done.real_tokens
+        self.seconds += seconds
+
+
+@dataclass
+class LoopState:
+    """Everything the loop accumulates; a checkpoint carries it across a resume (trainer_state.json)."""
+    plan: list  # step_plan: what the data position means, checked on resume
+    step: int = 0
+    tokens: int = 0  # real tokens trained on
+    supervised: int = 0  # supervised tokens
+    loss_sum: float = 0.0  # their token losses, summed
+    train_time: float = 0.0  # seconds in train_step
+    eval_time: float = 0.0  # seconds in held-out evaluation and generation
+    elapsed: float = 0.0  # seconds since the run started, up to the checkpoint
+    train_wall: float = 0.0  # wall seconds of the loop, up to the checkpoint
+    eval_first: float | None = None
+    metric_before: float | None = None
+    window: Window = field(default_factory=Window)
+
+    def add(self, done: StepResult, seconds: float) -> None:
+        self.step += 1
+        self.tokens += done.real_tokens
+        self.supervised += done.supervised
+        self.loss_sum += done.loss_sum
+        self.train_time += seconds
+        self.window.add(done, seconds)
+
+    def record(self, elapsed: float, train_wall: float) -> dict:
+        """The state as a checkpoint saves it, with the clocks read now."""
+        return {**asdict(self), "elapsed": elapsed, "train_wall": train_wall}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "LoopState":
+        """From trainer_state.json, including the names of earlier versions (targets, loss_x_targets, time)."""
+        renamed = {"targets": "supervised", "loss_x_targets": "loss_sum", "time": "seconds"}
+        window = {renamed.get(k, k): v for k, v in record["window"].items()}
+        return cls(**{**{renamed.get(k, k): v for k, v in record.items()}, "window": Window(**window)})
+
+
+def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: LoopState | None = None) -> dict:
     """The optimizer steps of the run (from a checkpoint's state when `restored`), with the held-out
     evaluations before, every eval_every steps and after, logging, checkpoints and the stop on a signal;
     returns the summary's numbers."""
     acc = setup.accelerator
     total_steps = len(setup.steps)
     steps_per_epoch = setup.steps_per_epoch
-    # Everything the loop accumulates lives here, so that a checkpoint can carry it across a resume.
-    state = {"step": 0, "tokens": 0, "train_time": 0.0, "eval_time": 0.0, "elapsed": 0.0,
-             "train_wall": 0.0,
-             "loss_x_targets": 0.0, "targets": 0, "eval_first": None, "metric_before": None,
-             "window": {"loss_x_targets": 0.0, "targets": 0, "tokens": 0, "time": 0.0},
-             "plan": step_plan(setup)}
+    state = restored or LoopState(plan=step_plan(setup))
     t0 = time.perf_counter()
+    start = None  # when the loop's first step began
 
     def elapsed() -> float:
-        return round(state["elapsed"] + time.perf_counter() - t0, 2)
+        return round(state.elapsed + time.perf_counter() - t0, 2)
 
     def run_eval(step: int, with_metric: bool, stage: str | None) -> tuple[float, float | None]:
         t = time.perf_counter()
         eval_loss, by_source = evaluate_loss(setup)
         metric = generation_pass(cfg, setup, stage, folder, step) if with_metric else None
-        state["eval_time"] += time.perf_counter() - t
+        state.eval_time += time.perf_counter() - t
         folder.append_metrics({
-            "kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens": state["tokens"],
+            "kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens": state.tokens,
             "eval_loss": eval_loss, **({"eval_loss_by_source": by_source} if by_source else {}),
             "task_metric": metric, "task_metric_name": cfg.task_metric, "elapsed_s": elapsed()})
         if acc.is_main_process:
@@ -671,33 +727,32 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
         return eval_loss, metric
 
     def save_checkpoint() -> Path:
-        saved = dict(state, elapsed=elapsed(), train_wall=state["train_wall"] + time.perf_counter() - start)
-        path = checkpoint.save(acc, folder.path, state["step"], saved, setup.scheduler, cfg.keep_checkpoints,
+        saved = state.record(elapsed(), state.train_wall + time.perf_counter() - start)
+        path = checkpoint.save(acc, folder.path, state.step, saved, setup.scheduler, cfg.keep_checkpoints,
                                checkpoint.state_bytes(setup.loss_model, setup.optimizer))
         if acc.is_main_process:
-            tqdm.write(f"step {state['step']}: checkpoint saved ({path.name})", file=sys.stderr)
+            tqdm.write(f"step {state.step}: checkpoint saved ({path.name})", file=sys.stderr)
         return path
 
     if folder.writable and cfg.report_to:
         folder.trackers = Trackers(cfg.report_to, folder.path, folder.path.name, cfg.to_dict(),
-                                   resume_step=restored["step"] if restored is not None else None)
+                                   resume_step=restored.step if restored is not None else None)
     if restored is not None:
-        state.update(restored)
-        folder.truncate_metrics(state["step"])
+        folder.truncate_metrics(state.step)
         folder.drop_samples("after")  # a crash during the final generation pass may have left some
-        print(f"resumed at step {state['step']} of {total_steps}", file=sys.stderr)
+        print(f"resumed at step {state.step} of {total_steps}", file=sys.stderr)
     else:
-        state["eval_first"], state["metric_before"] = run_eval(0, True, "before")
+        state.eval_first, state.metric_before = run_eval(0, True, "before")
     # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing and
     # dropout; a resumed run has no step-0 evaluation that would happen to leave it in training mode.
     setup.loss_model.train()
     reset_peak_memory(acc.device)
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.experiment, disable=not acc.is_local_main_process,
+    bar = tqdm(total=total_steps, initial=state.step, desc=cfg.experiment, disable=not acc.is_local_main_process,
                dynamic_ncols=True)
     with StopRequest(announce=acc.is_main_process) as stop, bar:  # the bar closes before any error is printed
-        for step_batches in setup.batches(state["step"]):
-            step = state["step"] + 1
+        for step_batches in setup.batches(state.step):
+            step = state.step + 1
             lr = setup.scheduler.get_last_lr()[0]
             t = time.perf_counter()
             done = train_step(setup, step_batches)
@@ -706,22 +761,16 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
             if not math.isfinite(done.loss):
                 raise TrainingError(f"the training loss became {done.loss} at step {step}; lower lr or check the data"
                                     + ("; the last good checkpoint is kept" if cfg.checkpoint_every else ""))
-            state.update(step=step, tokens=state["tokens"] + done.real_tokens, train_time=state["train_time"] + dt,
-                         loss_x_targets=state["loss_x_targets"] + done.loss_sum,
-                         targets=state["targets"] + done.targets)
-            window = state["window"]
-            for key, value in (("loss_x_targets", done.loss_sum), ("targets", done.targets),
-                               ("tokens", done.real_tokens), ("time", dt)):
-                window[key] += value
+            state.add(done, dt)
             if step % cfg.log_every == 0 or step == total_steps:
-                tps = window["tokens"] / window["time"]
-                mean_loss = window["loss_x_targets"] / window["targets"]
+                window = state.window
+                tps, mean_loss = window.tokens / window.seconds, window.loss_sum / window.supervised
                 folder.append_metrics({
                     "kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
-                    "lr": lr, "grad_norm": done.grad_norm, "tokens": state["tokens"],
-                    "supervised_tokens": state["targets"], "tokens_per_s": tps, "elapsed_s": elapsed()})
+                    "lr": lr, "grad_norm": done.grad_norm, "tokens": state.tokens,
+                    "supervised_tokens": state.supervised, "tokens_per_s": tps, "elapsed_s": elapsed()})
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                state["window"] = {key: 0 for key in window}
+                state.window = Window()
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
                 run_eval(step, False, None)
@@ -731,33 +780,33 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: dict
                                   f"stopped after step {step}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total_steps:
                 save_checkpoint()
-    if cfg.keep_checkpoints_after_completion and state["step"] == total_steps and not any(
+    if cfg.keep_checkpoints_after_completion and state.step == total_steps and not any(
             p.name == f"{checkpoint.PREFIX}{total_steps:06d}" for p in checkpoint.checkpoints(folder.path)):
         save_checkpoint()  # the final step's: training can be extended from it
-    train_runtime = state["train_wall"] + time.perf_counter() - start  # the loop's wall time, over resumes
+    train_runtime = state.train_wall + time.perf_counter() - start  # the loop's wall time, over resumes
     peak_gib, peak_kind = peak_memory(acc.device)
     eval_final, metric_after = run_eval(total_steps, True, "after")
-    tokens_per_s = state["tokens"] / state["train_time"] if state["train_time"] else float("nan")
+    tokens_per_s = state.tokens / state.train_time if state.train_time else float("nan")
     examples = setup.derived["train_examples"] * total_steps / steps_per_epoch
     return {
         "status": "completed",
         "train_runtime": round(train_runtime, 3),
         "train_samples_per_second": round(examples / train_runtime, 3),
         "train_steps_per_second": round(total_steps / train_runtime, 4),
-        "train_loss": state["loss_x_targets"] / max(1, state["targets"]),
+        "train_loss": state.loss_sum / max(1, state.supervised),
         "epoch": round(total_steps / steps_per_epoch, 4),
         "global_step": total_steps,
-        "real_tokens": state["tokens"],
-        "supervised_tokens": state["targets"],
+        "real_tokens": state.tokens,
+        "supervised_tokens": state.supervised,
         "real_tokens_per_second": round(tokens_per_s, 2),
         "mfu": mfu(setup.derived["num_parameters"], tokens_per_s / acc.num_processes, acc.device),
         "peak_memory_gib": round(peak_gib, 3),
         "peak_memory_kind": peak_kind,
-        "eval_time_s": round(state["eval_time"], 2),
-        "eval_loss_first": state["eval_first"],
+        "eval_time_s": round(state.eval_time, 2),
+        "eval_loss_first": state.eval_first,
         "eval_loss_final": eval_final,
         "task_metric_name": cfg.task_metric,
-        "task_metric_before": state["metric_before"],
+        "task_metric_before": state.metric_before,
         "task_metric_after": metric_after,
         "num_parameters": setup.derived["num_parameters"],
     }

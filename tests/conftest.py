@@ -77,3 +77,19 @@ def write_jsonl(path, rows: list[dict]) -> str:
 
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Two run folders the trainer wrote (the tiny model, 4 optimizer steps, a held-out evaluation every 2, two
+    samples before and after; the second with a 3x learning rate), shared by the tests that read run folders:
+    analysis, figures, comparison, notebook. Copy one before changing it."""
+    from sft.config import TrainConfig
+    from sft.train import run
+
+    root = tmp_path_factory.mktemp("trained") / "runs"
+    common = dict(experiment="demo", model=str(tiny_model_dir), eval_rows=8, max_rows=64, max_length=128,
+                  micro_batch_size=2, grad_accum_steps=2, max_steps=4, eval_every=2, log_every=1, task_metric_rows=4,
+                  num_samples=2, max_new_tokens=4, runs_root=str(root), save_model=False, precision="fp32",
+                  report_to=())
+    return tuple(run(TrainConfig(lr=lr, **common)).path for lr in (1e-3, 3e-3))

@@ -1,11 +1,13 @@
 """Reading run folders, comparing runs, figures, the sft.plotting CLI and the post-processing notebook.
 
-The run folders are hand-made in tmp_path following sft/RUN_FOLDER.md, so these tests need no training.
+The run folders are the trainer's own (the session's `trained_runs`: the tiny model, 4 steps), copied under the
+names a test needs, so these tests read exactly the files and keys that training writes.
 """
 
-import copy
 import json
 import os
+from html import escape
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,117 +25,60 @@ from sft.errors import DataError  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "sft" / "notebooks" / "postprocess.ipynb"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-BASE_CONFIG = {
-    "experiment": "demo",
-    "model": {"name": "tiny-llama", "dtype": "float32"},
-    "learning_rate": 2e-5,
-    "lora": {"r": 8, "alpha": 16},
-    "max_steps": 4,
-    "eval_every": 2,
-    "seed": 0,
-}
+START_FILES = ("config.json", "env.json")  # what a run has written when its first step begins
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def make_fake_run(root: Path, name: str, status: str = "completed", **overrides) -> Path:
-    """A run folder as training writes it (sft/RUN_FOLDER.md). `overrides` are config settings, merged
-    into nested sections. A `running` run has only its start files, an empty metrics file and no samples."""
-    run_dir = root / name
-    run_dir.mkdir(parents=True)
-    config = _merge(BASE_CONFIG, overrides)
-    derived = {"optimizer_steps": 4, "world_size": 1, "master_weights": "float32", "tokens_per_optimizer_step": 512}
-    (run_dir / "config.json").write_text(json.dumps({"config": config, "derived": derived}))
-    (run_dir / "env.json").write_text(json.dumps({
-        "python": "3.11.7",
-        "packages": {"torch": "2.5.0", "transformers": "4.46.0"},
-        "device": {"type": "cpu", "name": "cpu", "count": 1},
-        "git": {"commit": "abc1234", "dirty": False},
-        "command": ["python", "experiments/demo.py"],
-        "hostname": "box",
-        "started_at": "2025-01-02T03:04:05+00:00",
-    }))
-    if status == "running":
-        (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
-        (run_dir / "metrics.jsonl").write_text("")
+@pytest.fixture
+def make_run(trained_runs):
+    """`make_run(root, name, status="completed", which=0)`: a copy of a trained run folder under `root/name`.
+    A `running` run keeps only its start files, an empty metrics file and no samples; a `failed` or
+    `interrupted` one has the summary of a run stopped during training."""
+    def make(root: Path, name: str, status: str = "completed", which: int = 0) -> Path:
+        run_dir = root / name
+        shutil.copytree(trained_runs[which], run_dir)
+        if status == "running":
+            for path in run_dir.iterdir():
+                if path.name not in START_FILES:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+            (run_dir / "metrics.jsonl").write_text("")
+        elif status != "completed":  # what a run that stopped during training has (RunFolder.record_failure)
+            (run_dir / "summary.json").write_text(json.dumps({"status": status, "reason": "RuntimeError: stopped"}))
         return run_dir
 
-    (run_dir / "data_stats.json").write_text(json.dumps({
-        "rows_read": 10, "rows_kept": 9, "rows_dropped": {"empty_response": 1},
-        "token_length_percentiles": {"50": 40, "90": 70, "max": 90},
-        "supervised_token_fraction": 0.4, "truncated": 0, "packing_efficiency": 0.93,
-    }))
-    # Eval loss falls faster with a larger learning rate, so runs with different settings differ in outcome.
-    drop = config["learning_rate"] * 1e4
-    metrics = [{"kind": "eval", "step": 0, "epoch": 0.0, "tokens": 0, "eval_loss": 2.0,
-                "task_metric": 0.1, "task_metric_name": "exact_match", "elapsed_s": 1.0}]
-    for step in range(1, 5):
-        metrics.append({"kind": "train", "step": step, "epoch": step / 4, "loss": 2.0 - 0.1 * step,
-                        "lr": config["learning_rate"] * (1 - (step - 1) / 4), "grad_norm": 3.0 / step,
-                        "tokens": 512 * step, "supervised_tokens": 200 * step, "tokens_per_s": 80.0 + step,
-                        "elapsed_s": 1.0 + 6.0 * step})
-        if step % 2 == 0:
-            metrics.append({"kind": "eval", "step": step, "epoch": step / 4, "tokens": 512 * step,
-                            "eval_loss": 2.0 - drop * step, "task_metric": 0.5 if step == 4 else None,
-                            "task_metric_name": "exact_match", "elapsed_s": 2.0 + 6.0 * step})
-    _write_jsonl(run_dir / "metrics.jsonl", metrics)
-
-    decoding = {"do_sample": False, "max_new_tokens": 64}
-    samples = []
-    for stage in ("before", "after"):
-        for index in (1, 0):  # written out of index order on purpose: pairing must not rely on order
-            samples.append({"stage": stage, "index": index,
-                            "messages": [{"role": "user", "content": f"question {index}"}],
-                            "prompt": f"<user>question {index}</user>", "response": f"{stage} answer {index}",
-                            "reference": f"reference {index}", "decoding": decoding})
-    _write_jsonl(run_dir / "samples.jsonl", samples)
-
-    (run_dir / "summary.json").write_text(json.dumps({
-        "status": status, "reason": None,
-        "train_runtime": 25.0, "train_samples_per_second": 1.6, "train_steps_per_second": 0.16,
-        "train_loss": 1.75, "epoch": 1.0, "global_step": 4, "real_tokens_per_second": 81.9,
-        "peak_memory_gib": 0.5, "eval_loss_first": 2.0, "eval_loss_final": 2.0 - drop * 4,
-        "task_metric_name": "exact_match", "task_metric_before": 0.1, "task_metric_after": 0.5,
-        "num_parameters": 1000, "mfu": None,
-    }))
-    return run_dir
+    return make
 
 
-def test_load_run_reads_every_file_of_the_run_folder(tmp_path):
-    run = analysis.load_run(make_fake_run(tmp_path, "2025-01-02_03-04-05_demo"))
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_load_run_reads_every_file_of_the_run_folder(tmp_path, make_run):
+    run_dir = make_run(tmp_path, "2025-01-02_03-04-05_demo")
+    run = analysis.load_run(run_dir)
+    written = json.loads((run_dir / "config.json").read_text())
 
     assert run.name == "2025-01-02_03-04-05_demo"
     assert run.status == "completed"
-    assert run.config["lora"] == {"r": 8, "alpha": 16}
-    assert run.derived["tokens_per_optimizer_step"] == 512
-    assert run.env["git"]["commit"] == "abc1234"
-    assert run.summary["eval_loss_first"] == 2.0
-    assert run.data_stats["packing_efficiency"] == 0.93
+    assert run.config == written["config"] and run.config["lr"] == 1e-3
+    assert run.derived == written["derived"] and run.derived["optimizer_steps"] == 4
+    assert run.env["git"] == json.loads((run_dir / "env.json").read_text())["git"]
+    assert run.summary["eval_loss_first"] == records(run_dir, "eval")[0]["eval_loss"]
+    assert 0 < run.data_stats["packing_efficiency"] <= 1
     assert list(run.train["step"]) == [1, 2, 3, 4]
     assert "kind" not in run.train.columns
-    assert run.train["loss"].iloc[-1] == pytest.approx(1.6)
+    assert run.train["loss"].iloc[-1] == records(run_dir, "train")[-1]["loss"]
     assert list(run.evals["step"]) == [0, 2, 4]
-    assert run.evals["task_metric"].isna().tolist() == [False, True, False]
-    assert len(run.samples) == 4
+    assert run.evals["task_metric"].isna().tolist() == [False, True, False]  # measured before and after only
+    assert sorted(zip(run.samples["stage"], run.samples["index"])) == [("after", 0), ("after", 1), ("before", 0),
+                                                                       ("before", 1)]
 
 
-def test_running_run_loads_with_empty_tables_and_still_plots(tmp_path):
+def test_running_run_loads_with_empty_tables_and_still_plots(tmp_path, make_run):
     from sft.run_folder import RunLock
 
-    run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo", status="running")
+    run_dir = make_run(tmp_path, "2025-01-02_03-04-05_demo", status="running")
     lock = RunLock(run_dir).acquire()  # a live training process holds it
     run = analysis.load_run(run_dir)
 
@@ -149,48 +94,50 @@ def test_running_run_loads_with_empty_tables_and_still_plots(tmp_path):
     assert analysis.load_run(run_dir).status == "stale"  # its process is gone
 
 
-def test_running_run_compares_with_metrics_written_so_far(tmp_path):
+def test_running_run_compares_with_metrics_written_so_far(tmp_path, make_run):
     from sft.run_folder import RunLock
 
-    run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo")
+    run_dir = make_run(tmp_path, "2025-01-02_03-04-05_demo")
     (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
     lock = RunLock(run_dir).acquire()  # still training
 
     row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
     lock.release()
 
-    assert row["eval_loss_first"] == 2.0
-    assert row["eval_loss_final"] == pytest.approx(2.0 - 0.2 * 4)
-    assert row["task_metric_before"] == 0.1
-    assert row["train_loss_final"] == pytest.approx(1.6)
+    evals, train = records(run_dir, "eval"), records(run_dir, "train")
+    assert row["eval_loss_first"] == evals[0]["eval_loss"]
+    assert row["eval_loss_final"] == evals[-1]["eval_loss"]
+    assert row["task_metric_before"] == evals[0]["task_metric"]
+    assert row["train_loss_final"] == train[-1]["loss"]
 
 
-def test_unfinished_run_never_shows_the_step_0_eval_as_its_result(tmp_path):
-    run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo")
-    (run_dir / "summary.json").write_text(json.dumps({"status": "failed"}))
+def test_unfinished_run_never_shows_the_step_0_eval_as_its_result(tmp_path, make_run):
+    run_dir = make_run(tmp_path, "2025-01-02_03-04-05_demo", status="failed")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    evals = [json.loads(ln) for ln in lines if json.loads(ln)["kind"] == "eval"]
+    evals = records(run_dir, "eval")
     assert [e["step"] for e in evals] == [0, 2, 4]
     # died before step 4's
     kept = [ln for ln in lines if json.loads(ln)["kind"] == "train" or json.loads(ln)["step"] < 4]
     (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
 
     row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
-    assert row["task_metric_before"] == 0.1 and row["task_metric_after"] is None  # step 2 measured no metric
-    assert row["eval_loss_final"] == pytest.approx(evals[1]["eval_loss"])
+    assert row["task_metric_before"] == evals[0]["task_metric"]
+    assert row["task_metric_after"] is None  # step 2 measured no metric
+    assert row["eval_loss_final"] == evals[1]["eval_loss"]
 
     only_step_0 = [ln for ln in kept if json.loads(ln)["kind"] == "eval" and json.loads(ln)["step"] == 0]
     (run_dir / "metrics.jsonl").write_text("\n".join(only_step_0) + "\n")
     row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
-    assert row["eval_loss_first"] == 2.0 and row["eval_loss_final"] is None
+    assert row["eval_loss_first"] == evals[0]["eval_loss"] and row["eval_loss_final"] is None
 
 
-def test_truncated_last_metrics_line_is_skipped_with_a_warning(tmp_path):
-    run_dir = make_fake_run(tmp_path, "2025-01-02_03-04-05_demo", status="failed")
+def test_truncated_last_metrics_line_is_skipped_with_a_warning(tmp_path, make_run):
+    run_dir = make_run(tmp_path, "2025-01-02_03-04-05_demo", status="failed")
+    lines = len((run_dir / "metrics.jsonl").read_text().splitlines())
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 5, "epoch": 1.2, "lo')
 
-    with pytest.warns(UserWarning, match=r"metrics\.jsonl:8: skipping malformed line"):
+    with pytest.warns(UserWarning, match=rf"metrics\.jsonl:{lines + 1}: skipping malformed line"):
         run = analysis.load_run(run_dir)
 
     assert list(run.train["step"]) == [1, 2, 3, 4]
@@ -203,9 +150,9 @@ def test_folder_without_config_json_raises_data_error_naming_it(tmp_path):
         analysis.load_run(folder)
 
 
-def test_find_runs_orders_by_timestamp_name_and_latest_run_is_the_newest(tmp_path):
+def test_find_runs_orders_by_timestamp_name_and_latest_run_is_the_newest(tmp_path, make_run):
     for name in ["2025-03-01_00-00-00_b", "2025-01-01_00-00-00_c", "2025-02-01_00-00-00_a"]:
-        make_fake_run(tmp_path, name)
+        make_run(tmp_path, name)
     (tmp_path / "2099-01-01_00-00-00_not_a_run").mkdir()
 
     assert [p.name for p in analysis.find_runs(tmp_path)] == [
@@ -218,11 +165,12 @@ def test_latest_run_of_an_empty_root_raises_data_error(tmp_path):
         analysis.latest_run(tmp_path)
 
 
-def test_resolve_runs_prefers_environment_then_arguments_then_newest(tmp_path):
-    old = make_fake_run(tmp_path, "2025-01-01_00-00-00_old")
-    new = make_fake_run(tmp_path, "2025-02-01_00-00-00_new")
+def test_resolve_runs_prefers_environment_then_arguments_then_newest(tmp_path, make_run):
+    old = make_run(tmp_path, "2025-01-01_00-00-00_old")
+    new = make_run(tmp_path, "2025-02-01_00-00-00_new")
     other_root = tmp_path / "other"
-    other = make_fake_run(other_root, "2025-03-01_00-00-00_other")
+    other_root.mkdir()
+    other = make_run(other_root, "2025-03-01_00-00-00_other")
 
     assert analysis.resolve_runs([], tmp_path, environ={}) == [new]
     assert analysis.resolve_runs([old.name], tmp_path, environ={}) == [old]
@@ -232,40 +180,44 @@ def test_resolve_runs_prefers_environment_then_arguments_then_newest(tmp_path):
     assert analysis.resolve_runs([f"no/such/place/{old.name}"], tmp_path, environ={}) == [old]
 
 
-def test_compare_runs_shows_only_the_settings_that_differ(tmp_path):
-    runs = [
-        analysis.load_run(make_fake_run(tmp_path, "2025-01-01_00-00-00_demo")),
-        analysis.load_run(make_fake_run(tmp_path, "2025-01-02_00-00-00_demo", learning_rate=5e-5, lora={"r": 16})),
-    ]
+def test_compare_runs_shows_only_the_settings_that_differ(tmp_path, make_run):
+    dirs = [make_run(tmp_path, "2025-01-01_00-00-00_demo"), make_run(tmp_path, "2025-01-02_00-00-00_demo", which=1)]
+    runs = [analysis.load_run(d) for d in dirs]
 
     table = analysis.compare_runs(runs)
 
     assert list(table["name"]) == [r.name for r in runs]
-    settings = [c for c in table.columns if c in analysis.flatten(BASE_CONFIG)]
-    assert settings == ["learning_rate", "lora.r"]
-    assert list(table["lora.r"]) == [8, 16]
-    assert list(table["eval_loss_final"]) == pytest.approx([1.2, 0.0])
-    assert list(table["task_metric_after"]) == [0.5, 0.5]
+    settings = [c for c in table.columns if c in analysis.flatten(runs[0].config)]
+    assert settings == ["lr"]  # the runs differ in their learning rate alone
+    assert list(table["lr"]) == [1e-3, 3e-3]
+    assert list(table["eval_loss_final"]) == [r.summary["eval_loss_final"] for r in runs]
+    assert list(table["task_metric_after"]) == [r.summary["task_metric_after"] for r in runs]
     for column in ["status", "train_loss_final", "eval_loss_first", "task_metric_before", "train_runtime",
                    "real_tokens_per_second"]:
         assert column in table.columns
 
 
-def test_samples_side_by_side_pairs_before_and_after_by_prompt_index(tmp_path):
-    run = analysis.load_run(make_fake_run(tmp_path, "2025-01-01_00-00-00_demo"))
+def test_samples_side_by_side_pairs_before_and_after_by_prompt_index(tmp_path, make_run):
+    run_dir = make_run(tmp_path, "2025-01-01_00-00-00_demo")
+    written = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    shuffled = written[::-1]  # pairing must not rely on the order of the lines
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shuffled))
 
-    table = analysis.samples_side_by_side(run)
+    table = analysis.samples_side_by_side(analysis.load_run(run_dir))
 
+    by = {(r["stage"], r["index"]): r for r in written}
     assert list(table.columns) == ["index", "prompt", "reference", "response_before", "response_after"]
     assert table.to_dict("records") == [
-        {"index": i, "prompt": f"<user>question {i}</user>", "reference": f"reference {i}",
-         "response_before": f"before answer {i}", "response_after": f"after answer {i}"}
+        {"index": i, "prompt": by["before", i]["prompt"], "reference": by["before", i]["reference"],
+         "response_before": by["before", i]["response"], "response_after": by["after", i]["response"]}
         for i in (0, 1)
     ]
 
 
-def test_write_figures_writes_nonempty_pngs_into_the_run_folder(tmp_path):
-    run_dir = make_fake_run(tmp_path, "2025-01-01_00-00-00_demo")
+def test_write_figures_writes_nonempty_pngs_into_the_run_folder(tmp_path, make_run):
+    run_dir = make_run(tmp_path, "2025-01-01_00-00-00_demo")
+    for path in run_dir.glob("*.png"):
+        path.unlink()
 
     paths = plotting.write_figures(run_dir)
 
@@ -274,15 +226,16 @@ def test_write_figures_writes_nonempty_pngs_into_the_run_folder(tmp_path):
         assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 1000
 
 
-def test_plot_loss_curves_rejects_an_unknown_x_axis(tmp_path):
-    run = analysis.load_run(make_fake_run(tmp_path, "2025-01-01_00-00-00_demo"))
+def test_plot_loss_curves_rejects_an_unknown_x_axis(tmp_path, make_run):
+    run = analysis.load_run(make_run(tmp_path, "2025-01-01_00-00-00_demo"))
     with pytest.raises(ValueError, match="x must be one of"):
         plotting.plot_loss_curves(run, x="epoch")
 
 
-def test_cli_without_run_plots_the_newest_run_into_out(tmp_path, capsys):
-    make_fake_run(tmp_path / "runs", "2025-01-01_00-00-00_old")
-    make_fake_run(tmp_path / "runs", "2025-02-01_00-00-00_new")
+def test_cli_without_run_plots_the_newest_run_into_out(tmp_path, capsys, make_run):
+    (tmp_path / "runs").mkdir()
+    make_run(tmp_path / "runs", "2025-01-01_00-00-00_old")
+    make_run(tmp_path / "runs", "2025-02-01_00-00-00_new")
 
     code = plotting.main(["--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "figs")])
 
@@ -303,9 +256,8 @@ def test_cli_on_a_missing_path_prints_one_line_error_and_exits_2(tmp_path):
     assert result.stderr.startswith("error:") and str(missing) in result.stderr
 
 
-def test_notebook_runs_end_to_end_on_two_runs(tmp_path, monkeypatch):
-    runs = [make_fake_run(tmp_path / "runs", "2025-01-01_00-00-00_demo"),
-            make_fake_run(tmp_path / "runs", "2025-01-02_00-00-00_demo", learning_rate=5e-5)]
+def test_notebook_runs_end_to_end_on_two_runs(tmp_path, monkeypatch, trained_runs):
+    runs = list(trained_runs)
     monkeypatch.setenv("SFT_RUNS", os.pathsep.join(map(str, runs)))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # A user-level kernel spec or IPython profile must not change what the test runs.
@@ -322,4 +274,7 @@ def test_notebook_runs_end_to_end_on_two_runs(tmp_path, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # training panels, loss vs tokens, comparison
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
-    assert "after answer 1" in html and "learning_rate" in html
+    after = [json.loads(line) for line in (runs[0] / "samples.jsonl").read_text().splitlines()][-1]
+    shown = escape(after["messages"][-1]["content"], quote=False)
+    assert after["stage"] == "after" and shown in html  # the samples side by side
+    assert ">lr<" in html  # the comparison's one differing setting

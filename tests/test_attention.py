@@ -298,7 +298,7 @@ def test_training_forward_on_gpu_never_waits_for_the_device():
         batch = dict(input_ids=torch.randint(0, 512, positions.shape, generator=gen), position_ids=positions,
                      targets=targets)
         batch = {k: v.cuda() for k, v in dict(batch, **host_indices(batch)).items()}
-        expected = model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "loss_positions")})
+        expected = model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "supervised_positions")})
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

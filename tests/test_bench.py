@@ -167,6 +167,9 @@ def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
               "variant,recipe,arch,status,real_tok_s,peak_gib,first_step_s,settings\n")
     (tmp_path / "bench_gpu.csv").write_text(header + 'ours_1b,ours,llama-1b,ok,80000,30,12,"master=fp32"\n')
     (tmp_path / "bench_gpu_run2.csv").write_text(header + 'ours_7b,ours,llama-7b,ok,9000,50,9,"master=bf16_kahan"\n')
+    from bench.bench_sft import write_gpu_goals
+
+    write_gpu_goals(tmp_path)  # what the benchmark writes after each of its rows
     body = report.bench_gpu(sorted(tmp_path.glob("bench_gpu*.csv")), tmp_path)
     assert body.index("From `bench_gpu.csv`") < body.index("From `bench_gpu_run2.csv`")
     assert "- device: NVIDIA H100 80GB HBM3, CUDA 13.0" in body
@@ -264,3 +267,4 @@ def test_data_bench_measures_every_path_and_checks_the_goals(tmp_path):
     assert by_variant["ours_cache_hit"]["anon_bytes_per_token"] > 0
     markdown = (tmp_path / "data_cpu.md").read_text()
     assert "| ours | 300 | ok |" in markdown and "300 rows: " in markdown and "x trl" in markdown
+    assert (tmp_path / "data_cpu_goals.md").read_text().startswith("- 300 rows: ")  # the README's goal lines

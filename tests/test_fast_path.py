@@ -102,13 +102,14 @@ def test_indices_made_on_the_host_replace_the_device_lookups(monkeypatch):
         indices = host_indices(batch)
         with monkeypatch.context() as patch:
             patch.setattr(attention, "host_segments", lambda *a: pytest.fail("segments looked up on the device"))
-            patch.setattr(loss_module, "supervised_positions", lambda *a: pytest.fail("positions found on the device"))
+            patch.setattr(loss_module, "find_supervised_positions",
+                          lambda *a: pytest.fail("positions found on the device"))
             loss, grads = loss_and_grads(model, dict(batch, **indices))
         assert loss == expected
         for grad, expected_grad in zip(grads, expected_grads):
             assert torch.equal(grad, expected_grad)
     assert indices["cu_seqlens"].tolist() == [0, 4, 6, 8]  # each row's tokens, then its padding
-    assert indices["loss_positions"].tolist() == [0, 1, 2, 5]
+    assert indices["supervised_positions"].tolist() == [0, 1, 2, 5]
 
 
 def test_segment_kwargs_bound_the_longest_segment_by_the_row_length():
@@ -193,9 +194,9 @@ def test_the_training_forward_pass_reads_nothing_back_from_the_device(monkeypatc
     model = LossModel(tiny_llama(attention.register()).to(torch.bfloat16), "selected")
     batch = packed_batch([[5, 4, 3], [7, 5]], seed=8)
     batch = dict(batch, **host_indices(batch))
-    expected = model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "loss_positions")})
+    expected = model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "supervised_positions")})
     with ReadsBackFromTheDevice():
         loss = model(**batch)
     assert loss == expected
     with pytest.raises(AssertionError, match="reads data back"), ReadsBackFromTheDevice():
-        model(**{k: v for k, v in batch.items() if k != "loss_positions"})  # the check itself works
+        model(**{k: v for k, v in batch.items() if k != "supervised_positions"})  # the check itself works

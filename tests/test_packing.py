@@ -51,7 +51,7 @@ def test_bins_never_exceed_capacity_and_hold_every_index_once():
 def test_shift_labels_targets_the_next_token():
     ex = shift_labels([10, 11, 12, 13], [X, X, 12, 13])
     assert ex == Example([10, 11, 12, 13], [X, 12, 13, X])
-    assert ex.num_targets == 2
+    assert ex.num_supervised == 2
 
 
 def test_collate_packed_restarts_positions_per_example_and_pads_with_ignored_targets():
@@ -195,7 +195,7 @@ def test_packed_micro_batches_all_have_one_shape():
     batches = micro_batches(examples, packing=True, rows_per_batch=3, row_length=10, pad_id=0, seed=1)
     assert {tuple(b["input_ids"].shape) for b in batches} == {(3, 10)}
     assert sum(b["num_real_tokens"] for b in batches) == sum(len(e.input_ids) for e in examples)
-    assert sum(int((b["targets"] != -100).sum()) for b in batches) == sum(e.num_targets for e in examples)
+    assert sum(int((b["targets"] != -100).sum()) for b in batches) == sum(e.num_supervised for e in examples)
 
 
 def _best_fit_by_scanning(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -222,6 +222,10 @@ def test_best_fit_gives_the_same_bins_as_the_plain_scan_on_random_lengths():
     for _ in range(300):
         capacity = rng.choice([1, 2, 7, 16, 100, 513, 4096])
         lengths = [rng.randint(1, capacity) for _ in range(rng.randint(0, 400))]
+        assert pack_best_fit_decreasing(lengths, capacity) == _best_fit_by_scanning(lengths, capacity)
+        # few distinct lengths: long runs of equal examples, which one bin takes several of at once
+        few = [rng.randint(1, capacity) for _ in range(rng.randint(1, 4))]
+        lengths = [rng.choice(few) for _ in range(rng.randint(0, 400))]
         assert pack_best_fit_decreasing(lengths, capacity) == _best_fit_by_scanning(lengths, capacity)
 
 

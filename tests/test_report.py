@@ -89,3 +89,14 @@ def test_replace_block_keeps_everything_outside_the_markers():
     assert replace_block(text, "t", "new") == "intro\n<!-- BEGIN t -->\nnew\n<!-- END t -->\noutro\n"
     with pytest.raises(SFTError, match="no block named 'missing'"):
         replace_block(text, "missing", "x")
+
+
+def test_the_report_needs_neither_torch_nor_the_benchmarks():
+    """The README report reads result files: importing it (and so running it) loads no torch, no transformers
+    and nothing from bench/, whose goal lines it reads from the files the benchmarks write."""
+    import sys
+
+    code = ("import sys, sft.report; loaded = [m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'bench')]; print(loaded); sys.exit(bool(loaded))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -6,7 +6,7 @@ import pytest
 
 from sft import formats
 from sft.config import TrainConfig
-from sft.data import TokenizedExamples, auto_num_proc, tokenize_to_store
+from sft.data import Selection, TokenizedExamples, auto_num_proc, tokenize_to_store
 from sft.demo_data import demo_rows
 from sft.packing import shift_labels
 from sft.templates import encode_chat
@@ -36,22 +36,18 @@ def conversations() -> list[list[dict]]:
     return out + demo
 
 
-def numbered(convs: list[list[dict]]) -> list[tuple[int, int, list[dict]]]:
-    return [(0, n, c) for n, c in enumerate(convs, 1)]
-
-
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_the_store_holds_exactly_the_ids_and_labels_of_encode_chat(chatml_tokenizer, tmp_path, num_proc):
     convs = conversations()
     cfg = TrainConfig(experiment="x", max_length=4096, num_proc=num_proc)
-    stats = tokenize_to_store(numbered(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / "s")
+    stats = tokenize_to_store(Selection.of(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / "s")
     store = TokenizedExamples(tmp_path / "s")
     assert stats["examples"] == len(store) == len(convs)
     for conversation, example in zip(convs, store):
         enc = encode_chat(chatml_tokenizer, conversation)
         assert example == shift_labels(enc.input_ids, enc.labels)
     assert store.lengths.tolist() == [len(e.input_ids) for e in store]
-    assert stats["supervised_tokens"] == sum(e.num_targets for e in store)
+    assert stats["supervised_tokens"] == sum(e.num_supervised for e in store)
     assert store.table.features["input_ids"].feature.dtype == "int32"  # compact columns
     assert store.table.features["supervised"].feature.dtype == "bool"
 
@@ -62,7 +58,7 @@ def test_truncation_and_drops_match_the_rules(chatml_tokenizer, tmp_path):
     cap = sorted(lengths)[len(lengths) // 2]
     for too_long in ("truncate", "drop"):
         cfg = TrainConfig(experiment="x", max_length=cap, too_long=too_long, num_proc=1)
-        stats = tokenize_to_store(numbered(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / too_long)
+        stats = tokenize_to_store(Selection.of(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / too_long)
         store = TokenizedExamples(tmp_path / too_long)
         assert all(len(e.input_ids) <= cap for e in store)
         over = sum(n > cap for n in lengths)
@@ -79,3 +75,83 @@ def test_auto_uses_the_available_cores_for_large_sets_only(monkeypatch):
     assert auto_num_proc("auto", 100) == 1  # starting processes would cost more than it saves
     assert auto_num_proc("auto", 1_000_000) == 32  # capped
     assert auto_num_proc(3, 100) == 3  # an explicit count is kept
+
+
+def write_source(path, rows: list[dict]) -> None:
+    """The same rows as JSON lines, a JSON list, parquet or CSV."""
+    import json
+
+    import pandas as pd
+
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" + ("\n" if i == 2 else "") for i, r in enumerate(rows)))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+
+
+ALPACA = [{"instruction": f"Double {i}.", "input": "" if i % 3 else "now", "output": str(2 * i) if i % 7 else " "}
+          for i in range(40)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_reading_in_worker_processes_gives_the_rows_conversations_and_rejections_of_load_rows(
+        tmp_path, suffix, num_proc):
+    from sft.config import Source
+    from sft.data import read_source
+    from sft.sources import load_rows
+
+    path = tmp_path / f"d{suffix}"
+    write_source(path, ALPACA)
+    got = read_source(Source(str(path), None, "alpaca", None, None, "train", None, "d"), num_proc, tmp_path / "r")
+    expected, rejected, numbers = formats.convert_rows(load_rows(path), "alpaca")
+    assert got.read["rows_read"] == len(ALPACA) and got.read["rows_rejected"] == dict(rejected) != {}
+    assert (got.usable + 1).tolist() == numbers
+    rows = Selection([got.texts], got.usable * 0, got.usable, got.usable * 0)
+    assert [rows.conversation(i) for i in range(len(rows))] == expected
+    assert rows.chars() == sum(len(m["content"]) for c in expected for m in c)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_the_first_bad_line_in_the_file_is_the_error_whichever_process_reads_it(tmp_path, num_proc):
+    from sft.config import Source
+    from sft.data import read_source
+    from sft.errors import DataError
+
+    lines = [json_line(r) for r in ALPACA]
+    lines[25] = '{"instruction": "x", "output": \n'  # in the second half: the second process reads it
+    lines[31] = "[1, 2]\n"
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(lines))
+    with pytest.raises(DataError, match=rf"dataset file {path}, line 26: invalid JSON"):
+        read_source(Source(str(path), None, "alpaca", None, None, "train", None, "d"), num_proc, tmp_path / "r")
+    lines[10] = '"a string"\n'
+    path.write_text("".join(lines))
+    with pytest.raises(DataError, match=rf"dataset file {path}, line 11: expected a JSON object \(one row\), got str"):
+        read_source(Source(str(path), None, "alpaca", None, None, "train", None, "d"), num_proc, tmp_path / "r")
+
+
+def json_line(row: dict) -> str:
+    import json
+
+    return json.dumps(row) + "\n"
+
+
+def test_too_little_disk_is_one_clear_error_before_anything_is_read(tmp_path, monkeypatch, cache_dir, chatml_tokenizer):
+    import shutil
+
+    from sft.data import prepare_data
+    from sft.errors import ConfigError
+
+    path = tmp_path / "d.jsonl"
+    write_source(path, ALPACA)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    cfg = TrainConfig(experiment="x", dataset=str(path), dataset_format="alpaca", eval_rows=4, num_proc=1)
+    with pytest.raises(ConfigError, match=r"the tokenized store needs about 0\.00 GiB in .* and 0\.00 GiB are free; "
+                                          r"free some space or point SFT_CACHE elsewhere"):
+        prepare_data(cfg, chatml_tokenizer)
+    assert not any((cache_dir / "tokenized").rglob("*.arrow"))  # nothing was read or written
