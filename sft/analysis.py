@@ -78,6 +78,11 @@ def read_metrics(path, kind: str | None = None) -> list[dict]:
     return [r for r in _read_jsonl(Path(path) / "metrics.jsonl") if kind is None or r.get("kind") == kind]
 
 
+def read_samples(path) -> list[dict]:
+    """The records of a run folder's samples.jsonl in order (see sft/RUN_FOLDER.md)."""
+    return _read_jsonl(Path(path) / "samples.jsonl")
+
+
 def _frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
     """A DataFrame that has at least `columns`, so code reading an empty run finds the columns it expects."""
     frame = pd.DataFrame.from_records(records)
@@ -110,7 +115,7 @@ def load_run(path) -> Run:
         summary=_read_json(path / "summary.json") or {},
         train=_frame(train, TRAIN_COLUMNS),
         evals=_frame(evals, EVAL_COLUMNS),
-        samples=_frame(_read_jsonl(path / "samples.jsonl"), SAMPLE_COLUMNS),
+        samples=_frame(read_samples(path), SAMPLE_COLUMNS),
         data_stats=_read_json(path / "data_stats.json"),
     )
 

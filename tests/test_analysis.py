@@ -49,11 +49,6 @@ def make_run(trained_runs):
     return make
 
 
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
 def test_load_run_reads_every_file_of_the_run_folder(tmp_path, make_run):
     run_dir = make_run(tmp_path, "2025-01-02_03-04-05_demo")
     run = analysis.load_run(run_dir)
@@ -64,11 +59,11 @@ def test_load_run_reads_every_file_of_the_run_folder(tmp_path, make_run):
     assert run.config == written["config"] and run.config["lr"] == 1e-3
     assert run.derived == written["derived"] and run.derived["optimizer_steps"] == 4
     assert run.env["git"] == json.loads((run_dir / "env.json").read_text())["git"]
-    assert run.summary["eval_loss_first"] == records(run_dir, "eval")[0]["eval_loss"]
+    assert run.summary["eval_loss_first"] == analysis.read_metrics(run_dir, "eval")[0]["eval_loss"]
     assert 0 < run.data_stats["packing_efficiency"] <= 1
     assert list(run.train["step"]) == [1, 2, 3, 4]
     assert "kind" not in run.train.columns
-    assert run.train["loss"].iloc[-1] == records(run_dir, "train")[-1]["loss"]
+    assert run.train["loss"].iloc[-1] == analysis.read_metrics(run_dir, "train")[-1]["loss"]
     assert list(run.evals["step"]) == [0, 2, 4]
     assert run.evals["task_metric"].isna().tolist() == [False, True, False]  # measured before and after only
     assert sorted(zip(run.samples["stage"], run.samples["index"])) == [("after", 0), ("after", 1), ("before", 0),
@@ -104,7 +99,7 @@ def test_running_run_compares_with_metrics_written_so_far(tmp_path, make_run):
     row = analysis.compare_runs([analysis.load_run(run_dir)]).iloc[0]
     lock.release()
 
-    evals, train = records(run_dir, "eval"), records(run_dir, "train")
+    evals, train = analysis.read_metrics(run_dir, "eval"), analysis.read_metrics(run_dir, "train")
     assert row["eval_loss_first"] == evals[0]["eval_loss"]
     assert row["eval_loss_final"] == evals[-1]["eval_loss"]
     assert row["task_metric_before"] == evals[0]["task_metric"]
@@ -114,7 +109,7 @@ def test_running_run_compares_with_metrics_written_so_far(tmp_path, make_run):
 def test_unfinished_run_never_shows_the_step_0_eval_as_its_result(tmp_path, make_run):
     run_dir = make_run(tmp_path, "2025-01-02_03-04-05_demo", status="failed")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    evals = records(run_dir, "eval")
+    evals = analysis.read_metrics(run_dir, "eval")
     assert [e["step"] for e in evals] == [0, 2, 4]
     # died before step 4's
     kept = [ln for ln in lines if json.loads(ln)["kind"] == "train" or json.loads(ln)["step"] < 4]
@@ -199,7 +194,7 @@ def test_compare_runs_shows_only_the_settings_that_differ(tmp_path, make_run):
 
 def test_samples_side_by_side_pairs_before_and_after_by_prompt_index(tmp_path, make_run):
     run_dir = make_run(tmp_path, "2025-01-01_00-00-00_demo")
-    written = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    written = analysis.read_samples(run_dir)
     shuffled = written[::-1]  # pairing must not rely on the order of the lines
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shuffled))
 
@@ -274,7 +269,7 @@ def test_notebook_runs_end_to_end_on_two_runs(tmp_path, monkeypatch, trained_run
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # training panels, loss vs tokens, comparison
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
-    after = [json.loads(line) for line in (runs[0] / "samples.jsonl").read_text().splitlines()][-1]
+    after = analysis.read_samples(runs[0])[-1]
     shown = escape(after["messages"][-1]["content"], quote=False)
     assert after["stage"] == "after" and shown in html  # the samples side by side
     assert ">lr<" in html  # the comparison's one differing setting

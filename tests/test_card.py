@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sft.analysis import read_samples
 from sft.card import base_model, card_text, main as card_main
 from sft.errors import ConfigError, DataError
 from sft.hub import prepare_upload
@@ -48,7 +49,7 @@ def test_every_finished_run_gets_a_card_that_the_hub_client_reads(finished):
                     "## Samples (held-out prompts)", "## Environment"):
         assert section in text, section
     assert (finished / "model" / "loss_curves.png").stat().st_size > 1000
-    samples = [json.loads(line) for line in (finished / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(finished)
     assert all(s["response"].replace("|", "\\|") in text for s in samples if s["stage"] == "after" and s["response"])
     assert "`embedded:demo-tasks`" in text and "max_new_tokens=4, do_sample=False" in text
     assert card_text(finished) == text  # from the folder's files alone: the same card every time

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sft.analysis import read_metrics, read_samples
 from sft.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +42,7 @@ def free_port() -> int:
 
 
 def metrics(folder: Path, kind: str, key: str) -> list[float]:
-    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [m[key] for m in lines if m["kind"] == kind]
+    return [m[key] for m in read_metrics(folder, kind)]
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_config, tmp_path):
@@ -66,7 +66,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_config,
     # the checkpoint of step 2 was declared complete only after the slower rank had written its files
     saved = {p.name for p in (two / "checkpoints" / "step-000002").iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= saved
-    samples = [json.loads(ln) for ln in (two / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(two)
     assert [(s["stage"], s["index"]) for s in samples] == [("before", 0), ("before", 1), ("after", 0), ("after", 1)]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sft.analysis import read_samples
 from sft.evaluate import evaluate, main
 from conftest import write_jsonl
 
@@ -44,7 +45,7 @@ def test_scoring_the_runs_own_held_out_file_gives_the_runs_numbers(finished):
     assert result["eval_loss"] == pytest.approx(summary["eval_loss_final"], rel=1e-6)
     assert result["exact_match"] == summary["task_metric_after"] and result["exact_match_rows"] == 4
     assert result["examples"]["examples"] == len(QUESTIONS) and result["dataset"]["format"] == "messages"
-    samples = [json.loads(line) for line in (path / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(path)
     after = [s["response"] for s in samples if s["stage"] == "after"]
     assert [s["response"] for s in result["samples"]] == after  # the same prompts, decoded the same way
 

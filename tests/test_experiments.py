@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sft.experiments
+from sft.analysis import read_samples
 from sft.config import TrainConfig, settings_from
 from sft.errors import ConfigError
 from sft.train import run
@@ -136,7 +137,7 @@ def test_guanaco_experiments_run_on_tiny_models_of_their_family(name, tiny_mpt, 
     folder = run(cfg)
     stats = json.loads((folder.path / "data_stats.json").read_text())
     assert stats["format"] == "guanaco" and stats["eval_source"]["rows_read"] == 4
-    samples = [json.loads(ln) for ln in (folder.path / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(folder.path)
     assert samples[0]["prompt"].endswith("### Assistant:\n")
     if name.startswith("llama"):  # the base tokenizer adds BOS, so the plain template starts with exactly one
         assert samples[0]["prompt"].startswith("<|begin_of_text|>### Human:")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sft.analysis import load_run
+from sft.analysis import load_run, read_metrics
 from sft.config import TrainConfig
 from sft.data import prepare_data
 from sft.errors import ConfigError, DataError
@@ -111,8 +111,7 @@ def test_a_mixed_run_logs_a_held_out_loss_per_source(tiny_config, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", alpaca(30))
     g = write_jsonl(tmp_path / "g.jsonl", guanaco(30))
     folder = run(tiny_config(max_rows=None, eval_rows=5, datasets=[(a, None), (g, None)], max_steps=2))
-    evals = [json.loads(line) for line in (folder.path / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "eval"]
+    evals = read_metrics(folder.path, "eval")
     stats = json.loads((folder.path / "data_stats.json").read_text())
     targets = {s["name"]: s["eval"]["supervised_tokens"] for s in stats["sources"]}
     for record in evals:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sft.analysis import read_metrics
 from sft.checkpoint import checkpoints
 from sft.config import TrainConfig
 from sft.errors import ConfigError
@@ -35,13 +36,11 @@ train.main({k.upper(): v for k, v in settings.items()})
 
 
 def losses(folder: Path) -> list[tuple[int, float]]:
-    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [(m["step"], m["loss"]) for m in lines if m["kind"] == "train"]
+    return [(m["step"], m["loss"]) for m in read_metrics(folder, "train")]
 
 
 def final_eval_loss(folder: Path) -> float:
-    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if m["kind"] == "eval"][-1]["eval_loss"]
+    return read_metrics(folder, "eval")[-1]["eval_loss"]
 
 
 def run_child(settings: dict, kill_at: int, sig: str) -> subprocess.CompletedProcess:

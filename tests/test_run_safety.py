@@ -16,7 +16,7 @@ import pytest
 
 import sft.train
 from sft import checkpoint
-from sft.analysis import load_run, summary_table
+from sft.analysis import load_run, read_metrics, summary_table
 from sft.errors import ConfigError
 from sft.run_folder import LOCK, RunLockError, lock_is_held
 from sft.train import Interrupted, StopRequest, run
@@ -192,7 +192,7 @@ def test_a_disk_that_fills_at_each_stage_leaves_a_failed_run_and_no_temporary_fi
             assert not (folder / "model").exists()  # never a folder with a few files of a model
         if stage in ("figures", "summary"):
             assert (folder / "model" / "config.json").exists() and any((folder / "model").glob("*.safetensors"))
-        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(folder)
         assert metrics and metrics[0]["kind"] == "eval"
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from tokenizers import processors
 
+from sft.analysis import read_samples
 from sft.errors import ConfigError
 from sft.templates import (IGNORE_INDEX, chat_segments, chat_segments_many, encode_chat, encode_chats, render,
                            setup_template, system_prompt_record, token_ids)
@@ -286,6 +287,6 @@ def test_a_run_records_the_system_prompt_that_applied(tiny_config, capsys, tmp_p
     config = json.loads((custom / "config.json").read_text())
     assert config["config"]["system_prompt"] == config["derived"]["system_prompt"] == "Answer with the number only."
     assert SMOLLM_DEFAULT not in capsys.readouterr().err
-    samples = [json.loads(line) for line in (custom / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(custom)
     assert samples and all(s["prompt"].startswith("<|im_start|>system\nAnswer with the number only.<|im_end|>")
                            for s in samples)

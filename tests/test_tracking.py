@@ -3,18 +3,18 @@ appends without repeating steps, W&B's offline run gets the same values, and a t
 installed stops the run before anything is loaded."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from sft.analysis import read_metrics, read_samples
 from sft.config import TrainConfig
 from sft.errors import ConfigError
 from sft.train import run
 
 
 def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(folder)
 
 
 def events(folder: Path):
@@ -49,7 +49,7 @@ def test_tensorboard_events_hold_what_metrics_jsonl_holds(tiny_config):
     texts = reader.Tags()["tensors"]  # text summaries are stored as tensors
     assert {"samples/before/text_summary", "samples/after/text_summary", "config/text_summary"} <= set(texts)
     after = reader.Tensors("samples/after/text_summary")[0]
-    samples = [json.loads(line) for line in (folder.path / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(folder.path)
     text = after.tensor_proto.string_val[0].decode()
     assert after.step == 4 and all(s["response"].replace("|", "\\|") in text for s in samples if s["stage"] == "after")
 

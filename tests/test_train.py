@@ -11,22 +11,19 @@ from pathlib import Path
 import pytest
 
 from sft import train as train_mod
+from sft.analysis import read_metrics, read_samples
 from sft.config import TrainConfig
 from sft.errors import ConfigError, DataError
 from sft.train import lr_lambda, run
 from conftest import write_jsonl
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def train_losses(folder) -> list[float]:
-    return [m["loss"] for m in read_jsonl(folder.path / "metrics.jsonl") if m["kind"] == "train"]
+    return [m["loss"] for m in read_metrics(folder.path, "train")]
 
 
 def final_eval(folder) -> float:
-    return [m for m in read_jsonl(folder.path / "metrics.jsonl") if m["kind"] == "eval"][-1]["eval_loss"]
+    return read_metrics(folder.path, "eval")[-1]["eval_loss"]
 
 
 def test_run_folder_has_every_file_and_field(tiny_config):
@@ -41,7 +38,7 @@ def test_run_folder_has_every_file_and_field(tiny_config):
     env = json.loads((folder.path / "env.json").read_text())
     assert {"python", "packages", "device", "git", "command", "started_at"} <= env.keys()
     assert env["packages"]["transformers"].startswith("5.") and {"commit", "dirty"} <= env["git"].keys()
-    metrics = read_jsonl(folder.path / "metrics.jsonl")
+    metrics = read_metrics(folder.path)
     train_lines = [m for m in metrics if m["kind"] == "train"]
     assert [m["step"] for m in train_lines] == [1, 2, 3]
     for m in train_lines:
@@ -54,7 +51,7 @@ def test_run_folder_has_every_file_and_field(tiny_config):
                 "real_tokens_per_second", "peak_memory_gib", "eval_loss_first", "eval_loss_final",
                 "task_metric_before", "task_metric_after"):
         assert summary[key] is not None, key
-    samples = read_jsonl(folder.path / "samples.jsonl")
+    samples = read_samples(folder.path)
     assert [(s["stage"], s["index"]) for s in samples] == [("before", 0), ("before", 1), ("after", 0), ("after", 1)]
     assert samples[0]["decoding"] == {"max_new_tokens": 4, "do_sample": False, "seed": 42}
     assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
@@ -108,7 +105,7 @@ def test_failure_after_start_is_recorded_and_keeps_earlier_metrics(tiny_config, 
     (folder,) = list(Path(tiny_config().runs_root).iterdir())
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "failed" and "disk on fire" in summary["reason"]
-    assert [m["step"] for m in read_jsonl(folder / "metrics.jsonl") if m["kind"] == "train"] == [1]
+    assert [m["step"] for m in read_metrics(folder, "train")] == [1]
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_config, monkeypatch):
@@ -195,8 +192,7 @@ def test_optimizer_in_backward_trains_exactly_like_the_step_after_backward(tiny_
     inside = run(tiny_config(optimizer_in_backward=True, **common))
     assert train_losses(inside) == train_losses(after)
     assert final_eval(inside) == final_eval(after)
-    norms = [[m["grad_norm"] for m in map(json.loads, (f.path / "metrics.jsonl").read_text().splitlines())
-              if m["kind"] == "train"] for f in (after, inside)]
+    norms = [[m["grad_norm"] for m in read_metrics(f.path, "train")] for f in (after, inside)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-2)  # fp32 sum inside, a bf16 norm after
     derived = json.loads((inside.path / "config.json").read_text())["derived"]
     assert derived["optimizer"].endswith("stepped per parameter in the backward pass")
@@ -210,6 +206,6 @@ PINNED_EVAL_LOSSES = [10.752084096272787, 10.700307210286459, 10.691951751708984
 
 def test_the_tiny_models_losses_are_pinned(tiny_config):
     folder = run(tiny_config(task_metric=None, num_samples=0, eval_every=2, report_to=()))
-    evals = [m["eval_loss"] for m in read_jsonl(folder.path / "metrics.jsonl") if m["kind"] == "eval"]
+    evals = [m["eval_loss"] for m in read_metrics(folder.path, "eval")]
     assert train_losses(folder) == pytest.approx(PINNED_TRAIN_LOSSES, rel=1e-4)
     assert evals == pytest.approx(PINNED_EVAL_LOSSES, rel=1e-4)
