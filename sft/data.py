@@ -54,7 +54,7 @@ class PreparedData:
 
 @dataclass
 class ReadSource:
-    """A source's rows, read, checked and converted by `read_source`: each row's conversation as JSON text (empty
+    """A source's rows, read, checked and converted by `read_source`: each row's conversation as JSON text (null
     for a rejected row) in a memory-mapped Arrow table, with the counts."""
     texts: object  # a datasets.Dataset: columns conversation (JSON text) and chars (the characters of its content)
     usable: np.ndarray  # the rows that are conversations, by index (a row's number is its index + 1)

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -676,6 +676,9 @@ class LoopState:
     eval_first: float | None = None
     metric_before: float | None = None
     window: Window = field(default_factory=Window)
+    # this process's clocks, not saved: when it took the state over, and when its first step began
+    opened: float = field(default_factory=time.perf_counter, compare=False, metadata={"saved": False})
+    loop_began: float | None = field(default=None, compare=False, metadata={"saved": False})
 
     def add(self, done: StepResult, seconds: float) -> None:
         self.step += 1
@@ -685,9 +688,19 @@ class LoopState:
         self.train_time += seconds
         self.window.add(done, seconds)
 
-    def record(self, elapsed: float, train_wall: float) -> dict:
-        """The state as a checkpoint saves it, with the clocks read now."""
-        return {**asdict(self), "elapsed": elapsed, "train_wall": train_wall}
+    def elapsed_now(self) -> float:
+        """Seconds since the run started, over resumes."""
+        return round(self.elapsed + time.perf_counter() - self.opened, 2)
+
+    def loop_wall_now(self) -> float:
+        """Wall seconds of the training loop, over resumes."""
+        return self.train_wall + (time.perf_counter() - self.loop_began if self.loop_began is not None else 0.0)
+
+    def record(self) -> dict:
+        """The state as a checkpoint saves it (trainer_state.json), with the clocks read now."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("saved", True)}
+        return {**saved, "window": asdict(self.window), "elapsed": self.elapsed_now(),
+                "train_wall": self.loop_wall_now()}
 
     @classmethod
     def from_record(cls, record: dict) -> "LoopState":
@@ -697,43 +710,41 @@ class LoopState:
         return cls(**{**{renamed.get(k, k): v for k, v in record.items()}, "window": Window(**window)})
 
 
+def log_evaluation(cfg: TrainConfig, setup: Setup, folder: RunFolder, state: LoopState, step: int, stage: str | None,
+                   ) -> tuple[float, float | None]:
+    """The held-out loss (and, at a `stage` "before" or "after", the generation pass with its task metric),
+    logged to metrics.jsonl and the console; its time counts as evaluation time."""
+    t = time.perf_counter()
+    eval_loss, by_source = evaluate_loss(setup)
+    metric = generation_pass(cfg, setup, stage, folder, step) if stage is not None else None
+    state.eval_time += time.perf_counter() - t
+    folder.append_metrics({
+        "kind": "eval", "step": step, "epoch": round(step / setup.steps_per_epoch, 4), "tokens": state.tokens,
+        "eval_loss": eval_loss, **({"eval_loss_by_source": by_source} if by_source else {}),
+        "task_metric": metric, "task_metric_name": cfg.task_metric, "elapsed_s": state.elapsed_now()})
+    if setup.accelerator.is_main_process:
+        tqdm.write(f"step {step}: eval loss {eval_loss:.4f}"
+                   + (" (" + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items()) + ")" if by_source else "")
+                   + (f", {cfg.task_metric} {metric:.3f}" if metric is not None else ""), file=sys.stderr)
+    return eval_loss, metric
+
+
+def save_checkpoint(cfg: TrainConfig, setup: Setup, folder: RunFolder, state: LoopState) -> Path:
+    """A checkpoint of the step the loop has reached, with the loop's state."""
+    path = checkpoint.save(setup.accelerator, folder.path, state.step, state.record(), setup.scheduler,
+                           cfg.keep_checkpoints, checkpoint.state_bytes(setup.loss_model, setup.optimizer))
+    if setup.accelerator.is_main_process:
+        tqdm.write(f"step {state.step}: checkpoint saved ({path.name})", file=sys.stderr)
+    return path
+
+
 def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: LoopState | None = None) -> dict:
     """The optimizer steps of the run (from a checkpoint's state when `restored`), with the held-out
     evaluations before, every eval_every steps and after, logging, checkpoints and the stop on a signal;
     returns the summary's numbers."""
     acc = setup.accelerator
     total_steps = len(setup.steps)
-    steps_per_epoch = setup.steps_per_epoch
     state = restored or LoopState(plan=step_plan(setup))
-    t0 = time.perf_counter()
-    start = None  # when the loop's first step began
-
-    def elapsed() -> float:
-        return round(state.elapsed + time.perf_counter() - t0, 2)
-
-    def run_eval(step: int, with_metric: bool, stage: str | None) -> tuple[float, float | None]:
-        t = time.perf_counter()
-        eval_loss, by_source = evaluate_loss(setup)
-        metric = generation_pass(cfg, setup, stage, folder, step) if with_metric else None
-        state.eval_time += time.perf_counter() - t
-        folder.append_metrics({
-            "kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens": state.tokens,
-            "eval_loss": eval_loss, **({"eval_loss_by_source": by_source} if by_source else {}),
-            "task_metric": metric, "task_metric_name": cfg.task_metric, "elapsed_s": elapsed()})
-        if acc.is_main_process:
-            tqdm.write(f"step {step}: eval loss {eval_loss:.4f}"
-                       + (" (" + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items()) + ")" if by_source else "")
-                       + (f", {cfg.task_metric} {metric:.3f}" if metric is not None else ""), file=sys.stderr)
-        return eval_loss, metric
-
-    def save_checkpoint() -> Path:
-        saved = state.record(elapsed(), state.train_wall + time.perf_counter() - start)
-        path = checkpoint.save(acc, folder.path, state.step, saved, setup.scheduler, cfg.keep_checkpoints,
-                               checkpoint.state_bytes(setup.loss_model, setup.optimizer))
-        if acc.is_main_process:
-            tqdm.write(f"step {state.step}: checkpoint saved ({path.name})", file=sys.stderr)
-        return path
-
     if folder.writable and cfg.report_to:
         folder.trackers = Trackers(cfg.report_to, folder.path, folder.path.name, cfg.to_dict(),
                                    resume_step=restored.step if restored is not None else None)
@@ -742,12 +753,12 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: Loop
         folder.drop_samples("after")  # a crash during the final generation pass may have left some
         print(f"resumed at step {state.step} of {total_steps}", file=sys.stderr)
     else:
-        state.eval_first, state.metric_before = run_eval(0, True, "before")
+        state.eval_first, state.metric_before = log_evaluation(cfg, setup, folder, state, 0, "before")
     # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing and
     # dropout; a resumed run has no step-0 evaluation that would happen to leave it in training mode.
     setup.loss_model.train()
     reset_peak_memory(acc.device)
-    start = time.perf_counter()
+    state.loop_began = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc=cfg.experiment, disable=not acc.is_local_main_process,
                dynamic_ncols=True)
     with StopRequest(announce=acc.is_main_process) as stop, bar:  # the bar closes before any error is printed
@@ -766,40 +777,48 @@ def train_loop(cfg: TrainConfig, setup: Setup, folder: RunFolder, restored: Loop
                 window = state.window
                 tps, mean_loss = window.tokens / window.seconds, window.loss_sum / window.supervised
                 folder.append_metrics({
-                    "kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
-                    "lr": lr, "grad_norm": done.grad_norm, "tokens": state.tokens,
-                    "supervised_tokens": state.supervised, "tokens_per_s": tps, "elapsed_s": elapsed()})
+                    "kind": "train", "step": step, "epoch": round(step / setup.steps_per_epoch, 4),
+                    "loss": mean_loss, "lr": lr, "grad_norm": done.grad_norm, "tokens": state.tokens,
+                    "supervised_tokens": state.supervised, "tokens_per_s": tps, "elapsed_s": state.elapsed_now()})
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 state.window = Window()
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-                run_eval(step, False, None)
+                log_evaluation(cfg, setup, folder, state, step, None)
             if stop.requested(acc):
-                path = save_checkpoint()
+                path = save_checkpoint(cfg, setup, folder, state)
                 raise Interrupted(stop.signal or "a signal on another process", folder.path, path,
                                   f"stopped after step {step}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total_steps:
-                save_checkpoint()
+                save_checkpoint(cfg, setup, folder, state)
     if cfg.keep_checkpoints_after_completion and state.step == total_steps and not any(
             p.name == f"{checkpoint.PREFIX}{total_steps:06d}" for p in checkpoint.checkpoints(folder.path)):
-        save_checkpoint()  # the final step's: training can be extended from it
-    train_runtime = state.train_wall + time.perf_counter() - start  # the loop's wall time, over resumes
+        save_checkpoint(cfg, setup, folder, state)  # the final step's: training can be extended from it
+    train_runtime = state.loop_wall_now()
     peak_gib, peak_kind = peak_memory(acc.device)
-    eval_final, metric_after = run_eval(total_steps, True, "after")
+    eval_final, metric_after = log_evaluation(cfg, setup, folder, state, total_steps, "after")
+    return summary_numbers(cfg, setup, state, train_runtime, eval_final, metric_after, peak_gib, peak_kind)
+
+
+def summary_numbers(cfg: TrainConfig, setup: Setup, state: LoopState, train_runtime: float, eval_final: float,
+                    metric_after: float | None, peak_gib: float, peak_kind: str) -> dict:
+    """The summary's numbers of a completed loop (the original study's keys first)."""
+    total_steps = len(setup.steps)
     tokens_per_s = state.tokens / state.train_time if state.train_time else float("nan")
-    examples = setup.derived["train_examples"] * total_steps / steps_per_epoch
+    examples = setup.derived["train_examples"] * total_steps / setup.steps_per_epoch
     return {
         "status": "completed",
         "train_runtime": round(train_runtime, 3),
         "train_samples_per_second": round(examples / train_runtime, 3),
         "train_steps_per_second": round(total_steps / train_runtime, 4),
         "train_loss": state.loss_sum / max(1, state.supervised),
-        "epoch": round(total_steps / steps_per_epoch, 4),
+        "epoch": round(total_steps / setup.steps_per_epoch, 4),
         "global_step": total_steps,
         "real_tokens": state.tokens,
         "supervised_tokens": state.supervised,
         "real_tokens_per_second": round(tokens_per_s, 2),
-        "mfu": mfu(setup.derived["num_parameters"], tokens_per_s / acc.num_processes, acc.device),
+        "mfu": mfu(setup.derived["num_parameters"], tokens_per_s / setup.accelerator.num_processes,
+                   setup.accelerator.device),
         "peak_memory_gib": round(peak_gib, 3),
         "peak_memory_kind": peak_kind,
         "eval_time_s": round(state.eval_time, 2),
