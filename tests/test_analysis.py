@@ -1,7 +1,7 @@
 """Reading run folders, comparing runs, figures, the sft.plotting CLI and the post-processing notebook.
 
-The run folders are the trainer's own (the test suite's shared `trained_runs`: the tiny model, 4 steps), copied under the
-names a test needs, so these tests read exactly the files and keys that training writes.
+The run folders are the trainer's own (the test suite's shared `trained_runs`: the tiny model, 4 steps),
+copied under the names a test needs, so these tests read exactly the files and keys that training writes.
 """
 
 import json
