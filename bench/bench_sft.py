@@ -1,9 +1,9 @@
 """Side by side on one GPU: this toolkit's trainer, TRL's SFTTrainer at its best settings, and the
 original study's recipe; full-parameter SFT of random-init Llama and MPT shapes on synthetic instruction data.
 
-    python -m bench.bench_sft                 # the GPU plan (about 10 minutes on an H100; see --budget-s)
+    python -m bench.bench_sft                 # the GPU plan (about 10 minutes on an H100; see --time-limit-s)
     python -m bench.bench_sft --cpu-smoke     # tiny model, a few steps of every variant a CPU can run
-    python -m bench.bench_sft --only ours_1b,trl_1b --out DIR --budget-s 400
+    python -m bench.bench_sft --only ours_1b,trl_1b --out DIR --time-limit-s 400
 
 Each variant runs in its own Python process, started by this one: nothing of one variant (compiled
 code, monkey-patched model classes such as Liger's, allocator state) reaches the next, a crash or an OOM
@@ -43,7 +43,7 @@ LR = 2e-5
 SEED = 0
 ROW_LENGTH = 4096          # packed row length, ours and TRL's
 ROWS = 4                   # packed rows per optimizer step: 16k token slots
-MIN_VARIANT_S = 40         # with --budget-s: no variant starts with less time left than this
+MIN_VARIANT_S = 40         # with --time-limit-s: no variant starts with less time left than this
 STUDY_PAD_TO = 2048        # the original study pads every example to 2048 tokens...
 STUDY_BATCH = 4            # ...4 examples per step, pure bf16 AdamW, no checkpointing, sdpa, loss on all tokens
 
@@ -84,7 +84,7 @@ class Variant:
     profile: bool = False      # with --profile: write this variant's top operators (ours only)
 
 
-GPU_PLAN = [  # most important first: --budget-s skips the tail when time runs out
+GPU_PLAN = [  # most important first: --time-limit-s skips the tail when time runs out
     Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True),
             profile=True),
     # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation,
@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, a few steps (automatic without a GPU)")
     parser.add_argument("--only", default="", help="comma-separated parts of variant names to run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--time-limit-s", type=float, default=None,
                         help="every variant ends within this many seconds of the start (cut short if needed)")
     parser.add_argument("--profile", type=Path,
                         help="ours variants marked `profile` also write profile_<variant>.txt here")
@@ -662,10 +662,10 @@ def main(argv: list[str] | None = None) -> None:
     tokens = {arch: tokens_for(plan, arch) for arch in dict.fromkeys(v.arch for v in plan)}
     rows = []
     for variant in plan:
-        left = math.inf if args.budget_s is None else args.budget_s - (time.perf_counter() - PROCESS_START)
+        left = math.inf if args.time_limit_s is None else args.time_limit_s - (time.perf_counter() - PROCESS_START)
         if left < MIN_VARIANT_S:
             rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
-                             status="skipped: time budget"))
+                             status="skipped: time limit"))
         elif not fallback_needed(variant, rows):
             rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
                              status=f"skipped: {variant.fallback_for} ran within the memory goal"))

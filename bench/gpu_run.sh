@@ -4,7 +4,7 @@
 #   bash bench/gpu_run.sh checks   inference runtime and GPU tests (about 3.5 minutes), on the same machine
 # Both parts first install the wheels carried in .whl/ (datasets, trl, liger-kernel, torchao, pytest: see
 # bench/README.md); a second part on the same machine finds them installed.
-# bench:  bench.bench_sft within the part's budget: every variant is cut to end within it, so no variant is
+# bench:  bench.bench_sft within the part's time limit: every variant is cut to end within it, so no variant is
 #         killed without a row; the variants marked `profile` write their top operators (profiles.tar)
 # checks: inf_tests/runtime.py with $INF_ARGS (a 7B Llama shape by default; its CSV is written after every row),
 #         then the GPU tests: varlen attention against sdpa, eager and compiled (tests/test_attention.py), MPT's
@@ -13,7 +13,7 @@
 #         test_loss.py, test_levers.py), and the FSDP2 config in one process against the run without it
 #         (test_distributed.py); then the precision comparison if time is left
 # Outputs go to the folder named by OUT (default bench/results); everything printed is
-# also in $OUT/gpu_run.log. Every step's timeout is cut to what is left of the part's budget (PART_S),
+# also in $OUT/gpu_run.log. Every step's timeout is cut to what is left of the part's time limit (PART_S),
 # so the part ends in time and a hang cannot eat the rest.
 set -uo pipefail
 PART="${1:-bench}"
@@ -62,7 +62,7 @@ if [ "$PART" = bench ]; then
   step "side-by-side benchmark"
   bench_s=$(left 600)
   PROFILES=$(mktemp -d)
-  timeout "$((bench_s + 10))" "$PY" -m bench.bench_sft --out "$OUT" --budget-s "$((bench_s - 5))" --profile "$PROFILES" \
+  timeout "$((bench_s + 10))" "$PY" -m bench.bench_sft --out "$OUT" --time-limit-s "$((bench_s - 5))" --profile "$PROFILES" \
     || echo "benchmark stopped (exit $?)"
   tar cf "$OUT/profiles.tar" -C "$PROFILES" .  # one archive: easy to copy off the GPU machine
 else

@@ -203,8 +203,8 @@ def test_stopping_the_benchmark_stops_the_variant_it_is_running(tmp_path):
     assert children() == []
 
 
-def test_the_budget_cuts_each_variant_to_the_time_left_and_skips_the_rest(tmp_path, monkeypatch):
-    """Every variant ends within --budget-s: its timeout is what is left (so it is recorded, never killed
+def test_the_time_limit_cuts_each_variant_to_the_time_left_and_skips_the_rest(tmp_path, monkeypatch):
+    """Every variant ends within --time-limit-s: its timeout is what is left (so it is recorded, never killed
     with the benchmark), and none starts with less than MIN_VARIANT_S left."""
     import bench.bench_sft as bench
 
@@ -217,12 +217,12 @@ def test_the_budget_cuts_each_variant_to_the_time_left_and_skips_the_rest(tmp_pa
 
     monkeypatch.setattr(bench, "run_isolated", run_isolated)
     monkeypatch.setattr(bench, "PROCESS_START", time.perf_counter())
-    bench.main(["--cpu-smoke", "--out", str(tmp_path), "--budget-s", "105"])
+    bench.main(["--cpu-smoke", "--out", str(tmp_path), "--time-limit-s", "105"])
     assert [name for name, _ in started] == [v.name for v in bench.CPU_PLAN[:3]]
     # what is left of 105 s, less 5 s of margin (and the time the plan's setup took)
     assert [t for _, t in started] == pytest.approx([100, 70, 40], abs=3)
     rows = read_csv(tmp_path / "bench_cpu.csv")
-    assert [r["status"] for r in rows[3:]] == ["skipped: time budget"] * (len(bench.CPU_PLAN) - 3)
+    assert [r["status"] for r in rows[3:]] == ["skipped: time limit"] * (len(bench.CPU_PLAN) - 3)
 
 
 def test_the_child_notes_its_progress_for_a_timeout_to_report(tmp_path, monkeypatch):
