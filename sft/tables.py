@@ -41,6 +41,11 @@ def csv_table(text: str, columns: list[str] | None = None, skip_status: str | No
         frame = frame[~left_out]
     if columns:
         frame = frame[[c for c in columns if c in frame.columns]]
+    for name in frame.columns:  # a count with blanks reads as floats (2.0): shown as the integers it holds
+        values = frame[name]
+        if values.dtype.kind == "f" and values.notna().any() and (values.dropna() % 1 == 0).all():
+            frame = frame.assign(**{name: pd.Series([None if pd.isna(v) else int(v) for v in values],
+                                                     index=values.index, dtype=object)})
     if "mfu" in frame.columns:  # a fraction of the device's peak, shown as a percentage
         frame = frame.assign(mfu=frame["mfu"].map(lambda v: "-" if pd.isna(v) else f"{float(v):.1%}"))
     return ("".join(f"- {line}\n" for line in provenance) + ("\n" if provenance else "") + markdown_table(frame)

@@ -100,3 +100,11 @@ def test_the_report_needs_neither_torch_nor_the_benchmarks():
             "('torch', 'transformers', 'bench')]; print(loaded); sys.exit(bool(loaded))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_count_with_blanks_is_shown_as_integers_and_measurements_keep_their_decimals():
+    from sft.tables import csv_table
+
+    table = csv_table("variant,processes,seconds,tok_s\na,2,6.45,417004\nb,,,\n")
+    assert "| a | 2 | 6.450 | 417,004 |" in table  # not "2.000" processes
+    assert "| b | - | - | - |" in table
