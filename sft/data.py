@@ -162,6 +162,12 @@ class Selection:
         zeros = np.zeros(len(conversations), dtype=np.int64)
         return cls([texts], zeros, np.arange(len(conversations)), zeros)
 
+    @classmethod
+    def every_usable_row(cls, read: "ReadSource") -> "Selection":
+        """All of one read source's conversations, in order."""
+        zeros = np.zeros(len(read.usable), dtype=np.int64)
+        return cls([read.texts], zeros, read.usable, zeros)
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -245,9 +251,8 @@ def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
                           eval_conversations=len(eval_rows)))
         train.append((k, np.asarray(train_rows, dtype=np.int64)))
         held_out.append([(eval_table, i, k) for i in eval_rows])
-    train = Selection(tables, np.concatenate([np.full(len(rows), k) for k, rows in train]),
-                      np.concatenate([rows for _, rows in train]),
-                      np.concatenate([np.full(len(rows), k) for k, rows in train]))
+    of_source = np.concatenate([np.full(len(rows), k) for k, rows in train])  # source k's rows are in table k
+    train = Selection(tables, of_source, np.concatenate([rows for _, rows in train]), of_source)
     # held-out conversations taken from each source in turn: the samples and the task metric, which read the
     # first of them, see every source
     turns = [x for turn in itertools.zip_longest(*held_out) for x in turn if x is not None]

@@ -80,8 +80,7 @@ def score_dataset(cfg: TrainConfig, source: Source, model_path: str, own_templat
         setup_template(tokenizer, cfg.template, cfg.system_prompt)
     with tempfile.TemporaryDirectory(prefix="sft_eval_") as tmp:
         got = read_source(source, cfg.num_proc, Path(tmp) / "read")
-        zeros = np.zeros(len(got.usable), dtype=np.int64)
-        rows = Selection([got.texts], zeros, got.usable, zeros)
+        rows = Selection.every_usable_row(got)
         stats = tokenize_to_store(rows, tokenizer, cfg, "evaluation", [source.name], Path(tmp) / "store")
         examples = TokenizedExamples(Path(tmp) / "store").to_list()
         kept = [rows.conversation(i) for i in np.flatnonzero(stats.pop("kept_mask"))]

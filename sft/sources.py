@@ -39,8 +39,7 @@ def load_rows(
     path but does not exist is an error: a typo in a path must never quietly download some other
     dataset. `split` and `streaming` apply to hub datasets; a local file or directory is one split.
     """
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-        raise ConfigError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    _check_max_rows(max_rows)
     source = os.fspath(source)
     path = Path(source).expanduser()
     if path.exists():
@@ -74,8 +73,7 @@ def row_texts(
     serialized (`number` counts rows), with a value JSON cannot hold (a date, bytes) as an object, which no
     format accepts where text or a list belongs, as before. Raises DataError, as `load_rows` does, when the
     source has no rows."""
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-        raise ConfigError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    _check_max_rows(max_rows)
     source = os.fspath(source)
     path = Path(source).expanduser()
     if path.exists():
@@ -107,23 +105,20 @@ def _file_texts(path: Path) -> Iterator[tuple[str, str, int, bool]]:
     if path.suffix.lower() not in _READERS:
         raise DataError(f"dataset file {path} has an unsupported type; expected one of {', '.join(_READERS)}")
     try:
-        if path.suffix.lower() in (".json", ".jsonl"):
+        if path.suffix.lower() in (".json", ".jsonl") and not _holds_one_list(path):  # JSON lines: unparsed
             with path.open(encoding="utf-8-sig") as f:
-                first = next((line for line in f if line.strip()), "")
-            if not first.lstrip().startswith("["):  # JSON lines: handed on unparsed
-                with path.open(encoding="utf-8-sig") as f:
-                    lines = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-                    n, line = next(lines, (0, ""))
-                    if n:
-                        try:
-                            json.loads(line)
-                        except (ValueError, RecursionError) as e:
-                            _refuse_one_object(path)
-                            raise _bad_json(path, n, e) from None
-                        yield line, str(path), n, True
-                    for n, line in lines:
-                        yield line, str(path), n, True
-                return
+                lines = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+                n, line = next(lines, (0, ""))
+                if n:
+                    try:  # here, so that a file holding one JSON object gets its own message
+                        json.loads(line)
+                    except (ValueError, RecursionError) as e:
+                        _refuse_one_object(path)
+                        raise _bad_json(path, n, e) from None
+                    yield line, str(path), n, True
+                for n, line in lines:
+                    yield line, str(path), n, True
+            return
         for n, row in enumerate(_READERS[path.suffix.lower()](path), 1):
             yield dumps_row(row), str(path), n, False
     except UnicodeDecodeError as e:
@@ -133,6 +128,18 @@ def _file_texts(path: Path) -> Iterator[tuple[str, str, int, bool]]:
 def dumps_row(row: dict) -> str:
     """A row as JSON text; a value JSON cannot hold (a date, bytes) becomes an object naming its type."""
     return json.dumps(row, ensure_ascii=False, default=lambda value: {"not JSON": type(value).__name__})
+
+
+def _check_max_rows(max_rows) -> None:
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ConfigError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+
+
+def _holds_one_list(path: Path) -> bool:
+    """A .json file may hold one list of objects or JSON lines; its first character tells which."""
+    with path.open(encoding="utf-8-sig") as f:
+        first = next((line for line in f if line.strip()), "")
+    return first.lstrip().startswith("[")
 
 
 def take_rows(rows: Iterable[dict], max_rows: int | None) -> list[dict]:
@@ -203,10 +210,7 @@ def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
 
 
 def _iter_json(path: Path) -> Iterator[dict]:
-    """A .json file may hold one list of objects or JSON lines; its first character tells which."""
-    with path.open(encoding="utf-8-sig") as f:
-        first = next((line for line in f if line.strip()), "")
-    if first.lstrip().startswith("["):
+    if _holds_one_list(path):
         text = path.read_text(encoding="utf-8-sig")
         try:
             items = json.loads(text)

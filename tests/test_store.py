@@ -111,7 +111,7 @@ def test_reading_in_worker_processes_gives_the_rows_conversations_and_rejections
     expected, rejected, numbers = formats.convert_rows(load_rows(path), "alpaca")
     assert got.read["rows_read"] == len(ALPACA) and got.read["rows_rejected"] == dict(rejected) != {}
     assert (got.usable + 1).tolist() == numbers
-    rows = Selection([got.texts], got.usable * 0, got.usable, got.usable * 0)
+    rows = Selection.every_usable_row(got)
     assert [rows.conversation(i) for i in range(len(rows))] == expected
     assert rows.chars() == sum(len(m["content"]) for c in expected for m in c)
 
