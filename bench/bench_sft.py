@@ -34,18 +34,23 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.synthetic import LENGTH_MEDIAN, LENGTH_RANGE, PROMPT_FRACTION, benchmark_tokenizer, model_config, \
-    model_folder, synthetic_examples  # noqa: E402
-from sft.perf import mfu, synchronize  # noqa: E402
+from bench.synthetic import LENGTH_MEDIAN, LENGTH_RANGE, LENGTHS, PROMPT_FRACTION, benchmark_tokenizer, \
+    model_config, model_folder, synthetic_examples  # noqa: E402
+from sft.perf import MEMORY_BANDWIDTH, mfu, synchronize  # noqa: E402
 from sft.run_folder import provenance  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed results
 LR = 2e-5
 SEED = 0
 ROW_LENGTH = 4096          # packed row length, ours and TRL's
 ROWS = 4                   # packed rows per optimizer step: 16k token slots
+LONG_ROW_LENGTH = 16384    # reasoning-length data: one packed row of 16k tokens per optimizer step
 MIN_VARIANT_S = 40         # with --time-limit-s: no variant starts with less time left than this
 STUDY_PAD_TO = 2048        # the original study pads every example to 2048 tokens...
 STUDY_BATCH = 4            # ...4 examples per step, pure bf16 AdamW, no checkpointing, sdpa, loss on all tokens
+# The 7B rows' AdamW step: the fused Triton kernel (one pass over each parameter's bytes, 8-bit moments included);
+# dict(optimizer_kernel="torch") measures the compiled torch step instead.
+FUSED_INT8_STEP = dict(optimizer_kernel="triton")
 
 # Ours: packed rows, varlen attention on the GPU (attn "auto"), lm_head only on supervised positions.
 OURS = dict(packing=True, max_length=ROW_LENGTH, micro_batch_size=ROWS, attn_implementation="auto",
@@ -54,7 +59,19 @@ OURS_FP32_MASTER = dict(OURS, precision="bf16_autocast")  # fp32 master weights,
 OURS_PURE_BF16 = dict(OURS, precision="bf16_pure", bf16_update="stochastic_rounding",
                       optimizer_state_dtype="bfloat16")
 OURS_INT8_STATES = dict(OURS_PURE_BF16, optimizer_state_dtype="int8")  # block-wise 8-bit moments
-OURS_7B_INT8 = dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, compile=True)
+OURS_7B_INT8 = dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS, compile=True, **FUSED_INT8_STEP)
+# Llama-3.1-8B's shape on one 16k-token row per step, within 60 GiB:
+#   weights, bf16                         8.03e9 x 2 B  = 16.1 GB (15.0 GiB)
+#   AdamW moments, 8-bit block-wise       8.03e9 x ~2 B = 16.3 GB (15.2 GiB: 2 codes + an fp32 scale per 256)
+#   gradients, bf16                       8.03e9 x 2 B  = 16.1 GB (15.0 GiB)
+#   activations, every layer recomputed:  32 layer inputs of 16384 x 4096 bf16 = 4 GiB, plus one layer's
+#     recomputation and its gradients (the MLP's three 16384 x 14336 bf16 tensors are 0.45 GiB each): ~3 GiB
+#   the loss in chunks of 2048 tokens:    2048 x 128256 logits, bf16 and an fp32 softmax: ~1.5 GiB
+#   about 54 GiB in all. The fallback steps each parameter in the backward pass instead (its gradient is
+#   freed at once: 15 GiB less, without clipping to a global norm)
+OURS_LONG = dict(OURS_INT8_STATES, max_length=LONG_ROW_LENGTH, micro_batch_size=1, grad_accum_steps=1,
+                 gradient_checkpointing=True, compile=True, loss_chunk_tokens=2048)
+OURS_LONG_IN_BACKWARD = dict(OURS_LONG, optimizer_in_backward=True, max_grad_norm=None)
 # MPT padded to the longest example of each micro-batch, on transformers' eager attention (which cannot pack)
 OURS_MPT_PADDED = dict(OURS_INT8_STATES, packing=False, attn_implementation="eager", max_length=STUDY_PAD_TO,
                        micro_batch_size=ROWS, gradient_checkpointing=True)
@@ -82,81 +99,103 @@ class Variant:
     timeout_s: float = 150     # kill the variant's process after this many seconds
     fallback_for: str | None = None  # runs only if that variant failed or went past the memory goal
     profile: bool = False      # with --profile: write this variant's top operators (ours only)
+    lengths: str = "instruction"  # the examples' lengths: a key of bench.synthetic.LENGTHS
+    estimate_s: float = 60     # expected wall time of its process on one H100/H200, what bench.gpu_run plans with
 
 
-GPU_PLAN = [  # most important first: --time-limit-s skips the tail when time runs out
+GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget) skips the tail
     Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True),
-            profile=True),
+            profile=True, estimate_s=55),
+    # TRL's best settings, with one batch shape so that its flex attention compiles once (at 1B it had not
+    # finished within 100 s in an earlier GPU run: capped, and TRL's sdpa row stands in if it fails)
+    Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
+            dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=50, timeout_s=70, estimate_s=65),
+    Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa"),
+            max_s=35, fallback_for="trl_1b_flex_static_pure_bf16", estimate_s=40),
+    Variant("study_1b", "study", "llama-1b", 15, 5, STUDY, estimate_s=30),
     # 8-bit moments (about 2 bytes per parameter instead of 4) leave memory for activations: no recomputation,
     # with one 4096-token row per micro-batch and 4 micro-batches per step
-    Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3, OURS_7B_INT8, profile=True),
-    # the original study's own model: MPT-7B packed, ALiBi as a flex-attention score modification; then padded
-    # on transformers' eager MPT attention (every layer recomputed: its [T, T] fp32 scores would not fit)
-    Variant("ours_mpt7b_packed_int8_states_compile", "ours", "mpt-7b", 10, 3, OURS_7B_INT8, profile=True),
-    Variant("ours_mpt7b_padded_eager_int8_states_gc", "ours", "mpt-7b", 10, 3, OURS_MPT_PADDED, max_s=80),
-    Variant("study_1b", "study", "llama-1b", 15, 5, STUDY),
-    Variant("study_mpt7b", "study", "mpt-7b", 10, 3, dict(STUDY, attn="eager"), max_s=80),
-    # TRL's best settings, with one batch shape so that its flex attention compiles once (at 1B it had not
-    # finished within 100 s in the last GPU run; a timeout now records how far it got)
-    Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
-            dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=80, timeout_s=140),
-    Variant("trl_7b_flex_static_pure_bf16_gc", "trl", "llama-7b", 10, 3,
-            dict(TRL_BEST_STATIC, gradient_checkpointing=True, dtype="bf16", attn="flex_attention"),
-            max_s=80, timeout_s=140),
+    Variant("ours_7b_int8_states_compile", "ours", "llama-7b", 10, 3, OURS_7B_INT8, profile=True, estimate_s=70),
+    # the original study's own model: MPT-7B packed, ALiBi as a flex-attention score modification
+    Variant("ours_mpt7b_packed_int8_states_compile", "ours", "mpt-7b", 10, 3, OURS_7B_INT8, profile=True,
+            estimate_s=75),
+    # reasoning-length data (median 4k tokens, up to 16k) on Llama-3.1-8B's shape, one 16k row per step
+    Variant("ours_8b_long16k_int8_states_gc_compile", "ours", "llama-8b", 8, 3, OURS_LONG, lengths="long",
+            estimate_s=85),
+    Variant("ours_8b_long16k_int8_states_in_backward_gc_compile", "ours", "llama-8b", 8, 3, OURS_LONG_IN_BACKWARD,
+            lengths="long", fallback_for="ours_8b_long16k_int8_states_gc_compile", estimate_s=85),
     # the levers, one at a time on the best rows. CUDA graphs around each compiled layer
     Variant("ours_1b_pure_bf16_compile_cudagraphs", "ours", "llama-1b", 15, 5,
-            dict(OURS_PURE_BF16, compile=True, compile_mode="reduce-overhead")),
+            dict(OURS_PURE_BF16, compile=True, compile_mode="reduce-overhead"), estimate_s=60),
     # bf16 moments with the activations in pinned host memory instead of recomputed
     Variant("ours_7b_pure_bf16_offload_compile", "ours", "llama-7b", 10, 3,
-            dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, activation_offload=True, compile=True)),
+            dict(OURS_PURE_BF16, micro_batch_size=1, grad_accum_steps=ROWS, activation_offload=True, compile=True),
+            estimate_s=90),
     # float8 matmuls in the decoder layers (torchao, rowwise scales)
     Variant("ours_1b_pure_bf16_compile_float8", "ours", "llama-1b", 15, 5,
-            dict(OURS_PURE_BF16, compile=True, float8=True), profile=True),
+            dict(OURS_PURE_BF16, compile=True, float8=True), profile=True, estimate_s=60),
     Variant("ours_7b_int8_states_compile_float8", "ours", "llama-7b", 10, 3, dict(OURS_7B_INT8, float8=True),
-            profile=True),
+            profile=True, estimate_s=80),
     # longer packed rows: 2 x 8192 instead of 4 x 4096 token slots per step
     Variant("ours_1b_pure_bf16_compile_rows8192", "ours", "llama-1b", 15, 5,
-            dict(OURS_PURE_BF16, compile=True, max_length=2 * ROW_LENGTH, micro_batch_size=ROWS // 2)),
+            dict(OURS_PURE_BF16, compile=True, max_length=2 * ROW_LENGTH, micro_batch_size=ROWS // 2), estimate_s=50),
     # only if the 8-bit row without recomputation fails or passes 60 GiB: every 8th layer recomputed
     Variant("ours_7b_int8_states_gc_every8_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_7B_INT8, gradient_checkpointing=True, checkpoint_every_n_layers=8),
-            fallback_for="ours_7b_int8_states_compile"),
-    Variant("study_7b", "study", "llama-7b", 10, 3, STUDY),
+            fallback_for="ours_7b_int8_states_compile", estimate_s=75),
+    # TRL at 7B: flex attention with one batch shape, then sdpa in its place if that fails
+    Variant("trl_7b_flex_static_pure_bf16_gc", "trl", "llama-7b", 10, 3,
+            dict(TRL_BEST_STATIC, gradient_checkpointing=True, dtype="bf16", attn="flex_attention"),
+            max_s=80, timeout_s=120, estimate_s=110),
+    Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
+            dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60,
+            fallback_for="trl_7b_flex_static_pure_bf16_gc", estimate_s=80),
+    Variant("study_7b", "study", "llama-7b", 10, 3, STUDY, estimate_s=60),
+    Variant("study_mpt7b", "study", "mpt-7b", 10, 3, dict(STUDY, attn="eager"), max_s=80, estimate_s=95),
+    # MPT padded on transformers' eager MPT attention (every layer recomputed: its [T, T] fp32 scores would not fit)
+    Variant("ours_mpt7b_padded_eager_int8_states_gc", "ours", "mpt-7b", 10, 3, OURS_MPT_PADDED, max_s=80,
+            estimate_s=95),
     # bf16 moments, every layer recomputed: the 7B row of the first GPU run, with today's code
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
-            dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True)),
-    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True)),
-    Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa")),
-    Variant("trl_7b_sdpa_pure_bf16_gc", "trl", "llama-7b", 10, 3,
-            dict(TRL_BEST, gradient_checkpointing=True, dtype="bf16", attn="sdpa"), max_s=60),
+            dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True), estimate_s=75),
+    Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True),
+            estimate_s=60),
     # the same 8-bit moments with two rows per micro-batch, every other layer recomputed
     Variant("ours_7b_int8_states_gc_half_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
-                 checkpoint_every_n_layers=2, compile=True)),
+                 checkpoint_every_n_layers=2, compile=True), estimate_s=75),
     # TRL's fastest setting in the anchor, as the anchor ran it. Flex attention recompiles for each new packed
     # length; in the first GPU run it had not completed 6 steps after 7 minutes: late, capped, timed out
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
-            max_s=100, timeout_s=130),
-    Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa")),
-    Variant("ours_1b_pure_bf16", "ours", "llama-1b", 15, 5, OURS_PURE_BF16),
-    Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 10, 3, dict(OURS_PURE_BF16, gradient_checkpointing=True)),
-    Variant("ours_1b_fp32_master", "ours", "llama-1b", 15, 5, OURS_FP32_MASTER),
+            max_s=100, timeout_s=130, estimate_s=130),
+    Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa"),
+            estimate_s=40),
+    Variant("ours_1b_pure_bf16", "ours", "llama-1b", 15, 5, OURS_PURE_BF16, estimate_s=35),
+    Variant("ours_7b_pure_bf16_gc", "ours", "llama-7b", 10, 3, dict(OURS_PURE_BF16, gradient_checkpointing=True),
+            estimate_s=60),
+    Variant("ours_1b_fp32_master", "ours", "llama-1b", 15, 5, OURS_FP32_MASTER, estimate_s=35),
 ]
 # The anchor (TRL 1.16 on one H100 80GB HBM3, 2026-11-26), printed beside GPU results.
 ANCHOR = ("anchor, real tok/s: 1B study 5,892, TRL sdpa fp32 master 10,635, TRL flex pure bf16 47,149; "
           "7B study 1,345, TRL sdpa pure bf16 + checkpointing 3,745, TRL flex pure bf16 + checkpointing 9,986")
 ANCHOR_TRL_BEST = {"llama-1b": 47_149, "llama-7b": 9_986}  # TRL's best in the anchor: flex attention, pure bf16
-# The goals: real tok/s of the best "ours" row, its peak memory, and time to the first step.
+# The goals, checked over each invocation's rows: real tok/s of the best "ours" row and its peak memory,
 GOALS = {"llama-1b": dict(real_tok_s=70_000), "llama-7b": dict(real_tok_s=13_000, peak_gib=60)}
+# the long rows within the same memory,
+LONG_GOAL = dict(arch="llama-8b", peak_gib=60)
 # MPT-7B packed: a share of the llama-7b row's speed (about the same FLOPs per token) within the same memory, and a
 # multiple of the study's recipe on the MPT-7B shape
 MPT_GOAL = dict(arch="mpt-7b", like="llama-7b", share=0.9, peak_gib=60, times_study=8)
-FIRST_STEP_GOAL_S = 60
-# master weights whose updates are precise to fp32 (never plain bf16 rounding): the goals count only these
+FIRST_STEP_GOAL_S = 60  # every row of ours
+# batch-1 decode of the 7B shape on the inference runtime's fast path: this share of the memory-bandwidth bound
+DECODE_GOAL = dict(variant="static_cache+compile", share=0.7)
+# master weights whose updates are precise to fp32 (never plain bf16 rounding): every row of ours has them, and the
+# speed goals count only these
 PRECISE_UPDATES = ("fp32", "bf16_stochastic_rounding", "bf16_kahan")
 
 CPU_ROW_LENGTH = 512
 CPU_MAX_EXAMPLE = 512      # shorter examples on the CPU: sdpa builds a dense [T, T] mask for packed rows
+CPU_LONG_ROW_LENGTH = 2048  # long examples on the CPU: clipped to this row length
 CPU_PLAN = [
     Variant("ours_tiny", "ours", "tiny", 4, 2,
             dict(OURS, max_length=CPU_ROW_LENGTH, micro_batch_size=2, precision="fp32"), profile=True),
@@ -184,6 +223,9 @@ CPU_PLAN = [
     Variant("study_tiny_mpt", "study", "tiny-mpt", 4, 2,
             dict(STUDY, max_length=CPU_MAX_EXAMPLE, pad_to_multiple_of=CPU_MAX_EXAMPLE, use_cpu=True, dtype="fp32",
                  attn="eager")),
+    # the long-row settings of llama-8b on the tiny model: long examples, one row per step, every layer recomputed
+    Variant("ours_tiny_long", "ours", "tiny", 4, 2, lengths="long",
+            settings=dict(OURS_LONG, max_length=CPU_LONG_ROW_LENGTH, compile=False, loss_chunk_tokens=512)),
 ]
 
 METHOD = """\
@@ -295,7 +337,10 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
                          + f", float8={setup.derived['float8']}, activation_offload={cfg.activation_offload}, "
                          f"optimizer={setup.derived['optimizer']}"
                          + (f", grouped heads {attention.grouped_heads}" if cfg.packing and
-                            setup.derived["attn_implementation"] == attention.IMPLEMENTATION else ""))
+                            setup.derived["attn_implementation"] == attention.IMPLEMENTATION else "")
+                         + (f", data={variant.lengths} (lognormal lengths, median {LENGTHS[variant.lengths][0]}, "
+                            f"{LENGTHS[variant.lengths][1]}..{LENGTHS[variant.lengths][2]})"
+                            if variant.lengths != "instruction" else ""))
 
 
 PROFILE_DIR: Path | None = None  # --profile DIR: ours variants marked `profile` also write a kernel-time table there
@@ -407,19 +452,32 @@ def _installed(name: str) -> bool:
         return False
 
 
-def tokens_for(plan: list[Variant], arch: str) -> int:
-    """Synthetic tokens for one architecture: enough for its hungriest variant. Every variant of an
-    architecture trains on this one set (the generator is seeded)."""
+def tokens_for(plan: list[Variant], arch: str, lengths: str = "instruction") -> int:
+    """Synthetic tokens for one architecture and kind of data: enough for its hungriest variant. Every variant of
+    an architecture trains on this one set (the generator is seeded)."""
     need = max(v.steps * (v.settings.get("micro_batch_size") or v.settings.get("per_device_train_batch_size"))
-               * v.settings.get("grad_accum_steps", 1) * v.settings["max_length"] for v in plan if v.arch == arch)
+               * v.settings.get("grad_accum_steps", 1) * v.settings["max_length"] for v in plan
+               if v.arch == arch and v.lengths == lengths)
     return int(need * 1.2)
+
+
+def data_key(variant: Variant) -> str:
+    """Which synthetic set a variant trains on: its architecture and kind of data."""
+    return f"{variant.arch}/{variant.lengths}"
+
+
+def tokens_by_data(plan: list[Variant]) -> dict[str, int]:
+    return {data_key(v): tokens_for(plan, v.arch, v.lengths) for v in plan}
 
 
 def run_variant(variant: Variant, tokens: int, device: torch.device, start: float) -> dict:
     """Runs one variant in this process (the child's side of run_isolated)."""
     row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
-    max_example = LENGTH_RANGE[1] if variant in GPU_PLAN else CPU_MAX_EXAMPLE
-    examples = synthetic_examples(tokens, model_config(variant.arch).vocab_size, seed=SEED, max_length=max_example)
+    # the data's own lengths on a GPU; on the CPU shorter instruction examples, long ones up to the row length
+    max_example = None if variant in GPU_PLAN else CPU_LONG_ROW_LENGTH if variant.lengths == "long" \
+        else CPU_MAX_EXAMPLE
+    examples = synthetic_examples(tokens, model_config(variant.arch).vocab_size, seed=SEED, max_length=max_example,
+                                  lengths=variant.lengths)
     try:
         with tempfile.TemporaryDirectory(prefix=f"bench_{variant.name}_") as work:
             row.update(RUNNERS[variant.recipe](variant, examples, Path(work), device, start), status="ok")
@@ -511,43 +569,67 @@ def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> s
     return markdown
 
 
-def write_gpu_goals(out: Path) -> Path:
-    """The goal lines over the rows of every GPU benchmark CSV in `out` (one per invocation), in
+def write_gpu_goals(out: Path, inference_csv: Path | None = None) -> Path:
+    """The goal lines of each GPU benchmark CSV in `out` (one per invocation, each checked over its own rows), then
+    the decode goal over the inference runtime's CSV (by default `inference_results_for(out)`), in
     bench_gpu_goals.md: what the README shows under the GPU tables (python -m sft.report)."""
     import pandas as pd
 
-    rows = [row for path in sorted(out.glob("bench_gpu*.csv"))
-            for row in pd.read_csv(path, comment="#", dtype=str).to_dict("records")]
+    paths = [p for p in sorted(out.glob("bench_gpu*.csv")) if not p.stem.endswith("_smoke")]
+    text = []
+    for path in paths:
+        lines = goal_lines(pd.read_csv(path, comment="#", dtype=str).to_dict("records"))
+        if len(paths) == 1:
+            text += [f"- {line}\n" for line in lines]
+        else:
+            text += [f"- From `{path.name}` ({csv_device(path)}):\n"] + [f"  - {line}\n" for line in lines]
+    inference_csv = inference_results_for(out) if inference_csv is None else inference_csv
+    if inference_csv.is_file():
+        text += [f"- {line}\n" for line in decode_goal_lines(
+            pd.read_csv(inference_csv, comment="#").to_dict("records"))]
     path = out / "bench_gpu_goals.md"
-    path.write_text("".join(f"- {line}\n" for line in goal_lines(rows)))
+    path.write_text("".join(text))
     return path
 
 
+def inference_results_for(out: Path) -> Path:
+    """The inference runtime CSV that goes with the benchmark results in `out`: the repository's
+    (inf_tests/results) beside the repository's bench/results, else runtime_gpu.csv in `out` itself."""
+    if out.resolve() == RESULTS.resolve():
+        return RESULTS.parent.parent / "inf_tests" / "results" / "runtime_gpu.csv"
+    return out / "runtime_gpu.csv"
+
+
+def csv_device(path: Path) -> str:
+    """The device a results CSV names in its `# device:` header line."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("# device: "):
+                return line.removeprefix("# device: ").strip()
+            if not line.startswith("#"):
+                break
+    return "device unknown"
+
+
 def goal_lines(rows: list[dict]) -> list[str]:
-    """Per architecture: the fastest of our rows that meets the memory goal with updates precise to fp32
-    (fp32 master weights, stochastic rounding or Kahan summation, never plain bf16), against TRL and the study's
-    recipe (measured here, and TRL's best in the anchor) and against the goal. Rows may come from CSV
-    files (strings) or from this run."""
+    """The goals over the rows of one invocation: per architecture the fastest of our rows that meets the memory
+    goal with updates precise to fp32 (fp32 master weights, stochastic rounding or Kahan summation, never plain
+    bf16), as a ratio to TRL's best row of the same invocation (and to TRL's best in the anchor and the study's
+    recipe), then the long-row, MPT, precision and first-step goals. Rows may come from CSV files (strings) or
+    from this run."""
     ok = [r for r in rows if r.get("status") == "ok"]
     lines = []
     for arch, goal in GOALS.items():
-        def best(recipe: str, fits=lambda r: True):
-            return fastest(ok, arch, recipe, fits)
-
-        ours = best("ours", lambda r: number(r, "peak_gib") <= goal.get("peak_gib", float("inf"))
-                    and master_weights(r) in PRECISE_UPDATES)
+        ours = fastest(ok, arch, "ours", lambda r: fits(r, goal.get("peak_gib", float("inf"))))
         if ours is None:
             lines.append(f"{arch}: no successful run of ours with updates precise to fp32"
                          + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else ""))
             continue
         speed = number(ours, "real_tok_s")
         parts = [f"{arch}: ours {speed:,.0f} real tok/s ({ours['variant']}, {number(ours, 'peak_gib'):.1f} GiB, "
-                 f"first step {number(ours, 'first_step_s'):.1f} s)"]
-        trl, study = best("trl"), best("study")
-        parts.append(f"{speed / ANCHOR_TRL_BEST[arch]:.2f}x TRL's best in the anchor ({ANCHOR_TRL_BEST[arch]:,})")
-        if trl is not None:
-            parts.append(f"{speed / number(trl, 'real_tok_s'):.2f}x TRL measured here ({trl['variant']}, "
-                         f"{number(trl, 'real_tok_s'):,.0f})")
+                 f"first step {number(ours, 'first_step_s'):.1f} s)", versus_trl(ours, ok),
+                 f"{speed / ANCHOR_TRL_BEST[arch]:.2f}x TRL's best in the anchor ({ANCHOR_TRL_BEST[arch]:,}, H100)"]
+        study = fastest(ok, arch, "study")
         if study is not None:
             parts.append(f"{speed / number(study, 'real_tok_s'):.1f}x the study's recipe "
                          f"({number(study, 'real_tok_s'):,.0f})")
@@ -556,13 +638,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
         parts.append(f"goal {goal['real_tok_s']:,}" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else "")
                      + (": met" if met else f": not met ({speed / goal['real_tok_s']:.0%} of it)"))
         lines.append("; ".join(parts))
-    lines += mpt_goal_line(ok)
-    firsts = [number(r, "first_step_s") for r in ok if r["recipe"] == "ours"]
-    if firsts:
-        worst = max(firsts)
-        lines.append(f"time to the first step, ours: at most {worst:.1f} s over {len(firsts)} runs; goal "
-                     f"{FIRST_STEP_GOAL_S} s: {'met' if worst <= FIRST_STEP_GOAL_S else 'not met'}")
-    return lines
+    return lines + long_goal_line(rows, ok) + mpt_goal_line(ok) + precision_goal_line(ok) + first_step_line(ok)
 
 
 def number(row: dict, column: str) -> float:
@@ -573,25 +649,62 @@ def number(row: dict, column: str) -> float:
         return float("nan")
 
 
-def fastest(ok: list[dict], arch: str, recipe: str, fits=lambda r: True) -> dict | None:
-    """The row of `recipe` on `arch` with the most real tok/s among those `fits` accepts."""
-    found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and fits(r)]
+def fits(row: dict, peak_gib: float) -> bool:
+    """Within the memory goal, with updates precise to fp32."""
+    return number(row, "peak_gib") <= peak_gib and master_weights(row) in PRECISE_UPDATES
+
+
+def fastest(ok: list[dict], arch: str, recipe: str, accept=lambda r: True) -> dict | None:
+    """The row of `recipe` on `arch` with the most real tok/s among those `accept` takes."""
+    found = [r for r in ok if r["arch"] == arch and r["recipe"] == recipe and accept(r)]
     return max(found, key=lambda r: number(r, "real_tok_s")) if found else None
+
+
+def versus_trl(row: dict, ok: list[dict]) -> str:
+    """The row against TRL's best row of the same invocation: in real tok/s on the same architecture, else (no
+    TRL row on that shape) in MFU against TRL's row with the highest MFU."""
+    same = fastest(ok, row["arch"], "trl")
+    if same is not None:
+        return (f"{number(row, 'real_tok_s') / number(same, 'real_tok_s'):.2f}x TRL's best here ({same['variant']}, "
+                f"{number(same, 'real_tok_s'):,.0f})")
+    if not any(r["recipe"] == "trl" for r in ok):
+        return "no TRL row completed in this invocation"
+    measured = [r for r in ok if r["recipe"] == "trl" and number(r, "mfu") > 0]  # NaN compares False
+    if not measured or not number(row, "mfu") > 0:
+        return f"no TRL row on {row['arch']} here, and no MFU to compare with"
+    best = max(measured, key=lambda r: number(r, "mfu"))
+    return (f"MFU {number(row, 'mfu'):.1%}, {number(row, 'mfu') / number(best, 'mfu'):.2f}x that of TRL's best row "
+            f"here ({best['variant']}, {number(best, 'mfu'):.1%}; no TRL row on {row['arch']})")
+
+
+def long_goal_line(rows: list[dict], ok: list[dict]) -> list[str]:
+    """Reasoning-length rows on Llama-3.1-8B's shape: their speed, MFU and memory against the memory goal."""
+    goal = LONG_GOAL
+    if not any(r["arch"] == goal["arch"] and not str(r.get("status")).startswith("skipped") for r in rows):
+        return []
+    head = f"{goal['arch']}, rows of {LONG_ROW_LENGTH:,} tokens"
+    long = fastest(ok, goal["arch"], "ours", lambda r: fits(r, goal["peak_gib"]))
+    if long is None:
+        return [f"{head}: no successful run of ours with updates precise to fp32 within {goal['peak_gib']} GiB; "
+                f"goal: not met"]
+    return [f"{head}: ours {number(long, 'real_tok_s'):,.0f} real tok/s ({long['variant']}, MFU "
+            f"{number(long, 'mfu'):.1%}, {number(long, 'peak_gib'):.1f} GiB, first step "
+            f"{number(long, 'first_step_s'):.1f} s); {versus_trl(long, ok)}; updates {master_weights(long)} (precise "
+            f"to fp32); goal within {goal['peak_gib']} GiB: met"]
 
 
 def mpt_goal_line(ok: list[dict]) -> list[str]:
     """MPT-7B packed against the llama-7b row (the same memory limit) and against the study's recipe on MPT-7B."""
     goal = MPT_GOAL
-    best = lambda arch, recipe, fits=lambda r: True: fastest(ok, arch, recipe, fits)  # noqa: E731
-
-    fits = lambda r: number(r, "peak_gib") <= goal["peak_gib"] and master_weights(r) in PRECISE_UPDATES  # noqa: E731
-    mpt = best(goal["arch"], "ours", lambda r: fits(r) and "packed ALiBi" in str(r.get("settings")))
+    mpt = fastest(ok, goal["arch"], "ours", lambda r: fits(r, goal["peak_gib"]) and "packed ALiBi" in
+                  str(r.get("settings")))
     if mpt is None:
         return [f"{goal['arch']}: no successful packed run of ours within {goal['peak_gib']} GiB"] if any(
             r["arch"] == goal["arch"] for r in ok) else []
     speed = number(mpt, "real_tok_s")
     parts = [f"{goal['arch']} packed: {speed:,.0f} real tok/s ({mpt['variant']}, {number(mpt, 'peak_gib'):.1f} GiB)"]
-    like, study = best(goal["like"], "ours", fits), best(goal["arch"], "study")
+    like, study = fastest(ok, goal["like"], "ours", lambda r: fits(r, goal["peak_gib"])), fastest(ok, goal["arch"],
+                                                                                                  "study")
     if like is not None:
         share = speed / number(like, "real_tok_s")
         parts.append(f"{share:.0%} of {goal['like']} ({like['variant']}, {number(like, 'real_tok_s'):,.0f}); goal "
@@ -604,7 +717,55 @@ def mpt_goal_line(ok: list[dict]) -> list[str]:
                      f"{goal['times_study']}x: {'met' if times >= goal['times_study'] else 'not met'}")
     else:
         parts.append(f"the study's recipe on {goal['arch']} did not complete (goal {goal['times_study']}x it)")
+    parts.append(versus_trl(mpt, ok))
     return ["; ".join(parts)]
+
+
+def precision_goal_line(ok: list[dict]) -> list[str]:
+    """Every row of ours updates its weights precisely to fp32 (the goal lines above count only those)."""
+    ours = [r for r in ok if r["recipe"] == "ours"]
+    if not ours:
+        return []
+    imprecise = [f"{r['variant']}, {master_weights(r)}" for r in ours if master_weights(r) not in PRECISE_UPDATES]
+    return [f"updates precise to fp32 (fp32 master weights, stochastic rounding or Kahan summation): "
+            f"{len(ours) - len(imprecise)} of {len(ours)} rows of ours"
+            + (f" (not: {'; '.join(imprecise)})" if imprecise else "")
+            + f"; goal every row: {'not met' if imprecise else 'met'}"]
+
+
+def first_step_line(ok: list[dict]) -> list[str]:
+    ours = [r for r in ok if r["recipe"] == "ours"]
+    if not ours:
+        return []
+    slowest = max(ours, key=lambda r: number(r, "first_step_s"))
+    worst = number(slowest, "first_step_s")
+    return [f"time to the first step, ours: at most {worst:.1f} s ({slowest['variant']}) over {len(ours)} runs; "
+            f"goal {FIRST_STEP_GOAL_S} s for every row: {'met' if worst <= FIRST_STEP_GOAL_S else 'not met'}"]
+
+
+def decode_goal_lines(rows: list[dict]) -> list[str]:
+    """Batch-1 decode of the largest model in the inference runtime's CSV on its fast path, against the bound
+    that the device's memory bandwidth sets (every weight read once per token)."""
+    fast = [r for r in rows if r.get("variant") == DECODE_GOAL["variant"] and number(r, "batch_size") == 1]
+    if not fast:
+        return []
+    row = max(fast, key=lambda r: number(r, "params_m"))
+    head = (f"decode, {number(row, 'params_m') / 1e3:.2f}B parameters, batch 1, {row['variant']}: "
+            f"{number(row, 'decode_tok_s'):,.1f} tok/s")
+    bandwidth, bound = bandwidth_of(str(row.get("device"))), number(row, "bandwidth_bound_tok_s")
+    if bandwidth is None or not bound > 0:
+        return [f"{head}; no memory bandwidth known for {row.get('device')}, so no bound to compare with"]
+    share = number(row, "decode_tok_s") / bound
+    return [f"{head}, {share:.0%} of the bandwidth bound ({bound:,.0f} tok/s: {bandwidth / bound / 1e9:.1f} GB of "
+            f"weights per token at {bandwidth / 1e12:.2f} TB/s, {row.get('device')}); goal {DECODE_GOAL['share']:.0%}: "
+            f"{'met' if share >= DECODE_GOAL['share'] else 'not met'}"]
+
+
+def bandwidth_of(device_name: str) -> float | None:
+    """The memory bandwidth (bytes/s) of a device named as in a results CSV, from sft.perf's table: the entry
+    whose key is the longest part of the name, as sft.perf.memory_bandwidth reads it for a live device."""
+    matches = [k for k in MEMORY_BANDWIDTH if k in device_name]
+    return MEMORY_BANDWIDTH[max(matches, key=len)] if matches else None
 
 
 def master_weights(row: dict) -> str | None:
@@ -619,15 +780,21 @@ def fallback_needed(variant: Variant, rows: list[dict]) -> bool:
     done = next((r for r in rows if r["variant"] == variant.fallback_for), None)
     if variant.fallback_for is None or done is None:
         return True
-    limit = GOALS.get(variant.arch, {}).get("peak_gib", float("inf"))
-    return done.get("status") != "ok" or float(done.get("peak_gib") or 0) > limit
+    return done.get("status") != "ok" or float(done.get("peak_gib") or 0) > memory_goal(variant.arch)
+
+
+def memory_goal(arch: str) -> float:
+    """The GiB a row of ours on `arch` must stay within (infinite where no goal limits it)."""
+    goals = {**{a: g.get("peak_gib") for a, g in GOALS.items()}, LONG_GOAL["arch"]: LONG_GOAL["peak_gib"],
+             MPT_GOAL["arch"]: MPT_GOAL["peak_gib"]}
+    return goals.get(arch) or float("inf")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, a few steps (automatic without a GPU)")
     parser.add_argument("--only", default="", help="comma-separated parts of variant names to run")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--time-limit-s", type=float, default=None,
                         help="every variant ends within this many seconds of the start (cut short if needed)")
     parser.add_argument("--profile", type=Path,
@@ -659,7 +826,7 @@ def main(argv: list[str] | None = None) -> None:
     # the output's name says which plan ran: the README's GPU table reads bench_gpu.* only
     kind = "cpu" if device.type != "cuda" else "gpu_smoke" if smoke else "gpu"
     lines = header(device)
-    tokens = {arch: tokens_for(plan, arch) for arch in dict.fromkeys(v.arch for v in plan)}
+    tokens = tokens_by_data(plan)
     rows = []
     for variant in plan:
         left = math.inf if args.time_limit_s is None else args.time_limit_s - (time.perf_counter() - PROCESS_START)
@@ -670,7 +837,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch,
                              status=f"skipped: {variant.fallback_for} ran within the memory goal"))
         else:  # cut to what is left, so that a variant is stopped and recorded, never killed with the benchmark
-            rows.append(run_isolated(variant, tokens[variant.arch], device, args.profile,
+            rows.append(run_isolated(variant, tokens[data_key(variant)], device, args.profile,
                                      timeout_s=min(variant.timeout_s, left - 5)))
         markdown = write_results(rows, lines, args.out, kind)
     print(markdown)

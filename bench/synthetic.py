@@ -1,8 +1,9 @@
 """What the benchmarks train on: random-init Llama and MPT shapes and synthetic instruction-length examples.
 
 The length distribution is the anchor's (TRL 1.16 on one H100, bench/README.md): lognormal, median 300
-tokens, clipped to 24..2048, the first 20-60% of each example a prompt without loss. Token ids are uniform random, which
-is all a throughput or precision measurement needs.
+tokens, clipped to 24..2048, the first 20-60% of each example a prompt without loss. Reasoning-length data
+(`LENGTHS["long"]`) has the same shape around a median of 4096 tokens, clipped to 256..16384. Token ids are uniform
+random, which is all a throughput or precision measurement needs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from sft.templates import IGNORE_INDEX
 ARCH = {
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+    # Llama-3.1-8B's shape, with positions for rows of 16k tokens
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                     max_position_embeddings=16384),
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32),
     "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -32,6 +37,8 @@ MAX_POSITION_EMBEDDINGS = 4096
 LENGTH_MEDIAN = 300
 LENGTH_SIGMA = 0.8
 LENGTH_RANGE = (24, 2048)
+# the example lengths of each kind of data: (median, shortest, longest)
+LENGTHS = {"instruction": (LENGTH_MEDIAN, *LENGTH_RANGE), "long": (4096, 256, 16384)}
 PROMPT_FRACTION = (0.2, 0.6)
 FIRST_TOKEN_ID = 10  # ids below are the special tokens of the benchmark tokenizer
 
@@ -51,13 +58,16 @@ class SyntheticExample:
         return [0] * self.prompt_length + [1] * (len(self.input_ids) - self.prompt_length)
 
 
-def synthetic_examples(tokens: int, vocab_size: int, seed: int = 0,
-                       max_length: int = LENGTH_RANGE[1]) -> list[SyntheticExample]:
-    """Examples until their lengths add up to at least `tokens`."""
+def synthetic_examples(tokens: int, vocab_size: int, seed: int = 0, max_length: int | None = None,
+                       lengths: str = "instruction") -> list[SyntheticExample]:
+    """Examples until their lengths add up to at least `tokens`, with the lengths of `lengths` (a key of
+    LENGTHS), clipped to `max_length` if it is shorter than their longest."""
+    median, shortest, longest = LENGTHS[lengths]
+    longest = longest if max_length is None else min(longest, max_length)
     rng = np.random.default_rng(seed)
     examples, total = [], 0
     while total < tokens:
-        length = int(np.clip(rng.lognormal(math.log(LENGTH_MEDIAN), LENGTH_SIGMA), LENGTH_RANGE[0], max_length))
+        length = int(np.clip(rng.lognormal(math.log(median), LENGTH_SIGMA), min(shortest, longest), longest))
         prompt = max(1, int(length * rng.uniform(*PROMPT_FRACTION)))
         examples.append(SyntheticExample(rng.integers(FIRST_TOKEN_ID, vocab_size, length).tolist(), prompt))
         total += length
@@ -79,8 +89,8 @@ def model_config(arch: str):
     settings = dict(ARCH[arch])
     if settings.pop("family", "llama") == "mpt":
         return MptConfig(pad_token_id=0, eos_token_id=1, bos_token_id=1, **settings)
-    return LlamaConfig(max_position_embeddings=MAX_POSITION_EMBEDDINGS, pad_token_id=0, eos_token_id=1,
-                       bos_token_id=1, **settings)
+    settings.setdefault("max_position_embeddings", MAX_POSITION_EMBEDDINGS)
+    return LlamaConfig(pad_token_id=0, eos_token_id=1, bos_token_id=1, **settings)
 
 
 def model_folder(arch: str, path: Path) -> Path:

@@ -238,3 +238,56 @@ def samples_side_by_side(run: Run) -> pd.DataFrame:
     table = prompts.join(responses.reindex(columns=["before", "after"]))
     table = table.rename(columns={"before": "response_before", "after": "response_after"})
     return table.sort_index().reset_index()[SIDE_BY_SIDE_COLUMNS]
+
+
+def runs_listing(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, for a look at a runs folder: its real status (`stale` for a run that says `running`
+    while nobody holds its lock), the optimizer steps done of those planned, and the final numbers so far."""
+    compared = compare_runs(runs)
+    rows = []
+    for run, numbers in zip(runs, compared.to_dict("records")):
+        done = run.summary.get("global_step", _last(run.train, "step"))
+        planned = run.derived.get("optimizer_steps")
+        rows.append({"run": run.name, "status": run.status,
+                     "steps": f"{0 if done is None else int(done)}/{planned if planned is not None else '?'}",
+                     **{k: numbers[k] for k in ("train_loss_final", "eval_loss_first", "eval_loss_final",
+                                                "task_metric_name", "task_metric_before", "task_metric_after")}})
+    return pd.DataFrame(rows, columns=["run", "status", "steps", "train_loss_final", "eval_loss_first",
+                                       "eval_loss_final", "task_metric_name", "task_metric_before",
+                                       "task_metric_after"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sft.analysis [runs/ | runs/<run> ...]`: lists runs with their status, steps and numbers."""
+    import argparse
+    import sys
+
+    from .run_folder import partial_files_note
+
+    parser = argparse.ArgumentParser(prog="python -m sft.analysis",
+                                     description="List runs with their real status, steps and final numbers.")
+    parser.add_argument("paths", nargs="*", default=[DEFAULT_RUNS_ROOT], metavar="PATH",
+                        help="a runs folder (every run in it) or run folders (default: the repository's runs/)")
+    args = parser.parse_args(argv)
+    folders = [p for path in map(Path, args.paths)
+               for p in ([path] if (path / "config.json").is_file() else find_runs(path))]
+    if not folders:
+        print(f"error: no run folders (folders with a config.json) in {', '.join(args.paths)}", file=sys.stderr)
+        return 2
+    runs, notes = [], []
+    for folder in folders:
+        try:
+            runs.append(load_run(folder))
+        except DataError as e:
+            notes.append(f"skipped {folder}: {e}")
+            continue
+        notes += filter(None, [partial_files_note(folder)])
+    with pd.option_context("display.max_colwidth", 60, "display.width", 250, "display.float_format", "{:.4f}".format):
+        print(runs_listing(runs).to_string(index=False, na_rep="-"))
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

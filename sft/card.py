@@ -62,11 +62,23 @@ def datasets_of(config: dict) -> list[dict]:
             for s in cfg.sources()]
 
 
+def data_sources(config: dict) -> dict[str, bool]:
+    """Every dataset the run read (its training sources, then a separate held-out dataset), and whether it
+    came from the hub: a hub dataset is read only at a pinned revision, a path never needs one."""
+    found = {d["source"]: bool(d["revision"] and _hub_id(d["source"])) for d in datasets_of(config)}
+    held_out = config.get("eval_dataset")
+    if held_out:
+        revision = config.get("eval_dataset_revision") or (config.get("dataset_revision")
+                                                           if held_out == config.get("dataset") else None)
+        found.setdefault(held_out, bool(revision and _hub_id(held_out)))
+    return found
+
+
 def card_data(run: Run):
     from huggingface_hub import EvalResult, ModelCardData
 
     base, licence = base_model(run.config)
-    hub_datasets = [d["source"] for d in datasets_of(run.config) if _hub_id(d["source"])]
+    hub_datasets = [s for s, hub in data_sources(run.config).items() if hub]  # the others: named in the text
     eval_name = run.config.get("eval_dataset") or run.config["dataset"]
     results = []
     for metric, value in (("loss", run.summary.get("eval_loss_final")),
@@ -95,8 +107,19 @@ def card_text(run_dir) -> str:
              + (f" (revision `{run.config['model_revision']}`)" if run.config.get("model_revision") else "")
              + f" on {names}, with loss on "
              f"{'assistant tokens only' if run.config['loss_on'] == 'assistant' else 'all tokens'}.\n",
-             _results(run), _usage(run), _settings(run), _data(run), _curve(run), _samples(run), _environment(run)]
+             _off_hub(run), _results(run), _usage(run), _settings(run), _data(run), _curve(run), _samples(run),
+             _environment(run)]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(p for p in parts if p)
+
+
+def _off_hub(run: Run) -> str:
+    """The datasets that the metadata cannot name, since they are not on the hub."""
+    local = [s for s, hub in data_sources(run.config).items() if not hub]
+    if not local:
+        return ""
+    kind = lambda s: "embedded in this toolkit" if s.startswith("embedded:") else "a local file or folder"  # noqa: E731
+    return ("Data that is not on the hub (so the metadata's `datasets` does not list it): "
+            + ", ".join(f"`{s}` ({kind(s)})" for s in local) + ".\n")
 
 
 def _results(run: Run) -> str:

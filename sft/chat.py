@@ -6,8 +6,11 @@
 
 Replies stream as they are generated. The conversation is multi-turn; `/reset` starts a new one,
 `/settings` shows the decoding settings and `/settings temperature=0.7 do_sample=true` changes them,
-`/quit` (or Ctrl-D) exits. Prompts are encoded by `sft.templates.encode_chat`, the function that encoded
-the training examples, and decoded with `sft.generation`'s settings: what the run's samples show is what
+`/quit` (or Ctrl-D) exits. `--tools tools.json` gives the model function schemas (a JSON list, as a row's
+`tools`); when it calls one, `/tool <result>` answers the call and the model goes on. A reply with reasoning
+or tool calls is shown again in its parts after it streams. Prompts are encoded by
+`sft.templates.encode_chat`, the function that encoded the training examples, and decoded with
+`sft.generation`'s settings: what the run's samples show is what
 this chat gives for the same conversation.
 """
 from __future__ import annotations
@@ -21,11 +24,14 @@ from pathlib import Path
 
 import torch
 
+from .config import TrainConfig
 from .errors import ConfigError, SFTError
 from .generation import Decoding, generation_config, only_given_settings
+from .template_traits import Reply, parse_reply
 from .templates import encode_chat
 
-HELP = "/reset starts a new conversation, /settings shows or changes decoding (key=value ...), /quit exits"
+HELP = ("/reset starts a new conversation, /settings shows or changes decoding (key=value ...), /tool TEXT answers "
+        "the model's tool call with TEXT, /quit exits")
 
 
 def resolve(path: str) -> tuple[str, Decoding]:
@@ -45,7 +51,8 @@ def resolve(path: str) -> tuple[str, Decoding]:
 
 
 def change(decoding: Decoding, assignments: list[str]) -> Decoding:
-    """`decoding` with `key=value` changes, each value read as its field's type.
+    """`decoding` with `key=value` changes, each value read as its field's type and the result checked as a
+    run's decoding settings are (so a setting that generation would refuse is refused here, when given).
 
     >>> change(Decoding(), ["temperature=0.7", "do_sample=true", "max_new_tokens=20"])
     Decoding(max_new_tokens=20, do_sample=True, temperature=0.7, top_p=1.0, seed=0)
@@ -58,19 +65,36 @@ def change(decoding: Decoding, assignments: list[str]) -> Decoding:
             raise ConfigError(f"settings: expected key=value with a key among {', '.join(fields)}, got {item!r}")
         kind = type(getattr(decoding, key))
         try:
-            updates[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
+            updates[key] = BOOLEANS[value.lower()] if kind is bool else kind(value)
+        except (ValueError, KeyError):
             raise ConfigError(f"settings: {key} takes a {kind.__name__}, got {value!r}") from None
-    return dataclasses.replace(decoding, **updates)
+    changed = dataclasses.replace(decoding, **updates)
+    try:
+        TrainConfig(experiment="chat", **dataclasses.asdict(changed))
+    except ConfigError as e:
+        raise ConfigError(f"settings: {e}" + ("" if changed.do_sample == decoding.do_sample or "do_sample" not in
+                                              updates else f" (with do_sample={changed.do_sample})")
+                          + "; nothing was changed") from None
+    return changed
+
+
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 @torch.no_grad()
-def reply(model, tokenizer, messages: list[dict], decoding: Decoding, stream=None) -> str:
+def reply(model, tokenizer, messages: list[dict], decoding: Decoding, stream=None, tools=None) -> str:
     """The model's answer to a conversation ending with a user turn, printed to `stream` token by token."""
+    return respond(model, tokenizer, messages, decoding, stream, tools).content
+
+
+def respond(model, tokenizer, messages: list[dict], decoding: Decoding, stream=None, tools=None) -> Reply:
+    """The model's reply to a conversation ending with a user or tool turn (printed to `stream` token by token),
+    split into reasoning, answer and tool calls in the chat template's format."""
     from transformers import TextStreamer
 
     device = next(model.parameters()).device
-    ids = torch.tensor([encode_chat(tokenizer, messages, add_generation_prompt=True).input_ids], device=device)
+    ids = torch.tensor([encode_chat(tokenizer, messages, add_generation_prompt=True, tools=tools).input_ids],
+                       device=device)
     streamer = None
     if stream is not None:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -79,7 +103,41 @@ def reply(model, tokenizer, messages: list[dict], decoding: Decoding, stream=Non
     with only_given_settings(model, decoding.seed):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              generation_config=generation_config(tokenizer, decoding), streamer=streamer)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return parse_reply(tokenizer, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
+
+
+def show(answer: Reply) -> str:
+    """The reply's parts apart, after the streamed text: its reasoning, answer and tool calls ("" for a plain
+    answer)."""
+    if answer.reasoning is None and not answer.tool_calls:
+        return ""
+    lines = [f"  [reasoning] {answer.reasoning}"] if answer.reasoning is not None else []
+    lines += [f"  [answer] {answer.content}"] if answer.content else []
+    lines += [f"  [tool call] {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})"
+              for c in answer.tool_calls]
+    return "\n".join(lines)
+
+
+def assistant_turn(answer: Reply) -> dict:
+    """The reply as the conversation's next assistant turn (in the form training reads)."""
+    turn = {"role": "assistant", "content": answer.content}
+    if answer.reasoning:
+        turn["reasoning_content"] = answer.reasoning
+    if answer.tool_calls:
+        turn["tool_calls"] = [{"type": "function", "function": c} for c in answer.tool_calls]
+    return turn
+
+
+def read_tools(path: str | None) -> list | None:
+    """The function schemas of a `--tools` file, checked as a row's `tools` are."""
+    if path is None:
+        return None
+    from .formats import MalformedRow, validate_tools
+
+    try:
+        return validate_tools(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, MalformedRow) as e:
+        raise ConfigError(f"--tools: {path} is not a JSON list of function schemas ({e})") from None
 
 
 def load(path: str, device: str):
@@ -95,18 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", help="answer this once and exit")
     parser.add_argument("--system", help="a system message at the start of every conversation")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="decoding changes, as /settings")
+    parser.add_argument("--tools", help="a JSON file of function schemas the model may call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
         path, decoding = resolve(args.path)
         decoding = change(decoding, args.set)
+        tools = read_tools(args.tools)
         model, tokenizer = load(path, args.device)
     except SFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     start = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        reply(model, tokenizer, start + [{"role": "user", "content": args.prompt}], decoding, sys.stdout)
+        answer = respond(model, tokenizer, start + [{"role": "user", "content": args.prompt}], decoding, sys.stdout,
+                         tools)
+        if show(answer):
+            print(show(answer), flush=True)
         return 0
     with contextlib.suppress(ImportError):  # line editing and history in input() (not on every platform)
         import readline  # noqa: F401
@@ -118,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:
+            print()
+            return 130
         command, *rest = text.strip().split() or [""]
         if command == "/quit":
             return 0
@@ -132,12 +198,32 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", flush=True)
             print(json.dumps(decoding.record()), flush=True)
             continue
-        if command.startswith("/") or not text.strip():
+        if command == "/tool":
+            calls = messages[-1].get("tool_calls") if messages and messages[-1]["role"] == "assistant" else None
+            if not calls or not rest:
+                print("error: /tool TEXT answers the model's last tool call; there is none to answer" if not calls
+                      else "error: /tool needs the tool's result", flush=True)
+                continue
+            question = messages + [{"role": "tool", "name": calls[-1]["function"]["name"],
+                                    "content": text.strip()[len("/tool"):].strip()}]
+        elif command.startswith("/") or not text.strip():
             print(HELP, flush=True)
             continue
-        messages.append({"role": "user", "content": text})
+        else:
+            question = messages + [{"role": "user", "content": text}]
         print("model> ", end="", flush=True)
-        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, decoding, sys.stdout)})
+        try:
+            answer = respond(model, tokenizer, question, decoding, sys.stdout, tools)
+        except KeyboardInterrupt:
+            print("\n(stopped; the question is left out of the conversation)", flush=True)
+            continue
+        except Exception as e:  # noqa: BLE001 - a reply that fails ends that reply, never the chat
+            print(f"\nerror: {' '.join(str(e).split()) or type(e).__name__}; the question is left out of the "
+                  f"conversation", flush=True)
+            continue
+        if show(answer):
+            print(show(answer), flush=True)
+        messages = question + [assistant_turn(answer)]
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ PREFIX = "step-"
 
 
 class CheckpointError(SFTError):
-    """A checkpoint cannot be written or read."""
+    """A checkpoint cannot be written or read; `path` is the checkpoint's folder."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 def checkpoints(run_path: Path) -> list[Path]:
@@ -43,8 +47,8 @@ def check_disk(path: Path, need: int) -> None:
     free = shutil.disk_usage(path).free
     if free < need:
         raise CheckpointError(f"not enough free disk space for a checkpoint at {path}: it needs about "
-                              f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; the last checkpoint "
-                              f"is kept; free space or set checkpoint_every=None")
+                              f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free space or set "
+                              f"checkpoint_every=None", path)
 
 
 def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler, keep: int, need_bytes: int) -> Path:
@@ -66,7 +70,7 @@ def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler,
 
         problem = broadcast_object_list([problem])[0]
     if problem:
-        raise CheckpointError(problem)
+        raise CheckpointError(problem, final)
     try:
         accelerator.save_state(str(tmp), safe_serialization=False)
         # save_state ends without a barrier: every process's files (its random states, FSDP's shards) must be
@@ -80,11 +84,12 @@ def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler,
             prune(run_path, keep)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its stream
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint stays behind; the older ones do
-        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if shutil.disk_usage(root).free < 2**20:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        free = shutil.disk_usage(root).free
+        if free < 2**20 and "No space left on device" not in detail:
             detail = f"No space left on device: {detail}"
-        raise CheckpointError(f"writing the checkpoint of step {step} failed ({detail}); the older checkpoints "
-                              f"are kept") from e
+        raise CheckpointError(f"writing the checkpoint of step {step} into {final} failed ({detail}; "
+                              f"{free / 2**30:.2f} GiB free there)", final) from e
     accelerator.wait_for_everyone()
     return final
 

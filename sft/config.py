@@ -29,12 +29,13 @@ BF16_UPDATES = ("stochastic_rounding", "kahan", "none")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 LOSS_ON = ("assistant", "all")
 TOO_LONG = ("error", "truncate", "drop")
-TEMPLATES = ("auto", "tokenizer", "plain")
+TEMPLATES = ("auto", "tokenizer", "plain", "chatml-tools")  # chatml-tools: ChatML with tool calls and reasoning
 ATTENTION = ("auto", "sdpa", "eager", "varlen", "flex_attention")
 LOSS_IMPLS = ("auto", "selected", "full")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 DATASET_FORMATS = ("auto", *FORMATS)
-TASK_METRICS = ("exact_match",)
+TASK_METRICS = ("exact_match", "tool_call_match")
+MULTI_TURN = ("per_turn", "last_turn", "error")
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 
 
@@ -61,7 +62,15 @@ class TrainConfig:
     eval_dataset_revision: str | None = None  # None: dataset_revision when eval_dataset is the same repo
     eval_dataset_files: str | None = None     # files inside eval_dataset's hub repo (never dataset_files)
     eval_rows: int | float | None = None  # count or fraction split off; None: 5%, or all of eval_dataset
-    template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain
+    template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain;
+                                         # "tokenizer", "plain", "chatml-tools" (ChatML with tool calls and
+                                         # reasoning, for ChatML models), or the path of a Jinja template file
+    multi_turn: str = "per_turn"         # a template that renders earlier turns differently from the last
+                                         # (Qwen3, gpt-oss): "per_turn" makes an example of each assistant turn
+                                         # the last rendering does not hold; "last_turn" trains the last only;
+                                         # "error" refuses
+    reasoning_tags: tuple[str, str] | None = None  # for templates with no place for reasoning: write each
+                                         # turn's reasoning inline before its content in these tags
     system_prompt: str | None = None     # system message of conversations without one; None: the template's own
                                          # (SmolLM2's adds "You are a helpful AI assistant named SmolLM, ..."); "": none
     eos_token: str | None = None         # end-of-turn token to learn, if not the tokenizer's EOS (e.g. "<|im_end|>")
@@ -90,6 +99,7 @@ class TrainConfig:
     precision: str = "auto"              # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
     bf16_update: str = "stochastic_rounding"  # how pure-bf16 weights keep small updates
     optimizer_state_dtype: str = "float32"    # "bfloat16" halves AdamW's moments, "int8" quarters them (bf16_pure)
+    optimizer_kernel: str = "auto"       # AdamW step (bf16_pure): "triton" kernel or "torch"; "auto": triton on GPUs
     optimizer_in_backward: bool = False  # step each parameter in the backward pass, freeing its gradient (bf16_pure)
     gradient_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1   # with gradient_checkpointing: 1 = every layer; 2 = every other one...
@@ -151,11 +161,20 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("loss_on", self.loss_on, LOSS_ON)
         _choice("too_long", self.too_long, TOO_LONG)
-        _choice("template", self.template, TEMPLATES)
+        if self.template not in TEMPLATES and not (self.template.endswith(".jinja")
+                                                   and Path(self.template).expanduser().is_file()):
+            raise ConfigError(f"template: one of {', '.join(TEMPLATES)} or the path of a .jinja chat template file, "
+                              f"got {self.template!r}")
+        _choice("multi_turn", self.multi_turn, MULTI_TURN)
+        if self.reasoning_tags is not None and (len(self.reasoning_tags) != 2 or not all(
+                isinstance(t, str) and t.strip() for t in self.reasoning_tags)):
+            raise ConfigError(f"reasoning_tags: an opening and a closing tag, e.g. ('<think>', '</think>'), "
+                              f"got {self.reasoning_tags!r}")
         _choice("attn_implementation", self.attn_implementation, ATTENTION)
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
         _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16", "int8"))
+        _choice("optimizer_kernel", self.optimizer_kernel, ("auto", "triton", "torch"))
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode: {self.compile_mode!r} applies to compiled layers; set compile=True")
@@ -172,6 +191,10 @@ class TrainConfig:
         if self.optimizer_state_dtype == "int8" and self.bf16_update != "stochastic_rounding":
             raise ConfigError(f"optimizer_state_dtype: 'int8' is implemented with bf16_update='stochastic_rounding', "
                               f"not {self.bf16_update!r}")
+        if self.optimizer_kernel == "triton" and (self.precision, self.bf16_update) != ("bf16_pure",
+                                                                                          "stochastic_rounding"):
+            raise ConfigError("optimizer_kernel: 'triton' is the step of precision='bf16_pure' with "
+                              "bf16_update='stochastic_rounding'")
         if self.optimizer_in_backward:
             if self.precision != "bf16_pure":
                 raise ConfigError("optimizer_in_backward: needs precision='bf16_pure', whose AdamW steps one "
@@ -340,7 +363,7 @@ def _expected_types(hint: str) -> tuple[type, ...] | None:
     table = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
     hint = hint.replace(" ", "")
     if hint.startswith("tuple"):
-        return (tuple, list)
+        return (tuple, list, type(None)) if hint.endswith("|None") else (tuple, list)
     if hint.startswith("dict"):
         return (dict,)
     out: tuple[type, ...] = ()

@@ -31,13 +31,13 @@ import pyarrow.compute as pc
 
 from . import formats, sources
 from .config import EMBEDDED_DATASET, Source, TrainConfig
-from .demo_data import demo_rows
+from .demo_data import EMBEDDED_DATASETS
 from .errors import ConfigError, DataError
 from .modeling import cache_root
 from .packing import Example, shift_labels
-from .templates import IGNORE_INDEX, encode_chats
+from .templates import IGNORE_INDEX, encode_conversations
 
-CACHE_VERSION = 5
+CACHE_VERSION = 7
 DEFAULT_EVAL_FRACTION = 0.05
 
 
@@ -50,15 +50,17 @@ class PreparedData:
     cache_hit: bool = False
     source_names: list[str] = field(default_factory=list)  # the run's datasets (more than one: a mixture)
     eval_sources: list[int] = field(default_factory=list)  # each held-out example's dataset, by its index
+    eval_tools: list = field(default_factory=list)  # each held-out conversation's tools (None for none)
+    eval_rows: list = field(default_factory=list)  # each held-out conversation's (dataset, row number from 1)
 
 
 @dataclass
 class ReadSource:
     """A source's rows, read, checked and converted by `read_source`: each row's conversation as JSON text (null
     for a rejected row) in a memory-mapped Arrow table, with the counts."""
-    texts: object  # a datasets.Dataset: columns conversation (JSON text) and chars (the characters of its content)
+    texts: object  # a datasets.Dataset: columns conversation and tools (JSON texts) and chars (of the content)
     usable: np.ndarray  # the rows that are conversations, by index (a row's number is its index + 1)
-    read: dict  # source, format, rows_read, rows_kept, rows_rejected
+    read: dict  # source, format, rows_read, rows_kept, rows_rejected, fields_ignored
 
 
 def read_source(src: Source, num_proc: int | str, work: Path) -> ReadSource:
@@ -68,10 +70,12 @@ def read_source(src: Source, num_proc: int | str, work: Path) -> ReadSource:
     from datasets import Dataset, Features, Value
 
     source = src.dataset
-    if source == EMBEDDED_DATASET:
-        texts = ((sources.dumps_row(r), source, n, False) for n, r in enumerate(demo_rows(src.max_rows), 1))
+    if source in EMBEDDED_DATASETS:
+        texts = ((sources.dumps_row(r), source, n, False)
+                 for n, r in enumerate(EMBEDDED_DATASETS[source](src.max_rows), 1))
     elif source.startswith("embedded:"):
-        raise DataError(f"dataset: unknown embedded dataset {source!r}; the embedded one is {EMBEDDED_DATASET!r}")
+        raise DataError(f"dataset: unknown embedded dataset {source!r}; the embedded ones are "
+                        f"{', '.join(EMBEDDED_DATASETS)}")
     else:
         texts = sources.row_texts(source, revision=src.revision, split=src.split, max_rows=src.max_rows,
                                   data_files=src.files)
@@ -99,8 +103,9 @@ def read_source(src: Source, num_proc: int | str, work: Path) -> ReadSource:
                                                schema=schema))
             count += len(chunk)
     procs = auto_num_proc(num_proc, count)
-    features = Features({"conversation": Value("large_string"), "chars": Value("int64"), "reject": Value("string"),
-                         "error": Value("string")})
+    features = Features({"conversation": Value("large_string"), "tools": Value("large_string"),
+                         "chars": Value("int64"), "reject": Value("string"), "error": Value("string"),
+                         "ignored": Value("string")})
     with _map_progress(count, procs):
         texts = Dataset.from_file(str(rows_file)).map(
             _read_batch, batched=True, batch_size=1024, num_proc=procs if procs > 1 else None,
@@ -117,29 +122,30 @@ def read_source(src: Source, num_proc: int | str, work: Path) -> ReadSource:
     if not usable.size:
         raise DataError(f"dataset {source}: none of its {count} rows is a usable {fmt} conversation "
                         f"(rejected by reason: {rejected})")
-    return ReadSource(texts.remove_columns(["reject", "error"]), usable,
+    ignored = Counter(k for keys in texts.data.table.column("ignored").drop_null().to_pylist() for k in keys.split(","))
+    return ReadSource(texts.remove_columns(["reject", "error", "ignored"]), usable,
                       {"source": source, "format": fmt, "rows_read": count, "rows_kept": int(usable.size),
-                       "rows_rejected": rejected})
+                       "rows_rejected": rejected, "fields_ignored": dict(sorted(ignored.items()))})
 
 
 def _read_batch(batch: dict, fmt: str, files: list[str]) -> dict:
     """Dataset.map's function: each row text parsed, checked and converted; a rejected row gets its reason, an
     unreadable one its error."""
-    out = {"conversation": [], "chars": [], "reject": [], "error": []}
+    out = {"conversation": [], "tools": [], "chars": [], "reject": [], "error": [], "ignored": []}
     for text, file, number, raw in zip(batch["text"], batch["file"], batch["number"], batch["raw"]):
-        conversation, chars, reject, error = None, 0, None, None
+        conversation, tools, chars, reject, error, ignored = None, None, 0, None, None, None
         try:
-            messages = formats.row_to_messages(sources.parse_row(text, files[file], number, raw), fmt)
-            conversation = json.dumps(messages, ensure_ascii=False)
-            chars = sum(len(m["content"]) for m in messages)
+            got = formats.row_to_conversation(sources.parse_row(text, files[file], number, raw), fmt)
+            conversation = json.dumps(got.messages, ensure_ascii=False)
+            tools = json.dumps(got.tools, ensure_ascii=False) if got.tools else None
+            chars = formats.content_chars(got.messages)
+            ignored = ",".join(got.ignored) or None
         except formats.MalformedRow as e:
             reject = e.reason
         except DataError as e:
             error = str(e)
-        out["conversation"].append(conversation)
-        out["chars"].append(chars)
-        out["reject"].append(reject)
-        out["error"].append(error)
+        for key, value in zip(out, (conversation, tools, chars, reject, error, ignored)):
+            out[key].append(value)
     return out
 
 
@@ -153,12 +159,14 @@ class Selection:
     source: np.ndarray
 
     @classmethod
-    def of(cls, conversations: list[list[dict]]) -> "Selection":
+    def of(cls, conversations: list[list[dict]], tools: list | None = None) -> "Selection":
         """Conversations in memory, as one dataset."""
         from datasets import Dataset
 
+        tools = tools or [None] * len(conversations)
         texts = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations],
-                                   "chars": [sum(len(m["content"]) for m in c) for c in conversations]})
+                                   "tools": [json.dumps(t, ensure_ascii=False) if t else None for t in tools],
+                                   "chars": [formats.content_chars(c) for c in conversations]})
         zeros = np.zeros(len(conversations), dtype=np.int64)
         return cls([texts], zeros, np.arange(len(conversations)), zeros)
 
@@ -177,6 +185,10 @@ class Selection:
 
     def conversation(self, i: int) -> list[dict]:
         return json.loads(self.tables[self.table[i]].data.table.column("conversation")[int(self.index[i])].as_py())
+
+    def tools(self, i: int) -> list | None:
+        text = self.tables[self.table[i]].data.table.column("tools")[int(self.index[i])].as_py()
+        return json.loads(text) if text else None
 
     def chars(self) -> int:
         return int(sum(self.tables[t].data.table.column("chars").to_numpy()[self.index[self.table == t]].sum()
@@ -212,8 +224,9 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     kept_eval = json.loads((store / "eval_conversations.json").read_text())
     stats["tokenization_cache"] = {"key": key, "hit": hit}
     held_out = TokenizedExamples(store / "eval")
-    return PreparedData(TokenizedExamples(store / "train"), held_out.to_list(), kept_eval, stats, hit,
-                        [s["name"] for s in stats["sources"]], held_out.sources.tolist())
+    return PreparedData(TokenizedExamples(store / "train"), held_out.to_list(), kept_eval["messages"], stats, hit,
+                        [s["name"] for s in stats["sources"]], held_out.sources.tolist(), kept_eval["tools"],
+                        [tuple(r) for r in kept_eval["rows"]])
 
 
 def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
@@ -259,9 +272,14 @@ def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
     held_out = Selection(tables, *(np.array(column, dtype=np.int64) for column in zip(*turns)))
     check_store_room(work.parent, train.chars() + held_out.chars())
     eval_names = [cfg.eval_dataset] if cfg.eval_dataset is not None else [s.name for s in srcs]
-    tok_stats = {"train": tokenize_to_store(train, tokenizer, cfg, "train", [s.name for s in srcs], work / "train"),
-                 "eval": tokenize_to_store(held_out, tokenizer, cfg, "held-out", eval_names, work / "eval")}
-    kept_eval = [held_out.conversation(i) for i in np.flatnonzero(tok_stats["eval"].pop("kept_mask"))]
+    named = template_name(cfg)
+    tok_stats = {"train": tokenize_to_store(train, tokenizer, cfg, "train", [s.name for s in srcs], work / "train",
+                                            named),
+                 "eval": tokenize_to_store(held_out, tokenizer, cfg, "held-out", eval_names, work / "eval", named)}
+    kept = np.flatnonzero(tok_stats["eval"].pop("kept_mask"))
+    kept_eval = {"messages": [held_out.conversation(i) for i in kept], "tools": [held_out.tools(i) for i in kept],
+                 "rows": [(eval_names[min(int(held_out.source[i]), len(eval_names) - 1)], held_out.row(i))
+                          for i in kept]}
     tok_stats["train"].pop("kept_mask")
     (work / "eval_conversations.json").write_text(json.dumps(kept_eval, ensure_ascii=False))
     counts = {"train_conversations": len(train), "eval_conversations": len(held_out)}
@@ -278,11 +296,21 @@ def tokenize_source(cfg: TrainConfig, tokenizer, work: Path) -> dict:
     return {**single, **tok_stats, "sources": reads}
 
 
+def template_name(cfg: TrainConfig) -> str:
+    """The chat template as an error names it."""
+    if cfg.template == "plain":
+        return "the plain template"
+    if cfg.template in ("auto", "tokenizer"):
+        return f"the chat template of {cfg.model}"
+    return f"the chat template {cfg.template}"
+
+
 def source_fingerprint(source: str, revision: str | None, files: str | None) -> str:
     """What identifies a source's rows without reading them as rows: the bytes of a local file or folder
     (hashed), the embedded set's code, or a hub dataset's id at its pinned revision (and the files chosen)."""
     if source.startswith("embedded:"):
-        return f"{source}:{hashlib.sha256(Path(demo_rows.__code__.co_filename).read_bytes()).hexdigest()}"
+        code = Path(EMBEDDED_DATASETS[EMBEDDED_DATASET].__code__.co_filename).read_bytes()
+        return f"{source}:{hashlib.sha256(code).hexdigest()}"
     path = Path(source).expanduser()
     if not path.exists():
         return f"hub:{source}@{revision}:{files}"
@@ -321,6 +349,9 @@ def set_aside(stats: dict) -> list[str]:
             lines.append(f"dataset {read['source']}: {sum(read['rows_rejected'].values())} of {read['rows_read']} "
                          f"rows are not usable {read['format']} conversations and were left out "
                          f"({read['rows_rejected']})")
+        if read and read.get("fields_ignored"):
+            lines.append(f"dataset {read['source']}: message fields that no chat template reads were left out "
+                         f"(rows with each: {read['fields_ignored']})")
     for split in ("train", "eval"):
         if stats[split]["dropped"]:
             lines.append(f"{split}: {sum(stats[split]['dropped'].values())} examples dropped "
@@ -347,35 +378,44 @@ TOKENIZE_BATCH = 256  # conversations per tokenizer call
 
 
 def tokenize_to_store(selection: Selection, tokenizer, cfg: TrainConfig, split: str, source_names: list[str],
-                      path: Path) -> dict:
+                      path: Path, template_name: str = "the chat template") -> dict:
     """Encodes the selected conversations (`Dataset.map`, batched, in `num_proc` processes, which read them from
     the memory-mapped tables) into an Arrow dataset at `path`: int32 token ids, a one-bit supervision mask, the
-    length and the source, for the examples that pass the length and supervision rules; the others are
-    counted. An error names the source and the number of the row the conversation came from. Returns the
-    split's statistics, in all and per source (`by_source`), and which examples were kept (`kept_mask`)."""
+    length and the source of each example (a conversation is one example, or one per assistant turn where the
+    template rewrites earlier turns: `multi_turn`), for the examples that pass the length and supervision
+    rules; the others are counted. An error names the source, the number of the row the conversation came
+    from and the template. Returns the split's statistics, in all and per source (`by_source`), and which
+    conversations were kept whole (`kept_mask`)."""
     from datasets import Dataset, Features, List, Value
 
     features = Features({"input_ids": List(Value("int32")), "supervised": List(Value("bool")),
-                         "length": Value("int32"), "source": Value("int16"), "status": Value("string"),
-                         "tokens": Value("int32"), "supervised_tokens": Value("int32")})
+                         "length": Value("int32"), "source": Value("int16"), "position": Value("int64"),
+                         "status": Value("string"), "tokens": Value("int32"), "supervised_tokens": Value("int32"),
+                         "roles": Value("string")})
     table = Dataset.from_dict({"table": selection.table.astype(np.int16), "index": selection.index,
-                               "source": selection.source.astype(np.int16)})
+                               "source": selection.source.astype(np.int16),
+                               "position": np.arange(len(selection), dtype=np.int64)})
     procs = auto_num_proc(cfg.num_proc, len(selection))
     with _map_progress(len(selection), procs):
         encoded = table.map(_encode_batch, batched=True, batch_size=TOKENIZE_BATCH,
-                            num_proc=procs if procs > 1 else None, remove_columns=["table", "index"],
+                            num_proc=procs if procs > 1 else None,
+                            remove_columns=["table", "index", "source", "position"],
                             features=features, keep_in_memory=False, new_fingerprint=_fingerprint(path),
                             cache_file_name=str(path.parent / f"{path.name}-map.arrow"), desc=f"tokenizing ({split})",
                             fn_kwargs=dict(tables=selection.tables, tokenizer=tokenizer, loss_on=cfg.loss_on,
-                                           max_length=cfg.max_length, too_long=cfg.too_long))
+                                           max_length=cfg.max_length, too_long=cfg.too_long,
+                                           multi_turn=cfg.multi_turn))
     status = encoded.data.column("status").to_pylist()
-    for i, reason in enumerate(status):
-        if reason in ("no_supervised_tokens", "all_supervised", "too_long_error"):
+    position = encoded.data.column("position").to_numpy()
+    for k, reason in enumerate(status):
+        if reason in ("no_supervised_tokens", "all_supervised", "too_long_error") or reason.startswith("error:"):
+            i = int(position[k])
             raise DataError(_row_error(reason, f"dataset {source_names[selection.source[i]]}: {split}",
-                                       selection.row(i), selection.conversation(i), encoded[i]["tokens"], cfg))
+                                       selection.row(i), selection.conversation(i), encoded[k]["tokens"], cfg,
+                                       template_name))
     kept = np.array([r not in DROPPED for r in status], dtype=bool)
     columns = {name: encoded.data.column(name).to_numpy() for name in ("length", "supervised_tokens", "source")}
-    store = encoded.remove_columns(["status", "tokens", "supervised_tokens"])
+    store = encoded.remove_columns(["status", "tokens", "supervised_tokens", "position", "roles"])
     store = store.select(np.flatnonzero(kept)) if kept.any() else Dataset.from_dict(
         {k: [] for k in store.features}, features=store.features)
     store.save_to_disk(str(path))
@@ -397,8 +437,17 @@ def tokenize_to_store(selection: Selection, tokenizer, cfg: TrainConfig, split: 
         everything.update(
             supervised_fraction=round(everything["supervised_tokens"] / everything["tokens"], 4),
             length_percentiles={f"p{q}": int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)})
+    whole = np.ones(len(selection), dtype=bool)
+    whole[position[~kept]] = False  # a conversation one of whose examples was dropped
+    per_conversation = np.bincount(position, minlength=len(selection))
+    roles = Counter()
+    for text in encoded.data.column("roles").to_pylist():
+        roles.update(json.loads(text))
+    everything["multi_turn"] = {"mode": cfg.multi_turn, "conversations": len(selection),
+                                "examples_per_conversation": {str(n): int(c) for n, c in enumerate(
+                                    np.bincount(per_conversation)) if c and n}, "turns_by_role": dict(roles)}
     return {**everything, "by_source": [counts(columns["source"] == k) for k in range(len(source_names))],
-            "kept_mask": kept.tolist()}
+            "kept_mask": whole.tolist()}
 
 
 @contextlib.contextmanager
@@ -424,43 +473,69 @@ def _fingerprint(path: Path) -> str:
 DROPPED = ("special_token_text", "too_long", "no_supervised_tokens_after_truncation")
 
 
-def _encode_batch(batch: dict, tables: list, tokenizer, loss_on: str, max_length: int, too_long: str) -> dict:
-    """Dataset.map's function: token ids, supervision mask, length, status and the count of supervised tokens
-    (the mask shifted by one: an example's first token is never predicted) of each selected conversation."""
+def _encode_batch(batch: dict, tables: list, tokenizer, loss_on: str, max_length: int, too_long: str,
+                  multi_turn: str) -> dict:
+    """Dataset.map's function: the examples of each selected conversation, with their token ids, supervision
+    mask, length, status and count of supervised tokens (the mask shifted by one: an example's first token is
+    never predicted); a conversation the template or the checks refuse is one row whose status is the error.
+    The conversation's turns by role ride on its first row, for the statistics."""
     special = special_token_pattern(tokenizer)
-    columns = [t.data.table.column("conversation") for t in tables]
+    columns = [(t.data.table.column("conversation"), t.data.table.column("tools")) for t in tables]
     # element by element: Arrow's take on a column of many chunks would first join them, a copy of all the text
-    conversations = [json.loads(columns[t][i].as_py()) for t, i in zip(batch["table"], batch["index"])]
-    clean = [special is None or not any(special.search(m["content"]) for m in c) for c in conversations]
-    encoded = iter(encode_chats(tokenizer, [c for c, ok in zip(conversations, clean) if ok], loss_on=loss_on))
-    out = {"input_ids": [], "supervised": [], "length": [], "status": [], "tokens": [], "supervised_tokens": []}
-    for ok in clean:
-        enc = next(encoded) if ok else None
-        ids, labels = (enc.input_ids, enc.labels) if ok else ([], [])
-        mask = [label != IGNORE_INDEX for label in labels]
-        status, n = ("ok" if ok else "special_token_text"), len(ids)
-        if ok:
-            if not any(mask):
-                status = "no_supervised_tokens"
-            elif loss_on == "assistant" and all(mask):
-                status = "all_supervised"
-            elif n > max_length:
-                status = {"error": "too_long_error", "drop": "too_long"}.get(too_long, "truncated")
-                if status == "truncated":
-                    ids, mask = ids[:max_length], mask[:max_length]
-                    if not any(mask[1:]):  # targets are the labels shifted by one: the first one is never a target
-                        status = "no_supervised_tokens_after_truncation"
-        keep = status in ("ok", "truncated")
-        out["input_ids"].append(ids if keep else [])
-        out["supervised"].append(mask if keep else [])
-        out["length"].append(len(ids) if keep else 0)
-        out["status"].append(status)
-        out["tokens"].append(n)
-        out["supervised_tokens"].append(sum(mask[1:]) if keep else 0)
+    conversations, tools = [], []
+    for t, i in zip(batch["table"], batch["index"]):
+        conversations.append(json.loads(columns[t][0][i].as_py()))
+        text = columns[t][1][i].as_py()
+        tools.append(json.loads(text) if text else None)
+    clean = [special is None or not any(special.search(x) for x in message_texts(c)) for c in conversations]
+    encoded = iter(encode_conversations(tokenizer, [c for c, ok in zip(conversations, clean) if ok],
+                                        [t for t, ok in zip(tools, clean) if ok], loss_on=loss_on,
+                                        multi_turn=multi_turn))
+    out = {k: [] for k in ("input_ids", "supervised", "length", "source", "position", "status", "tokens",
+                           "supervised_tokens", "roles")}
+    for conversation, ok, source, position in zip(conversations, clean, batch["source"], batch["position"]):
+        examples = next(encoded) if ok else [None]
+        if isinstance(examples, Exception):
+            examples = [f"error: {examples}"]
+        roles = json.dumps(Counter(m["role"] for m in conversation))
+        for example in examples:
+            row = _example_row(example, loss_on, max_length, too_long)
+            for key, value in zip(("input_ids", "supervised", "length", "status", "tokens", "supervised_tokens"), row):
+                out[key].append(value)
+            out["source"].append(source)
+            out["position"].append(position)
+            out["roles"].append(roles)
+            roles = "{}"
     return out
 
 
-def _row_error(reason: str, split: str, row: int, conversation: list[dict], tokens: int, cfg: TrainConfig) -> str:
+def _example_row(example, loss_on: str, max_length: int, too_long: str) -> tuple:
+    """(ids, mask, length, status, tokens, supervised tokens) of one example: an `Encoded`, None for a
+    conversation holding special-token text, or an error's text."""
+    if example is None or isinstance(example, str):
+        return [], [], 0, example or "special_token_text", 0, 0
+    ids = example.input_ids
+    mask = [label != IGNORE_INDEX for label in example.labels]
+    status, n = "ok", len(ids)
+    if not any(mask):
+        status = "no_supervised_tokens"
+    elif loss_on == "assistant" and all(mask):
+        status = "all_supervised"
+    elif n > max_length:
+        status = {"error": "too_long_error", "drop": "too_long"}.get(too_long, "truncated")
+        if status == "truncated":
+            ids, mask = ids[:max_length], mask[:max_length]
+            if not any(mask[1:]):  # targets are the labels shifted by one: the first one is never a target
+                status = "no_supervised_tokens_after_truncation"
+    if status not in ("ok", "truncated"):
+        return [], [], 0, status, n, 0
+    return ids, mask, len(ids), status, n, sum(mask[1:])
+
+
+def _row_error(reason: str, split: str, row: int, conversation: list[dict], tokens: int, cfg: TrainConfig,
+               template_name: str) -> str:
+    if reason.startswith("error: "):
+        return f"{split} row {row}, with {template_name}: {reason[len('error: '):]}: {_preview(conversation)}"
     if reason == "no_supervised_tokens":
         return f"{split} row {row} has no supervised tokens: {_preview(conversation)}"
     if reason == "all_supervised":
@@ -537,6 +612,16 @@ def special_token_pattern(tokenizer) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
+def message_texts(messages: list[dict]) -> list[str]:
+    """Every text of a conversation that the template writes out: contents, reasoning, tool names and
+    arguments, tool result names."""
+    out = []
+    for m in messages:
+        out += [m["content"], m.get("reasoning_content", ""), m.get("name", "")]
+        out += [json.dumps(c, ensure_ascii=False) for c in m.get("tool_calls", ())]
+    return [t for t in out if t]
+
+
 def example_lengths(examples: Sequence[Example]) -> list[int]:
     """Token counts of the examples: read from the store's length column, not from the examples."""
     if isinstance(examples, TokenizedExamples):
@@ -557,7 +642,8 @@ def _cache_key(tokenizer, cfg: TrainConfig, *sources) -> str:
                                              "dataset_split",
                                              "dataset_files", "max_rows", "eval_dataset", "eval_dataset_split",
                                              "eval_dataset_revision", "eval_dataset_files", "eval_rows", "seed")}
-    h.update(json.dumps([CACHE_VERSION, cfg.max_length, cfg.too_long, cfg.loss_on, tokenizer.chat_template,
+    h.update(json.dumps([CACHE_VERSION, cfg.max_length, cfg.too_long, cfg.loss_on, cfg.multi_turn,
+                         tokenizer.chat_template,
                          tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token, tokenizer.bos_token,
                          reading, sources], sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()[:24]

@@ -3,7 +3,9 @@ lm-evaluation-harness tasks.
 
     python -m sft.evaluate runs/<run> --dataset data/test.jsonl
     python -m sft.evaluate runs/<run> --dataset org/name --revision <sha> --split test --max-rows 500
-    python -m sft.evaluate runs/<run> --dataset data/test.jsonl --model <base model>  # the base, for comparison
+    python -m sft.evaluate runs/<run> --heldout      # the run's own held-out conversations (heldout.jsonl)
+    python -m sft.evaluate runs/<run> --heldout --model embedded:smollm2-135m-instruct  # the base, for comparison
+    python -m sft.evaluate runs/<run> --dataset data/test.jsonl --model <hub id> --model-revision <sha>
     python -m sft.evaluate runs/<run> --lm-eval-tasks my_task --lm-eval-include tasks/
 
 Every row of the dataset is scored (up to --max-rows), encoded exactly as the run encoded its training
@@ -27,7 +29,7 @@ import torch
 
 from .config import Source, TrainConfig
 from .errors import ConfigError, SFTError
-from .run_folder import write_json_atomic
+from .run_folder import HELDOUT, HELDOUT_MAX_BYTES, write_json_atomic
 
 
 def run_config(run_dir: Path) -> TrainConfig:
@@ -39,56 +41,79 @@ def run_config(run_dir: Path) -> TrainConfig:
 
 
 def evaluate(run_dir, *, dataset: str | None = None, dataset_format: str = "auto", revision: str | None = None,
-             files: str | None = None, split: str = "train", max_rows: int | None = None,
-             model: str | None = None, lm_eval_tasks: list[str] | None = None, lm_eval_include: str | None = None,
-             lm_eval_limit: int | None = None, name: str | None = None, device: str | None = None) -> Path:
-    """Scores the run's model (or `model`) and writes eval/<name>.json into the run folder; returns its path."""
+             files: str | None = None, split: str = "train", max_rows: int | None = None, heldout: bool = False,
+             model: str | None = None, model_revision: str | None = None, lm_eval_tasks: list[str] | None = None,
+             lm_eval_include: str | None = None, lm_eval_limit: int | None = None, name: str | None = None,
+             device: str | None = None) -> Path:
+    """Scores the run's model (or `model`, at `model_revision` when a hub id) and writes eval/<name>.json into the
+    run folder; returns its path. `heldout`: the dataset is the run's own held-out conversations."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     model_path = model or str(run_dir / "model")
     if model is None and not (run_dir / "model" / "config.json").is_file():
         raise ConfigError(f"{run_dir}: the run saved no model (model/ is missing); pass --model to score another")
+    if heldout:
+        if dataset is not None:
+            raise ConfigError("evaluate: --heldout and --dataset both name the data; give one")
+        dataset, dataset_format = str(run_heldout(run_dir)), "messages"
     if dataset is None and not lm_eval_tasks:
-        raise ConfigError("evaluate: nothing to do; give --dataset, --lm-eval-tasks or both")
-    name = name or "_".join(Path(p).name for p in ([dataset] if dataset else []) + ([model] if model else ["model"]))
+        raise ConfigError("evaluate: nothing to do; give --dataset, --heldout, --lm-eval-tasks or more")
+    if model is not None:
+        from .modeling import resolve_model_source
+
+        resolve_model_source(model, model_revision)  # a bad path or an unpinned hub id, before the data is read
+    name = name or "_".join(Path(p).name.replace(":", "-")
+                            for p in ([dataset] if dataset else []) + ([model] if model else ["model"]))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {"run": run_dir.name, "model": model_path, "base_model": model is not None}
     if dataset is not None:
         source = Source(dataset, None, dataset_format, revision, files, split, max_rows, dataset)
-        result.update(score_dataset(cfg, source, model_path, own_template=model is None, device=device))
+        result.update(score_dataset(cfg, source, model_path, model_revision, own_template=model is None,
+                                    device=device))
     if lm_eval_tasks:
-        result["lm_eval"] = run_lm_eval(model_path, lm_eval_tasks, lm_eval_include, lm_eval_limit, device)
+        result["lm_eval"] = run_lm_eval(model_path, model_revision, lm_eval_tasks, lm_eval_include, lm_eval_limit,
+                                        device)
     out = run_dir / "eval" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     write_json_atomic(out, result)
     return out
 
 
-def score_dataset(cfg: TrainConfig, source: Source, model_path: str, own_template: bool,
+def run_heldout(run_dir: Path) -> Path:
+    """The run's held-out conversations, as training wrote them (heldout.jsonl)."""
+    path = Path(run_dir) / HELDOUT
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: has no {HELDOUT} (runs made before this file existed, and held-out sets "
+                          f"over {HELDOUT_MAX_BYTES // 2**20} MiB, keep none); score its held-out data with --dataset")
+    return path
+
+
+def score_dataset(cfg: TrainConfig, source: Source, model_path: str, model_revision: str | None, own_template: bool,
                   device: torch.device) -> dict:
     from accelerate import Accelerator
 
     from .data import PreparedData, Selection, TokenizedExamples, read_source, tokenize_to_store
-    from .generation import Decoding, exact_match, generate
+    from .generation import Decoding, generate_replies, task_metric
     from .loss import LossModel, resolve_loss_impl
     from .modeling import load_model, load_tokenizer
     from .templates import prompt_and_reference, render, setup_template
     from .train import held_out_batches, held_out_losses, resolve_precision
 
-    tokenizer = load_tokenizer(model_path, eos_token=cfg.eos_token)
+    tokenizer = load_tokenizer(model_path, model_revision, eos_token=cfg.eos_token)
     if not own_template:  # the run's model carries its template; a base model gets the one the run set up
-        setup_template(tokenizer, cfg.template, cfg.system_prompt)
+        setup_template(tokenizer, cfg.template, cfg.system_prompt, cfg.reasoning_tags)
     with tempfile.TemporaryDirectory(prefix="sft_eval_") as tmp:
         got = read_source(source, cfg.num_proc, Path(tmp) / "read")
         rows = Selection.every_usable_row(got)
         stats = tokenize_to_store(rows, tokenizer, cfg, "evaluation", [source.name], Path(tmp) / "store")
         examples = TokenizedExamples(Path(tmp) / "store").to_list()
-        kept = [rows.conversation(i) for i in np.flatnonzero(stats.pop("kept_mask"))]
+        kept_rows = np.flatnonzero(stats.pop("kept_mask"))
+        kept, tools = [rows.conversation(i) for i in kept_rows], [rows.tools(i) for i in kept_rows]
         read = got.read
         del got, rows
     stats.pop("by_source")
     precision = resolve_precision(cfg, device)
-    model = load_model(model_path, dtype=torch.bfloat16 if precision == "bf16_pure" else torch.float32,
+    model = load_model(model_path, model_revision, dtype=torch.bfloat16 if precision == "bf16_pure" else torch.float32,
                        device=device).eval()
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16_autocast" else "no",
                               cpu=device.type == "cpu")
@@ -99,20 +124,23 @@ def score_dataset(cfg: TrainConfig, source: Source, model_path: str, own_templat
         loss, _ = held_out_losses(accelerator, loss_model, held_out_batches(data, cfg.eval_batch_size,
                                                                                tokenizer.pad_token_id), [source.name])
         n = max(cfg.num_samples, cfg.task_metric_rows)
-        prompts, references = zip(*(prompt_and_reference(c) for c in kept[:n])) if kept else ((), ())
+        metric = cfg.task_metric or "exact_match"
+        prompts, references = zip(*(prompt_and_reference(c, metric) for c in kept[:n])) if kept else ((), ())
         decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
-        replies = generate(model, tokenizer, list(prompts), decoding, cfg.generation_batch_size, progress="generating")
+        replies = generate_replies(model, tokenizer, list(prompts), decoding, cfg.generation_batch_size,
+                                   progress="generating", tools=tools[:n])
     metric_rows = min(cfg.task_metric_rows, len(replies))
+    scored = task_metric(metric, replies[:metric_rows], list(references[:metric_rows])) if metric_rows else None
     return {"dataset": {**read, "revision": source.revision, "files": source.files, "split": source.split},
-            "examples": stats, "eval_loss": loss,
-            "exact_match": exact_match(replies[:metric_rows], list(references[:metric_rows])) if metric_rows else None,
-            "exact_match_rows": metric_rows, "decoding": decoding.record(),
-            "samples": [{"index": i, "messages": list(prompts[i]), "prompt": render(tokenizer, list(prompts[i]), True),
-                         "response": replies[i], "reference": references[i]}
+            "examples": stats, "eval_loss": loss, "task_metric_name": metric, metric: scored,
+            f"{metric}_rows": metric_rows, "decoding": decoding.record(),
+            "samples": [{"index": i, "messages": list(prompts[i]), **({"tools": tools[i]} if tools[i] else {}),
+                         "prompt": render(tokenizer, list(prompts[i]), True, tools[i]), **replies[i].record(),
+                         "reference": references[i]}
                         for i in range(min(cfg.num_samples, len(replies)))]}
 
 
-def run_lm_eval(model_path: str, tasks: list[str], include: str | None, limit: int | None,
+def run_lm_eval(model_path: str, revision: str | None, tasks: list[str], include: str | None, limit: int | None,
                 device: torch.device) -> dict:
     """lm-evaluation-harness tasks on the model through its `hf` model class, with the model's chat template.
     Returns lm-eval's per-task results and the versions of the tasks."""
@@ -127,7 +155,11 @@ def run_lm_eval(model_path: str, tasks: list[str], include: str | None, limit: i
         raise ConfigError(f"lm-eval: unknown task(s) {unknown}" + ("" if include else
                           "; tasks of your own need --lm-eval-include DIR"))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path},dtype={dtype}", tasks=tasks,
+    from .modeling import resolve_model_source
+
+    source, pinned = resolve_model_source(model_path, revision)  # the embedded model's folder; a hub id's revision
+    model_args = f"pretrained={source},dtype={dtype}" + (f",revision={pinned['revision']}" if pinned else "")
+    out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
                                   task_manager=manager, device=str(device), batch_size=8, limit=limit,
                                   apply_chat_template=True, log_samples=False)
     return {"results": out["results"], "versions": out.get("versions", {}), "limit": limit}
@@ -142,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", help="files inside the hub dataset repository")
     parser.add_argument("--split", default="train", help="the hub dataset's split (default train)")
     parser.add_argument("--max-rows", type=int, help="score the first N rows")
-    parser.add_argument("--model", help="score this model instead of the run's (e.g. its base model)")
+    parser.add_argument("--heldout", action="store_true",
+                        help=f"score the run's own held-out conversations ({HELDOUT} in the run folder)")
+    parser.add_argument("--model", help="score this model instead of the run's (e.g. its base model): a folder, "
+                                        "embedded:smollm2-135m-instruct, or a hub id with --model-revision")
+    parser.add_argument("--model-revision", help="the hub model's pinned revision (a commit sha or tag)")
     parser.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks")
     parser.add_argument("--lm-eval-include", help="a folder of task YAML files of your own")
     parser.add_argument("--lm-eval-limit", type=int, help="at most N examples per lm-eval task")
@@ -151,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = evaluate(args.run, dataset=args.dataset, dataset_format=args.format, revision=args.revision,
-                       files=args.files, split=args.split, max_rows=args.max_rows, model=args.model,
+                       files=args.files, split=args.split, max_rows=args.max_rows, heldout=args.heldout,
+                       model=args.model, model_revision=args.model_revision,
                        lm_eval_tasks=args.lm_eval_tasks.split(",") if args.lm_eval_tasks else None,
                        lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit, name=args.name,
                        device=args.device)
@@ -161,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(out.read_text())
     lines = [f"{out}"]
     if "eval_loss" in result:
-        lines.append(f"held-out loss {result['eval_loss']:.4f}, exact match {result['exact_match']} "
-                     f"({result['exact_match_rows']} rows), {result['examples']['examples']} examples")
+        metric = result["task_metric_name"]
+        lines.append(f"held-out loss {result['eval_loss']:.4f}, {metric.replace('_', ' ')} {result[metric]} "
+                     f"({result[metric + '_rows']} rows), {result['examples']['examples']} examples")
     for task, metrics in (result.get("lm_eval") or {}).get("results", {}).items():
         lines.append(f"lm-eval {task}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "alias"))
     print("\n".join(lines))

@@ -6,13 +6,15 @@ repetition penalty, a temperature or a top_k) is never consulted.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .templates import encode_chat, end_of_turn
+from .template_traits import Reply, parse_reply
+from .templates import encode_chat, stop_tokens
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,9 @@ class Decoding:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))}
-    return sorted(i for i in ids if i is not None and i >= 0)
+    """EOS and every token the chat template closes a turn with (gpt-oss: `<|return|>` and `<|call|>`)."""
+    ids = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(tokenizer))}
+    return sorted(i for i in ids if i is not None and i >= 0 and i != tokenizer.unk_token_id)
 
 
 def generation_config(tokenizer, decoding: Decoding, **fixed):
@@ -69,18 +72,27 @@ def only_given_settings(model, seed: int):
             model.generation_config = saved
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int = 16,
-             synced: bool = False, progress: str | None = None) -> list[str]:
-    """Replies to each prompt (a conversation ending with a user turn), stopping at end of turn.
-    `synced`: the model is sharded (FSDP), so every process keeps stepping until all have finished.
-    `progress`: a label for a progress bar over the batches (none without it)."""
+             synced: bool = False, progress: str | None = None, tools: list | None = None) -> list[str]:
+    """The answer of each reply of `generate_replies` (its content, without reasoning or tool calls)."""
+    return [r.content for r in generate_replies(model, tokenizer, prompts, decoding, batch_size, synced, progress,
+                                                tools)]
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int = 16,
+                     synced: bool = False, progress: str | None = None, tools: list | None = None) -> list[Reply]:
+    """Replies to each prompt (a conversation ending with a user or tool turn), stopping at end of turn, split
+    into reasoning, answer and tool calls in the chat template's format. `tools`: each prompt's function
+    schemas, given to the template as at training. `synced`: the model is sharded (FSDP), so every process
+    keeps stepping until all have finished. `progress`: a label for a progress bar over the batches."""
     config = generation_config(tokenizer, decoding)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [encode_chat(tokenizer, p, add_generation_prompt=True).input_ids for p in prompts]
-    replies: list[str] = [""] * len(prompts)
+    tools = tools or [None] * len(prompts)
+    encoded = [encode_chat(tokenizer, p, add_generation_prompt=True, tools=t).input_ids for p, t in zip(prompts, tools)]
+    replies: list[Reply] = [Reply("")] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     bar = tqdm(total=-(-len(order) // batch_size), desc=progress, disable=progress is None, leave=False, unit="batch",
                dynamic_ncols=True)
@@ -96,10 +108,20 @@ def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, ba
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                  synced_gpus=synced)
             for row, i in enumerate(idx):
-                replies[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
+                replies[i] = parse_reply(tokenizer, tokenizer.decode(_until_stop(out[row, longest:].tolist(), config),
+                                                                     skip_special_tokens=False))
             bar.update(1)
     model.train(was_training)
     return replies
+
+
+def _until_stop(ids: list[int], config) -> list[int]:
+    """The generated ids up to and including the first stop token (padding after it dropped)."""
+    stops = set(config.eos_token_id)
+    for k, i in enumerate(ids):
+        if i in stops:
+            return ids[:k + 1]
+    return ids
 
 
 def normalize_answer(text: str) -> str:
@@ -112,3 +134,35 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
         return float("nan")
     hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
     return hits / len(references)
+
+
+def tool_call_match(predictions: list[Reply], references: list[str]) -> float:
+    """The share of replies whose tool calls are the reference's (JSON text of `[{"name", "arguments"}]`): the
+    same names in the same order, arguments equal as JSON values (a call's arguments given as JSON text are
+    read first)."""
+    if not references:
+        return float("nan")
+
+    def calls(items) -> list:
+        out = []
+        for c in items:
+            arguments = c.get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    pass
+            out.append((c.get("name"), arguments))
+        return out
+
+    hits = sum(calls(p.tool_calls) == calls(json.loads(r)) for p, r in zip(predictions, references))
+    return hits / len(references)
+
+
+TASK_METRICS = {"exact_match": lambda replies, refs: exact_match([r.content for r in replies], refs),
+                "tool_call_match": tool_call_match}
+
+
+def task_metric(name: str, replies: list[Reply], references: list[str]) -> float:
+    """The named held-out metric of generated replies against the references (see `prompt_and_reference`)."""
+    return TASK_METRICS[name](replies, references)

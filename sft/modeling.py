@@ -98,6 +98,8 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
     from transformers import AutoTokenizer
 
     source, kwargs = resolve_model_source(model, revision)
+    if Path(source).is_dir():
+        check_tokenizer_files(Path(source), model)
     with _load_errors(model, revision):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     if not tokenizer.is_fast:
@@ -111,6 +113,19 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding positions always carry label -100
     return tokenizer
+
+
+# a fast tokenizer's own file, or a vocabulary that transformers builds one from
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def check_tokenizer_files(folder: Path, model: str) -> None:
+    """A model folder holds its tokenizer; a folder of weights alone is named as such, not by the loader's
+    list of what it tried."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"model: {model} has no tokenizer files: it lacks tokenizer.json (or a vocabulary to "
+                          f"build one from: tokenizer.model, vocab.json with merges.txt, or vocab.txt); save the "
+                          f"tokenizer into it (tokenizer.save_pretrained) or copy those files from its base model")
 
 
 def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = torch.float32,
@@ -155,9 +170,9 @@ def _load_errors(model: str, revision: str | None):
     try:
         yield
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = " ".join(str(e).split()) or type(e).__name__  # the whole message, on one line
         raise ConfigError(f"model: cannot load {model!r}" + (f" at revision {revision!r}" if revision else "")
-                          + f": {first_line}") from e
+                          + f": {text}") from e
 
 
 def check_packing_support(model) -> None:

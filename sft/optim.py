@@ -21,7 +21,7 @@ index into a 256-entry "dynamic" map whose entries are spaced logarithmically, s
 large ones keep their relative precision.
 """
 
-import contextlib
+import importlib.util
 from collections.abc import Iterable
 
 import torch
@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .kernels import compile_available, kernel
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic_rounding", "bf16_kahan", "bf16_plain")
+KERNELS = ("auto", "triton", "torch")  # the step of BF16AdamW with stochastic rounding; see BF16AdamW
 
 
 def master_weights_for(precision: str, bf16_update: str) -> str:
@@ -60,10 +61,30 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> tor
     return _round_with_noise(x, noise)
 
 
-def _stochastic_round(x: torch.Tensor) -> torch.Tensor:
-    """stochastic_round_to_bf16 in a form torch.compile fuses: the noise is drawn inside the kernel (from
-    torch's default generator) instead of being stored."""
-    return _round_with_noise(x, (torch.rand_like(x) * 65536.0).to(torch.int32))
+def pcg_hash(x: torch.Tensor) -> torch.Tensor:
+    """A hash of 32-bit integers held in int64: PCG's output permutation, the hash that Jarzynski and Olano,
+    "Hash Functions for GPU Rendering" (JCGT 2020), recommend. Every product stays below 2^63.
+
+    >>> pcg_hash(torch.tensor([0, 1, 2**32 - 1])).tolist()
+    [129708002, 2831084092, 3861530882]
+    """
+    state = (x * 747796405 + 2891336453) & 0xFFFFFFFF
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & 0xFFFFFFFF
+    return (word >> 22) ^ word
+
+
+def rounding_noise(n: int, key: int, device: torch.device) -> torch.Tensor:
+    """The stochastic-rounding noise of the steps that compute it in their kernels: for position i of a
+    flat tensor, the top 16 bits of pcg(pcg(i) + key) (mod 2^32), a uniform integer in [0, 2^16). A function
+    of (key, i) alone, it is the same whichever kernel computes it (compiled, eager, sft.optim_triton)."""
+    hashed = pcg_hash(torch.arange(n, dtype=torch.int64, device=device))
+    return (pcg_hash((hashed + key) & 0xFFFFFFFF) >> 16).to(torch.int32)
+
+
+def _stochastic_round(x: torch.Tensor, key: int) -> torch.Tensor:
+    """stochastic_round_to_bf16 in a form torch.compile fuses: the noise is computed inside the kernel
+    instead of being stored."""
+    return _round_with_noise(x, rounding_noise(x.numel(), key, x.device))
 
 
 def _round_with_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -72,28 +93,28 @@ def _round_with_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def _adamw_(p: torch.Tensor, g32: torch.Tensor, m32: torch.Tensor, v32: torch.Tensor,
-            hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hyper: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The AdamW step of the compiled kernels, in fp32: writes the stochastically rounded weight into
-    bf16 `p` and returns the new moments. `hyper` holds [lr, 1 - beta1, beta2, 1 - beta2, eps,
-    lr * weight_decay, lr / bias_correction1, sqrt(bias_correction2)] as a tensor, so a changing learning
-    rate or step count does not recompile."""
+    bf16 `p` (noise key `key`) and returns the new moments. `hyper` holds [lr, 1 - beta1, beta2, 1 - beta2,
+    eps, lr * weight_decay, lr / bias_correction1, sqrt(bias_correction2)] as a tensor, so a changing
+    learning rate or step count does not recompile (nor does `key`: the kernels are compiled for any int)."""
     lr, one_minus_beta1, beta2, one_minus_beta2, eps, lr_wd, step_size, bc2_sqrt = hyper.unbind()
     p32 = p.float()
     m32 = m32 + (g32 - m32) * one_minus_beta1
     v32 = v32 * beta2 + g32 * g32 * one_minus_beta2
     new = p32 - step_size * m32 / (v32.sqrt() / bc2_sqrt + eps) - lr_wd * p32
-    p.copy_(_stochastic_round(new))
+    p.copy_(_stochastic_round(new, key))
     return m32, v32
 
 
 def _fused_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                   hyper: torch.Tensor) -> None:
+                   hyper: torch.Tensor, key: int) -> None:
     """One BF16AdamW step with stochastic rounding on flat tensors, written to be compiled into one kernel:
     it reads the bf16 weight, gradient and moments once and writes them once (about 14 bytes per
     parameter), where the eager step makes some ten passes with fp32 temporaries."""
-    m32, v32 = _adamw_(p, grad.float(), exp_avg.float(), exp_avg_sq.float(), hyper)
-    exp_avg.copy_(_stochastic_round(m32) if exp_avg.dtype == torch.bfloat16 else m32)
-    exp_avg_sq.copy_(_stochastic_round(v32) if exp_avg_sq.dtype == torch.bfloat16 else v32)
+    m32, v32 = _adamw_(p, grad.float(), exp_avg.float(), exp_avg_sq.float(), hyper, key)
+    exp_avg.copy_(_stochastic_round(m32, key + 1) if exp_avg.dtype == torch.bfloat16 else m32)
+    exp_avg_sq.copy_(_stochastic_round(v32, key + 2) if exp_avg_sq.dtype == torch.bfloat16 else v32)
 
 
 def dynamic_map(signed: bool) -> torch.Tensor:
@@ -118,6 +139,10 @@ def _scalars_to_device(values: list[float], device: torch.device) -> torch.Tenso
     return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.to(device)
 
 
+def _midpoints(qmap: torch.Tensor) -> torch.Tensor:
+    return (qmap[1:] + qmap[:-1]) * 0.5
+
+
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     return (qmap[codes.int()].view(-1, INT8_BLOCK) * scale.view(-1, 1)).view(-1)
 
@@ -128,31 +153,41 @@ def _quantize_(x32: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmap
     running averages, unbiased rounding buys nothing there)."""
     blocks = x32.view(-1, INT8_BLOCK)
     block_max = blocks.abs().amax(-1).clamp_min(1e-30)
-    midpoints = (qmap[1:] + qmap[:-1]) * 0.5
-    codes.copy_(torch.bucketize(blocks / block_max.view(-1, 1), midpoints).view(-1))
+    # a value on a midpoint takes the lower entry (bucketize's right=False), as in sft.optim_triton
+    codes.copy_(torch.bucketize(blocks / block_max.view(-1, 1), _midpoints(qmap)).view(-1))
     scale.copy_(block_max)
 
 
 def _int8_update_(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_scale: torch.Tensor,
                   v_codes: torch.Tensor, v_scale: torch.Tensor, signed_map: torch.Tensor, unsigned_map: torch.Tensor,
-                  hyper: torch.Tensor) -> None:
+                  hyper: torch.Tensor, key: int) -> None:
     """The step with 8-bit moments, on flat tensors whose length is a multiple of INT8_BLOCK: dequantize,
     update in fp32, quantize again. The weight update uses the fp32 moments of this step."""
     m32, v32 = _adamw_(p, grad.float(), _dequantize(m_codes, m_scale, signed_map),
-                       _dequantize(v_codes, v_scale, unsigned_map), hyper)
+                       _dequantize(v_codes, v_scale, unsigned_map), hyper, key)
     _quantize_(m32, m_codes, m_scale, signed_map)
     _quantize_(v32, v_codes, v_scale, unsigned_map)
 
 
-_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_maps: dict[str, tuple[torch.Tensor, ...]] = {}
+
+
+def _int8_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    key = str(device)
+    if key not in _maps:
+        maps = dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device)
+        _maps[key] = maps + tuple(_midpoints(qmap) for qmap in maps)
+    return _maps[key]
 
 
 def _int8_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The signed (first moment) and unsigned (second moment) dynamic maps, on the device."""
-    key = str(device)
-    if key not in _maps:
-        _maps[key] = (dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device))
-    return _maps[key]
+    return _int8_tables(device)[:2]
+
+
+def _int8_midpoints(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The midpoints between consecutive entries of the two maps, which decide the nearest entry."""
+    return _int8_tables(device)[2:]
 
 
 class BF16AdamW(torch.optim.Optimizer):
@@ -164,35 +199,49 @@ class BF16AdamW(torch.optim.Optimizer):
     so that they keep decaying); torch.int8 keeps them as block-wise 8-bit states (see the module
     docstring; stochastic rounding only).
 
-    fused: with stochastic rounding, run each parameter's step as one compiled kernel (None: on CUDA
-    only). The eager step takes its noise from a generator seeded with `seed` and saved in state_dict.
-    The fused step, and with 8-bit states every step, compiled or not, draws it inside the kernel from
-    torch's default generator, seeded from (`seed`, parameter, its step count) and restored afterwards:
-    the noise depends on nothing else the process did, so data-parallel copies of the model round alike
-    and stay identical, resume is exact, and stepping parameters in another order (in the backward
-    pass) changes nothing.
+    kernel (one of KERNELS), with stochastic rounding: "triton" steps each contiguous parameter with one
+    hand-written kernel (sft.optim_triton) that reads and writes its bytes once, whatever its states;
+    "torch" runs the steps written in torch (below); "auto" is "triton" where every parameter is on a GPU
+    and Triton is installed. The torch step also takes the tensors the Triton kernel does not cover.
+    fused: run the torch step of each parameter as one compiled kernel (None: on CUDA only).
+
+    The eager step takes its noise from a generator seeded with `seed` and saved in state_dict. The
+    kernels' steps (Triton, fused, and with 8-bit states every step, compiled or not) compute it as a
+    hash of each value's position and a key drawn from (`seed`, parameter, its step count), the same in
+    all of them: the noise depends on nothing else the process did, so data-parallel copies of the model
+    round alike and stay identical, resume is exact, and stepping parameters in another order (in the
+    backward pass) changes nothing.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rounding: str = "stochastic",
-                 state_dtype: torch.dtype = torch.float32, seed: int = 0, fused: bool | None = None):
+                 state_dtype: torch.dtype = torch.float32, seed: int = 0, fused: bool | None = None,
+                 kernel: str = "auto"):
         if rounding not in ("stochastic", "kahan", "none"):
             raise ConfigError(f"rounding={rounding!r}; expected 'stochastic', 'kahan' or 'none'")
         if fused and rounding != "stochastic":
             raise ConfigError(f"fused=True is implemented for stochastic rounding, not {rounding!r}")
+        if kernel not in KERNELS:
+            raise ConfigError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
+        if kernel == "triton" and rounding != "stochastic":
+            raise ConfigError(f"kernel='triton' is implemented for stochastic rounding, not {rounding!r}")
         if state_dtype not in _STATE_DTYPES.values():
             raise ConfigError(f"state_dtype={state_dtype}; expected torch.float32, torch.bfloat16 or torch.int8")
         if state_dtype == torch.int8 and rounding != "stochastic":
             raise ConfigError(f"8-bit states are implemented for stochastic rounding, not {rounding!r}")
         self._index: dict[torch.Tensor, int] = {}  # seeds each parameter's noise
         self._group_of: dict[torch.Tensor, int] = {}
-        self._cuda_devices: set[int] = set()
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding, self.state_dtype, self.seed = rounding, state_dtype, seed
-        if fused is None:
-            fused = rounding == "stochastic" and all(compile_available(p.device) for g in self.param_groups
-                                                     for p in g["params"])
-        self.fused = fused
+        params = [p for g in self.param_groups for p in g["params"]]
+        on_gpus = rounding == "stochastic" and all(compile_available(p.device) for p in params)  # with Triton
+        self.fused = on_gpus if fused is None else fused
+        if kernel == "triton":
+            if importlib.util.find_spec("triton") is None:
+                raise ConfigError("kernel='triton' needs Triton (pip install triton)")
+            if not _triton().INTERPRETED and not all(p.is_cuda for p in params):
+                raise ConfigError("kernel='triton' steps CUDA tensors (CPU ones only under TRITON_INTERPRET=1)")
+        self.kernel = kernel if kernel != "auto" else "triton" if on_gpus else "torch"
         self._generators: dict[str, torch.Generator] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -204,8 +253,6 @@ class BF16AdamW(torch.optim.Optimizer):
             self._index.setdefault(p, len(self._index))
             # the group's position, not its dict: load_state_dict (which accelerate calls) replaces the dicts
             self._group_of[p] = len(self.param_groups) - 1
-            if p.is_cuda:
-                self._cuda_devices.add(p.device.index or 0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # One generator per device: CUDA noise must come from a CUDA generator.
@@ -227,31 +274,22 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with self._kernel_noise():
-            for group in self.param_groups:
-                hyper: dict[tuple, torch.Tensor] = {}  # the kernels' scalars, one tensor per (step, device)
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._update(p, group, hyper)
+        for group in self.param_groups:
+            hyper: dict[tuple, torch.Tensor] = {}  # the kernels' scalars, one tensor per (step, device)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, hyper)
         return loss
 
     @torch.no_grad()
     def step_parameter(self, p: torch.Tensor) -> None:
         """Updates one parameter from its gradient: the optimizer step inside the backward pass
         (`StepInBackward`). With the same seed it gives the same weights as `step()` wherever the noise
-        is drawn in a kernel (fused or 8-bit steps), since that noise is seeded per parameter."""
-        with self._kernel_noise():
-            self._update(p, self.param_groups[self._group_of[p]], {})
+        is computed in a kernel (Triton, fused or 8-bit steps), since that noise is keyed per parameter."""
+        self._update(p, self.param_groups[self._group_of[p]], {})
 
     def _noise_in_kernels(self) -> bool:
-        return self.fused or self.state_dtype == torch.int8
-
-    def _kernel_noise(self):
-        """Kernels draw their rounding noise from torch's default generators; fork them, so the
-        process's random streams are left as they were (see _update for the seeding)."""
-        if not self._noise_in_kernels():
-            return contextlib.nullcontext()
-        return torch.random.fork_rng(devices=sorted(self._cuda_devices))
+        return self.kernel == "triton" or self.fused or self.state_dtype == torch.int8
 
     def _update(self, p: torch.Tensor, group: dict, hyper: dict[tuple, torch.Tensor]) -> None:
         """One parameter's AdamW step, in place: its moments, then its bf16 weight (with stochastic rounding
@@ -285,19 +323,23 @@ class BF16AdamW(torch.optim.Optimizer):
                 hyper[key] = _scalars_to_device([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
                                                 p.device)
             # The noise of this parameter's step depends only on (seed, parameter, step): the same in
-            # every data-parallel process, on resume, and whatever order the parameters step in.
-            torch.manual_seed(hash((self.seed, self._index[p], int(step))) % 2**63)
+            # every data-parallel process, on resume, and whatever order the parameters step in. The
+            # moments' bf16 rounding takes noise_key + 1 and + 2. Python's hash of a tuple of ints is the
+            # same in every process.
+            noise_key = hash((self.seed, self._index[p], int(step))) & 0x7FFFFFFF
+            triton = self.kernel == "triton" and _triton().covers(p)
             if int8:
                 work = p.detach().contiguous()  # p itself unless p is a strided view
-                kernel(_int8_update_, self.fused)(
-                    work.view(-1), p.grad.contiguous().view(-1),
-                    *(state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes",
-                                                  "exp_avg_sq_scale")),
-                    *_int8_maps(p.device), hyper[key])
+                update = _triton().int8_update_ if triton else kernel(_int8_update_, self.fused)
+                update(work.view(-1), p.grad.contiguous().view(-1),
+                       *(state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes",
+                                                     "exp_avg_sq_scale")),
+                       *_int8_maps(p.device), hyper[key], noise_key)
                 if work.data_ptr() != p.data_ptr():
                     p.copy_(work)
             else:
-                kernel(_fused_update_, self.fused)(*(t.detach().view(-1) for t in tensors), hyper[key])
+                update = _triton().fused_update_ if triton else kernel(_fused_update_, self.fused)
+                update(*(t.detach().view(-1) for t in tensors), hyper[key], noise_key)
             return
 
         grad = p.grad.float()
@@ -357,6 +399,12 @@ class BF16AdamW(torch.optim.Optimizer):
             self._generator(torch.device(device)).set_state(g_state)
 
 
+def _triton():
+    from . import optim_triton  # imported on first use: Triton is optional
+
+    return optim_triton
+
+
 class StepInBackward:
     """The optimizer step inside the backward pass (torchtune's "optimizer in backward"): each parameter
     is updated as soon as its gradient is complete, and the gradient is freed right away, so the whole
@@ -404,8 +452,10 @@ def _tensors(params_or_groups: list) -> list[torch.Tensor]:
 
 def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                    seed: int = 0, state_dtype: str = "float32", fused: bool | None = None) -> torch.optim.Optimizer:
-    """The AdamW variant named by `master_weights` (one of MASTER_WEIGHTS); see the module docstring."""
+                    seed: int = 0, state_dtype: str = "float32", fused: bool | None = None,
+                    kernel: str = "auto") -> torch.optim.Optimizer:
+    """The AdamW variant named by `master_weights` (one of MASTER_WEIGHTS), see the module docstring; with
+    stochastic rounding, `kernel` (one of KERNELS) picks its step (see BF16AdamW)."""
     if master_weights not in MASTER_WEIGHTS:
         raise ConfigError(f"master_weights={master_weights!r} is not one of {', '.join(MASTER_WEIGHTS)}")
     if state_dtype not in _STATE_DTYPES:
@@ -427,15 +477,16 @@ def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: floa
                                  **fast)
     return BF16AdamW(params_or_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                      rounding=_ROUNDING[master_weights], state_dtype=_STATE_DTYPES[state_dtype], seed=seed,
-                     fused=fused)
+                     fused=fused, kernel=kernel)
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     """How the step runs, for the run's config: class and kernel."""
     if isinstance(optimizer, BF16AdamW):
         states = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "8-bit block-wise"}[optimizer.state_dtype]
-        return (f"BF16AdamW ({optimizer.rounding} rounding, {states} states, "
-                f"{'fused compiled' if optimizer.fused else 'eager'} step)")
+        step = ("triton kernel" if optimizer.kernel == "triton" else "fused compiled" if optimizer.fused
+                else "eager")
+        return f"BF16AdamW ({optimizer.rounding} rounding, {states} states, {step} step)"
     defaults = optimizer.defaults
     kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "single-tensor"
     return f"{type(optimizer).__name__} ({kernel})"

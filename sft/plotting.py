@@ -56,18 +56,20 @@ def eval_losses_by_source(run: Run) -> dict[str, list[float]]:
     return {name: [d.get(name, float("nan")) for d in records] for name in names}
 
 
-def plot_loss_curves(run: Run, x: str = "step") -> Figure:
-    """Train loss and eval loss of one run on one axis, against optimizer steps or real tokens."""
+def plot_loss_curves(run: Run, x: str = "step", status: str | None = None) -> Figure:
+    """Train loss and eval loss of one run on one axis, against optimizer steps or real tokens; titled with
+    `status` (default: the run's own)."""
     _check_x(x)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     _draw_losses(ax, run, x)
-    ax.set_title(f"{run.name} ({run.status})")
+    ax.set_title(f"{run.name} ({status or run.status})")
     return fig
 
 
-def plot_training_panels(run: Run) -> Figure:
-    """2x2: loss vs step, loss vs tokens, learning rate, throughput with gradient norm on a twin axis."""
+def plot_training_panels(run: Run, status: str | None = None) -> Figure:
+    """2x2: loss vs step, loss vs tokens, learning rate, throughput with gradient norm on a twin axis; titled
+    with `status` (default: the run's own)."""
     fig = Figure(figsize=(12, 8), layout="constrained")
     (loss_step, loss_tokens), (lr, speed) = fig.subplots(2, 2)
     _draw_losses(loss_step, run, "step")
@@ -86,7 +88,7 @@ def plot_training_panels(run: Run) -> Figure:
     grad.plot(run.train["step"], run.train["grad_norm"], color="C3", alpha=0.7, label="grad norm")
     grad.set_ylabel("grad norm", color="C3")
 
-    fig.suptitle(f"{run.name} ({run.status})")
+    fig.suptitle(f"{run.name} ({status or run.status})")
     return fig
 
 
@@ -111,13 +113,14 @@ def plot_comparison(runs: list[Run]) -> Figure:
     return fig
 
 
-def write_figures(run_dir, out_dir=None) -> list[Path]:
-    """Write loss_curves.png and training_panels.png of a run into `out_dir` (default: the run folder)."""
+def write_figures(run_dir, out_dir=None, status: str | None = None) -> list[Path]:
+    """Write loss_curves.png and training_panels.png of a run into `out_dir` (default: the run folder), titled
+    with `status` (default: the run's own; training passes `completed`, which it writes just after them)."""
     run = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run.path
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / name for name in FIGURE_FILES]
-    for fig, path in zip((plot_loss_curves(run), plot_training_panels(run)), paths):
+    for fig, path in zip((plot_loss_curves(run, status=status), plot_training_panels(run, status)), paths):
         tmp = path.with_name(f".{path.name}.tmp")  # renamed when complete: a full disk leaves no torn image
         try:
             fig.savefig(tmp, dpi=110, format="png")

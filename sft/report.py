@@ -13,6 +13,8 @@ folders and uncommitted changes to result files count too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import shutil
 import subprocess
@@ -31,6 +33,9 @@ INFERENCE_COLUMNS = ["model", "variant", "batch_size", "prompt_tokens", "ttft_ms
                      "matches_generate", "device", "dtype", "torch", "transformers"]
 BENCH_COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib",
                  "first_step_s"]
+
+
+DEMOS = {"demo_smollm2": "demo", "demo_smollm2_reasoning": "demo-reasoning", "demo_smollm2_tools": "demo-tools"}
 
 
 def demo_results(run: Run) -> str:
@@ -52,14 +57,35 @@ def demo_results(run: Run) -> str:
              f"precision {derived.get('precision')}, master weights {derived.get('master_weights')}. "
              f"Device: {device.get('type')} {device.get('name')} ({_device_count(device)}); "
              f"torch {packages.get('torch')}, transformers {packages.get('transformers')}.")
-    samples = samples_side_by_side(run).head(6)
-    # the question as asked, whatever the template: the last turn of each sample's prompt messages
+    shown = dataclasses.replace(run, samples=run.samples.assign(
+        response=run.samples.apply(_shown_reply, axis=1),
+        reference=run.samples["reference"].map(lambda r: _shown_calls(r) if derived.get("chat_template", {}).get(
+            "tool_calls") and s.get("task_metric_name") == "tool_call_match" else r)))
+    samples = samples_side_by_side(shown).head(6)
+    # the question as asked, whatever the template: the last user turn of each sample's prompt messages
     asked = run.samples.drop_duplicates("index", keep="last").set_index("index")["messages"]
-    samples = samples.assign(prompt=samples["index"].map(lambda i: _clip(asked[i][-1]["content"], 60)))
+    samples = samples.assign(prompt=samples["index"].map(
+        lambda i: _clip(next(m["content"] for m in reversed(asked[i]) if m["role"] == "user"), 60)))
     sample_table = markdown_table(samples[["prompt", "reference", "response_before", "response_after"]]
                                   .rename(columns={"response_before": "before", "response_after": "after"})
-                                  .assign(before=lambda f: f["before"].map(lambda t: _clip(t, 70))))
+                                  .assign(before=lambda f: f["before"].map(lambda t: _clip(t, 70)),
+                                          after=lambda f: f["after"].map(lambda t: _clip(t, 90))))
     return f"{table}\n\n{facts}\n\n{sample_table}"
+
+
+def _shown_reply(sample: pd.Series) -> str:
+    """A generated reply as a table shows it: its tool calls as `name(arguments)`, its reasoning before the
+    answer."""
+    calls = sample.get("tool_calls")
+    text = " ".join(f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in calls) \
+        if isinstance(calls, list) and calls else str(sample.get("response") or "")
+    reasoning = sample.get("reasoning")
+    return f"{reasoning} → {text}" if isinstance(reasoning, str) and reasoning else text
+
+
+def _shown_calls(reference: str) -> str:
+    calls = json.loads(reference)
+    return " ".join(f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in calls) or "(no call)"
 
 
 def _device_count(device: dict) -> str:
@@ -146,12 +172,13 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
     """Each README block that has a source, rendered; from committed results unless `include_local`."""
     out: dict[str, str] = {}
     results = Results(root, include_local)
-    demo = newest_run("demo_smollm2", results)
-    if demo is not None:
-        out["demo-results"] = demo_results(demo)
-        assets = root / "assets"
-        assets.mkdir(exist_ok=True)
-        shutil.copyfile(demo.path / "loss_curves.png", assets / "demo_loss_curves.png")
+    for experiment, name in DEMOS.items():
+        demo = newest_run(experiment, results)
+        if demo is not None:
+            out[f"{name}-results"] = demo_results(demo)
+            assets = root / "assets"
+            assets.mkdir(exist_ok=True)
+            shutil.copyfile(demo.path / "loss_curves.png", assets / f"{name.replace('-', '_')}_loss_curves.png")
     for name, path, columns in (
             ("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv", INFERENCE_COLUMNS),
             ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv", INFERENCE_COLUMNS),

@@ -2,11 +2,13 @@
 metrics are appended and flushed line by line, so a crash at any moment leaves readable files."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,9 @@ from .errors import SFTError
 if TYPE_CHECKING:
     import torch
 
+HELDOUT = "heldout.jsonl"
+HELDOUT_ROWS = "heldout_rows.json"  # past HELDOUT_MAX_BYTES: the held-out conversations' row numbers instead
+HELDOUT_MAX_BYTES = 4 * 2**20  # a copy of the held-out set, small next to the model; a bigger one stays in its source
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "einops", "numpy",
             "pandas", "matplotlib", "gguf")
 
@@ -39,6 +44,41 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class WriteFailed(SFTError, OSError):
+    """A write into a run folder failed (a full disk, a folder gone read-only): names the path and the room
+    left on its file system."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        self.reason = getattr(cause, "strerror", None) or " ".join(str(cause).split()) or type(cause).__name__
+        super().__init__(getattr(cause, "errno", None), self.reason, str(path))
+        self.path = Path(path)
+        self.free = free_bytes(self.path)
+
+    def __str__(self) -> str:
+        free = "" if self.free is None else f"; {self.free / 2**30:.2f} GiB free there"
+        return f"writing {self.path} failed ({self.reason}{free})"
+
+
+def free_bytes(path: Path) -> int | None:
+    """The free space of the file system that holds `path` (or would hold it), None if it cannot be read."""
+    try:
+        existing = next(p for p in (Path(path), *Path(path).absolute().parents) if p.exists())
+        return shutil.disk_usage(existing).free
+    except (OSError, StopIteration):
+        return None
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Inside, a failed write (an OSError) is raised as WriteFailed, naming `path`."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as e:
+        raise WriteFailed(path, e) from e
 
 
 def write_json_in_place(path: Path, obj: Any) -> None:
@@ -93,7 +133,8 @@ class RunFolder:
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.writable:
-            write_json_atomic(self.path / name, obj)
+            with writing(self.path / name):
+                write_json_atomic(self.path / name, obj)
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
@@ -101,9 +142,36 @@ class RunFolder:
     def append_jsonl(self, name: str, record: dict) -> None:
         if not self.writable:
             return
-        with open(self.path / name, "a") as f:
+        with writing(self.path / name), open(self.path / name, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
             f.flush()
+
+    def write_heldout(self, conversations: list[list[dict]], sources: list[str] | None = None,
+                      tools: list | None = None, rows: list | None = None) -> int | None:
+        """heldout.jsonl: the run's held-out conversations, one `{"messages": [...]}` line each (with the tools
+        it may call as `tools`, and its dataset's name as `source` in a mixture), a file `python -m sft.evaluate
+        RUN --heldout` reads as a dataset. Written atomically. Past HELDOUT_MAX_BYTES, heldout_rows.json holds
+        their row numbers in their datasets instead (`rows`: (dataset, row from 1) of each). Returns the size of
+        heldout.jsonl (None: too large)."""
+        text = "".join(json.dumps({"messages": c, **({"tools": tools[i]} if tools and tools[i] else {}),
+                                   **({"source": sources[i]} if sources else {})}, ensure_ascii=False) + "\n"
+                       for i, c in enumerate(conversations))
+        size = len(text.encode())
+        if size > HELDOUT_MAX_BYTES:
+            if rows and self.writable:
+                self.write_json(HELDOUT_ROWS, {"rows": [{"dataset": d, "row": r} for d, r in rows]})
+            return None
+        if self.writable and conversations:  # data given in memory (benchmarks) may hold none
+            path = self.path / HELDOUT
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                with writing(path):
+                    tmp.write_text(text, encoding="utf-8")
+                    os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return size
 
     def append_metrics(self, record: dict) -> None:
         """A metrics.jsonl line, and the same record to the run's trackers."""
@@ -145,8 +213,9 @@ class RunFolder:
                 continue
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            with writing(path):
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -245,6 +314,55 @@ def lock_is_held(run_path: Path) -> bool:
     except OSError:  # a read-only copy of a run folder: nobody trains in it from here
         return False
     return False
+
+
+def partial_files(run_path: Path) -> list[Path]:
+    """What writes cut short (a kill, a full disk) leave in a run folder: the model's temporary folder
+    (`.model.tmp/`), a checkpoint's (`checkpoints/.tmp-step-<N>/`, as sft.checkpoint names it), and the
+    temporary files of atomic writes (`*.tmp`, in the folder and in `eval/`)."""
+    run_path = Path(run_path)
+    found = [p for folder in (run_path, run_path / "eval") if folder.is_dir() for p in folder.glob("*.tmp")]
+    if (run_path / "checkpoints").is_dir():
+        found += (run_path / "checkpoints").glob(".tmp-*")
+    return sorted(found)
+
+
+def disk_bytes(path: Path) -> int:
+    """The size of a file, or of all the files under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def remove_partial_files(run_path: Path) -> str:
+    """Removes `partial_files` (the caller makes sure no process trains in the folder); returns what it
+    removed, as `describe_files` names it ("" for nothing)."""
+    found = [(p, disk_bytes(p)) for p in partial_files(run_path)]
+    removed = describe_files(found, Path(run_path))
+    for path, _ in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def describe_files(files: list[tuple[Path, int]], relative_to: Path) -> str:
+    """`.model.tmp/ (538 MB), checkpoints/.tmp-step-000004/ (1.6 GB)`."""
+    def size(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+    return ", ".join(f"{p.relative_to(relative_to)}{'/' if p.is_dir() else ''} ({size(n)})" for p, n in files)
+
+
+def partial_files_note(run_path: Path) -> str | None:
+    """One line naming the partial files of a run folder nobody trains in, and the command that removes them."""
+    found = [(p, disk_bytes(p)) for p in partial_files(run_path)]
+    if not found or lock_is_held(run_path):
+        return None
+    return (f"{run_path} holds partial files that an interrupted write left: {describe_files(found, Path(run_path))}; "
+            f"`python -m sft.clean {run_path}` removes them (a resume does too)")
 
 
 def collect_env(device: torch.device) -> dict:

@@ -104,25 +104,62 @@ def parse_row(text: str, file: str, number: int, raw: bool) -> dict:
 def _file_texts(path: Path) -> Iterator[tuple[str, str, int, bool]]:
     if path.suffix.lower() not in _READERS:
         raise DataError(f"dataset file {path} has an unsupported type; expected one of {', '.join(_READERS)}")
+    if path.suffix.lower() in (".json", ".jsonl") and not _holds_one_list(path):  # JSON lines: unparsed
+        lines = ((n, line) for n, line in _decoded_lines(path) if line.strip())
+        try:
+            n, line = next(lines, (0, ""))
+            if n:
+                try:  # here, so that a file holding one JSON object gets its own message
+                    json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    _refuse_one_object(path)
+                    raise _bad_json(path, n, e) from None
+                yield line, str(path), n, True
+            for n, line in lines:
+                yield line, str(path), n, True
+        except NotUTF8 as e:  # the lines before it are parsed later, elsewhere: the first bad one is the error
+            raise _first_bad_line(path, e.lineno) or e from None
+        return
     try:
-        if path.suffix.lower() in (".json", ".jsonl") and not _holds_one_list(path):  # JSON lines: unparsed
-            with path.open(encoding="utf-8-sig") as f:
-                lines = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-                n, line = next(lines, (0, ""))
-                if n:
-                    try:  # here, so that a file holding one JSON object gets its own message
-                        json.loads(line)
-                    except (ValueError, RecursionError) as e:
-                        _refuse_one_object(path)
-                        raise _bad_json(path, n, e) from None
-                    yield line, str(path), n, True
-                for n, line in lines:
-                    yield line, str(path), n, True
-            return
         for n, row in enumerate(_READERS[path.suffix.lower()](path), 1):
             yield dumps_row(row), str(path), n, False
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
+
+
+class NotUTF8(DataError):
+    """A line of a dataset file that is not UTF-8 text."""
+
+    def __init__(self, message: str, lineno: int):
+        super().__init__(message)
+        self.lineno = lineno
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a text file (from 1, newline removed), each decoded on its own: a line that is not UTF-8
+    raises NotUTF8 when it is reached, after every line before it. A BOM may open the file."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            skip = 3 if n == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
+            try:
+                text = raw[skip:].decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise NotUTF8(f"dataset file {path}, line {n} is not UTF-8 text: {bad.reason} (byte "
+                              f"0x{raw[skip + bad.start]:02x} at column {skip + bad.start + 1})", n) from None
+            yield n, text.rstrip("\r\n")
+
+
+def _first_bad_line(path: Path, before: int) -> DataError | None:
+    """The error of the first line before line `before` that is not a row (as `parse_row` checks it)."""
+    for n, line in _decoded_lines(path):
+        if n >= before:
+            return None
+        if line.strip():
+            try:
+                parse_row(line, str(path), n, True)
+            except DataError as e:
+                return e
+    return None
 
 
 def dumps_row(row: dict) -> str:
@@ -137,8 +174,7 @@ def _check_max_rows(max_rows) -> None:
 
 def _holds_one_list(path: Path) -> bool:
     """A .json file may hold one list of objects or JSON lines; its first character tells which."""
-    with path.open(encoding="utf-8-sig") as f:
-        first = next((line for line in f if line.strip()), "")
+    first = next((line for _, line in _decoded_lines(path) if line.strip()), "")
     return first.lstrip().startswith("[")
 
 
@@ -220,19 +256,18 @@ def _iter_json(path: Path) -> Iterator[dict]:
         for i, item in enumerate(items):
             yield _as_row(item, f"dataset file {path}, item {i}", check_text)
         return
-    with path.open(encoding="utf-8-sig") as f:
-        rows = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                if rows == 0:
-                    _refuse_one_object(path)
-                raise _bad_json(path, lineno, e) from None
-            rows += 1
-            yield _as_row(item, f"dataset file {path}, line {lineno}", bool(_SURROGATE_ESCAPE.search(line)))
+    rows = 0
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            if rows == 0:
+                _refuse_one_object(path)
+            raise _bad_json(path, lineno, e) from None
+        rows += 1
+        yield _as_row(item, f"dataset file {path}, line {lineno}", bool(_SURROGATE_ESCAPE.search(line)))
 
 
 def _refuse_one_object(path: Path) -> None:

@@ -28,7 +28,7 @@ from . import checkpoint
 from .config import TrainConfig, script_spelling, settings_from
 from .data import PreparedData, example_lengths, prepare_data, set_aside
 from .errors import ConfigError, SFTError
-from .generation import Decoding, exact_match, generate
+from .generation import Decoding, generate_replies, task_metric
 from .loss import LossModel, host_indices, resolve_loss_impl
 from .modeling import (check_packing_support, compile_layers, convert_to_float8, count_parameters,
                        enable_activation_checkpointing, float8_unavailable, load_model, load_tokenizer,
@@ -37,7 +37,9 @@ from .optim import (StepInBackward, build_optimizer, describe_optimizer, master_
                     param_groups_for_weight_decay)
 from .packing import MicroBatch, collate_padded, collated_steps, packing_efficiency, plan_steps
 from .perf import mfu, peak_memory, reset_peak_memory, synchronize
-from .run_folder import RunFolder, RunLock, collect_env
+from .run_folder import (HELDOUT, HELDOUT_MAX_BYTES, HELDOUT_ROWS, RunFolder, RunLock, WriteFailed, collect_env,
+                         partial_files_note, remove_partial_files)
+from .template_traits import traits as template_traits
 from .templates import IGNORE_INDEX, prompt_and_reference, render, setup_template, system_prompt_record
 from .tracking import Trackers, check_available
 
@@ -103,6 +105,12 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
     check_available(cfg.report_to)
     check_room(cfg)
     lock = RunLock(Path(cfg.resume)).acquire() if cfg.resume and _main_process() else None
+    if lock is not None and (removed := remove_partial_files(Path(cfg.resume))):
+        print(f"note: removed the partial files that an interrupted write left: {removed}", file=sys.stderr)
+    elif not cfg.resume and _main_process():
+        for run_config in sorted(Path(cfg.runs_root).glob("*/config.json")):  # other runs' leftovers take room
+            if note := partial_files_note(run_config.parent):
+                print(f"note: {note}", file=sys.stderr)
     try:
         setup = build(cfg, data)
         restored = restore_checkpoint(cfg, setup) if cfg.resume else None
@@ -119,7 +127,10 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
             folder.record_failure("interrupted", str(e))
             raise e from None
         except BaseException as e:
-            folder.record_failure("failed", f"{type(e).__name__}: {e}")
+            failed_write = RunWriteError.of(e, folder.path, cfg.checkpoint_every)
+            folder.record_failure("failed", str(failed_write) if failed_write else f"{type(e).__name__}: {e}")
+            if failed_write is not None:
+                raise failed_write from e
             raise
         finally:
             folder.close_trackers()
@@ -127,6 +138,35 @@ def run(cfg: TrainConfig, data: PreparedData | None = None) -> RunFolder:
         if lock is not None:
             lock.release()
     return folder
+
+
+class RunWriteError(SFTError):
+    """A write into the run folder failed after the start (a full disk, a folder gone read-only): the run is
+    failed. Names the path, the room left, and what is kept: the model when saved, the newest checkpoint
+    (`checkpoint`, None if there is none) to resume from."""
+
+    def __init__(self, message: str, run_path: Path, checkpoint_path: Path | None):
+        super().__init__(message)
+        self.run_path, self.checkpoint = run_path, checkpoint_path
+
+    @classmethod
+    def of(cls, e: BaseException, run_path: Path, checkpoint_every: int | None) -> "RunWriteError | None":
+        """The error to report for `e` when it is a failed write (None otherwise)."""
+        if isinstance(e, OSError) and not isinstance(e, WriteFailed):  # figures, the card: their own paths
+            e = WriteFailed(e.filename or run_path, e)
+        if not isinstance(e, (WriteFailed, checkpoint.CheckpointError)):
+            return None
+        found = checkpoint.checkpoints(run_path)
+        kept = [f"the model is saved in {_shown_path(run_path / 'model')}"] if (run_path / "model").is_dir() else []
+        if found:
+            step = int(found[-1].name.removeprefix(checkpoint.PREFIX))
+            kept.append(f"the newest checkpoint, of step {step}, is kept: to continue from it once there is room, "
+                        f'set RESUME = "{_shown_path(run_path)}" in the script')
+        elif checkpoint_every:
+            kept.append("no checkpoint is left to resume from")
+        else:
+            kept.append("no checkpoint was kept to resume from (CHECKPOINT_EVERY = N keeps one every N steps)")
+        return cls(f"{e}; the run is marked failed; {'; '.join(kept)}", run_path, found[-1] if found else None)
 
 
 def _main_process() -> bool:
@@ -173,7 +213,8 @@ def check_room(cfg: TrainConfig) -> None:
     if need > free:
         what = " and ".join(w for w, on in (("the final model", cfg.save_model),
                                              ("one checkpoint", cfg.checkpoint_every)) if on)
-        raise ConfigError(f"{name}: {root} has {free / 2**30:.2f} GiB free, and {what} need about "
+        raise ConfigError(f"{name}: {root} has {free / 2**30:.2f} GiB free, and {what} "
+                          f"{'need' if ' and ' in what else 'needs'} about "
                           f"{need / 2**30:.2f} GiB; free some space or write the run elsewhere")
 
 
@@ -271,6 +312,12 @@ def open_run_folder(cfg: TrainConfig, setup: Setup, lock: RunLock | None = None)
         folder.write_json("config.json", {"config": cfg.to_dict(), "derived": setup.derived})
         folder.write_json("env.json", collect_env(acc.device))
         folder.write_json("data_stats.json", setup.data.stats)
+        names = setup.data.source_names
+        if folder.write_heldout(setup.data.eval_conversations, [names[k] for k in setup.data.eval_sources]
+                                if len(names) > 1 else None, setup.data.eval_tools,
+                                setup.data.eval_rows) is None and main:
+            print(f"note: the held-out set is over {HELDOUT_MAX_BYTES // 2**20} MiB, so the run folder keeps its "
+                  f"row numbers in its datasets ({HELDOUT_ROWS}), not a copy ({HELDOUT})", file=sys.stderr)
         folder.write_json("summary.json", {"status": "running"})
     if main:
         print(f"run folder: {path}", file=sys.stderr)
@@ -331,7 +378,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
               f"{'bf16' if precision != 'fp32' else 'fp32'}", file=sys.stderr)
 
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, cfg.trust_remote_code, cfg.eos_token)
-    template = setup_template(tokenizer, cfg.template, cfg.system_prompt)
+    template = setup_template(tokenizer, cfg.template, cfg.system_prompt, cfg.reasoning_tags)
     system_prompt, system_note = system_prompt_record(tokenizer, cfg.system_prompt)
     if data is None:
         data = prepare_data(cfg, tokenizer)
@@ -374,7 +421,8 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     loss_model = LossModel(model, loss_impl, cfg.loss_chunk_tokens).to(device)
     optimizer = build_optimizer(param_groups_for_weight_decay(model, cfg.weight_decay), master_weights=master,
                                 lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                weight_decay=cfg.weight_decay, seed=cfg.seed, state_dtype=cfg.optimizer_state_dtype)
+                                weight_decay=cfg.weight_decay, seed=cfg.seed, state_dtype=cfg.optimizer_state_dtype,
+                                kernel=cfg.optimizer_kernel)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     if cfg.compile:
         compile_layers(model, cfg.compile_mode)
@@ -386,7 +434,8 @@ def build(cfg: TrainConfig, data: PreparedData | None = None) -> Setup:
     derived = run_description(cfg, accelerator, data, model, inner_optimizer, in_backward is not None, steps,
                               steps_per_epoch, lengths, precision=precision, master_weights=master,
                               attn_implementation=attention_used, float8=float8, loss_impl=loss_impl, template=template,
-                              system_prompt=system_prompt, num_parameters=num_parameters)
+                              system_prompt=system_prompt, chat_template=template_traits(tokenizer).record(),
+                              num_parameters=num_parameters)
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
     return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived,
                  in_backward, cfg.activation_offload, cfg.max_grad_norm, steps_per_epoch)
@@ -424,6 +473,7 @@ def run_description(cfg: TrainConfig, accelerator, data: PreparedData, model, op
             "micro_batches_per_step": cfg.grad_accum_steps * world,
             "rows_per_optimizer_step": cfg.micro_batch_size * cfg.grad_accum_steps * world,
             "train_examples": len(data.train), "eval_examples": len(data.eval),
+            "multi_turn": {split: data.stats.get(split, {}).get("multi_turn") for split in ("train", "eval")},
             "packing_efficiency": round(packing_efficiency([b for s in steps for b in s], lengths), 4)}
 
 
@@ -575,27 +625,29 @@ def generation_pass(cfg: TrainConfig, setup: Setup, stage: str, folder: RunFolde
     if not conversations:
         return None
     acc = setup.accelerator
-    prompts, references = zip(*(prompt_and_reference(c) for c in conversations))
+    prompts, references = zip(*(prompt_and_reference(c, cfg.task_metric) for c in conversations))
+    tools = (setup.data.eval_tools or [None] * len(conversations))[:n]
     decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
     model = acc.unwrap_model(setup.loss_model).model
     share = my_share(len(prompts), acc)
     sharded = acc.num_processes > 1 and acc.distributed_type.name in ("FSDP", "DEEPSPEED")
     with acc.autocast():  # the inner model is not wrapped by accelerate's autocast; training's forward is
-        replies = generate(model, setup.tokenizer, [prompts[i] for i, _ in share], decoding,
-                           cfg.generation_batch_size, synced=sharded,
-                           progress=f"generating ({stage or 'eval'})" if acc.is_local_main_process else None)
+        replies = generate_replies(model, setup.tokenizer, [prompts[i] for i, _ in share], decoding,
+                                   cfg.generation_batch_size, synced=sharded,
+                                   progress=f"generating ({stage or 'eval'})" if acc.is_local_main_process else None,
+                                   tools=[tools[i] for i, _ in share])
     gathered = dict(gather_object([(i, r) for (i, counts), r in zip(share, replies) if counts]))
     replies = [gathered[i] for i in range(len(prompts))]
     if folder.writable:
         folder.append_samples(stage, step, [
-            {"stage": stage, "index": i, "messages": list(prompts[i]),
-             "prompt": render(setup.tokenizer, list(prompts[i]), True), "response": replies[i],
+            {"stage": stage, "index": i, "messages": list(prompts[i]), **({"tools": tools[i]} if tools[i] else {}),
+             "prompt": render(setup.tokenizer, list(prompts[i]), True, tools[i]), **replies[i].record(),
              "reference": references[i], "decoding": decoding.record()}
             for i in range(min(cfg.num_samples, len(prompts)))])
     if not cfg.task_metric:
         return None
     k = min(cfg.task_metric_rows, len(prompts))
-    return exact_match(replies[:k], list(references[:k]))
+    return task_metric(cfg.task_metric, replies[:k], list(references[:k]))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -851,7 +903,7 @@ def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> 
     acc.wait_for_everyone()
     if not folder.writable:
         return
-    write_figures(folder.path)
+    write_figures(folder.path, status="completed")
     checkpoint.prune(folder.path, cfg.keep_checkpoints_after_completion)
     folder.update_summary(status="completed")
     if cfg.save_model:
@@ -879,7 +931,9 @@ def save_model(model, tokenizer, state: dict, path: Path) -> None:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)  # a resumed or extended run replaces its earlier model
         tmp.rename(path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # safetensors' own I/O errors
+            raise WriteFailed(path, e) from e
         raise
     print(f"saved the model ({time.perf_counter() - began:.0f} s)", file=sys.stderr)

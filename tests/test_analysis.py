@@ -221,6 +221,43 @@ def test_write_figures_writes_nonempty_pngs_into_the_run_folder(tmp_path, make_r
         assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 1000
 
 
+def test_the_runs_listing_shows_each_runs_real_status_steps_and_numbers(tmp_path, make_run, capsys):
+    from sft.run_folder import LOCK
+
+    done = make_run(tmp_path, "2025-01-01_00-00-00_demo")
+    killed = make_run(tmp_path, "2025-01-02_00-00-00_demo", status="running")
+    (killed / LOCK).write_text('{"pid": 1}')  # its process died without removing it: nobody holds it
+    (tmp_path / "not-a-run").mkdir()
+    assert analysis.main([str(tmp_path)]) == 0
+    header, first, second = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["run", "status", "steps", "train_loss_final", "eval_loss_first", "eval_loss_final",
+                              "task_metric_name", "task_metric_before", "task_metric_after"]
+    summary = json.loads((done / "summary.json").read_text())
+    assert first.split()[:3] == [done.name, "completed", "4/4"]
+    assert f"{summary['eval_loss_first']:.4f}" in first and f"{summary['eval_loss_final']:.4f}" in first
+    assert second.split()[:3] == [killed.name, "stale", "0/4"]
+    assert analysis.main([str(tmp_path / "not-a-run")]) == 2 and "no run folders" in capsys.readouterr().err
+
+
+def test_a_completed_runs_figures_are_titled_completed(tiny_config, monkeypatch):
+    titles = []
+    curves, panels = plotting.plot_loss_curves, plotting.plot_training_panels
+
+    def seen(plot, title):
+        def drawn(*args, **kwargs):
+            fig = plot(*args, **kwargs)
+            titles.append(title(fig))
+            return fig
+        return drawn
+
+    monkeypatch.setattr(plotting, "plot_loss_curves", seen(curves, lambda fig: fig.axes[0].get_title()))
+    monkeypatch.setattr(plotting, "plot_training_panels", seen(panels, lambda fig: fig.get_suptitle()))
+    from sft.train import run
+
+    folder = run(tiny_config(max_steps=1)).path
+    assert titles == [f"{folder.name} (completed)"] * 2
+
+
 def test_plot_loss_curves_rejects_an_unknown_x_axis(tmp_path, make_run):
     run = analysis.load_run(make_run(tmp_path, "2025-01-01_00-00-00_demo"))
     with pytest.raises(ValueError, match="x must be one of"):

@@ -1,4 +1,5 @@
-"""The benchmarks: synthetic data in both trainers' forms, the side-by-side CPU smoke run end to end, and
+"""The benchmarks: synthetic data in both trainers' forms, the side-by-side CPU smoke run end to end, the goal
+lines on hand-made rows, the GPU proof's plan and budget (bench/gpu_run.py, dry and with a stand-in runner), and
 the precision comparison's outputs."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.synthetic import LENGTH_RANGE, synthetic_examples
+from bench.synthetic import LENGTH_RANGE, LENGTHS, synthetic_examples
 from sft.templates import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,15 @@ def test_synthetic_examples_follow_the_anchor_distribution_and_supervise_the_sam
     # position t predicts token t+1: supervised exactly where the next token is a completion token
     assert [t != IGNORE_INDEX for t in ours.targets] == [m == 1 for m in e.completion_mask()[1:]] + [False]
     assert ours.targets[e.prompt_length - 1] == e.input_ids[e.prompt_length]
+
+
+def test_long_examples_have_a_median_of_4k_tokens_clipped_to_16k():
+    lengths = sorted(len(e.input_ids) for e in synthetic_examples(2_000_000, vocab_size=1000, seed=0, lengths="long"))
+    assert LENGTHS["long"] == (4096, 256, 16384)
+    assert 3600 < lengths[len(lengths) // 2] < 4600
+    assert lengths[0] >= 256 and lengths[-1] == 16384  # the lognormal's tail is clipped, not dropped
+    clipped = synthetic_examples(200_000, vocab_size=1000, seed=0, max_length=2048, lengths="long")
+    assert max(len(e.input_ids) for e in clipped) == 2048
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -76,6 +86,10 @@ def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
     for name in ("ours_tiny_mpt_padded_eager", "study_tiny_mpt"):  # transformers' eager MPT attention, padded
         assert rows[name]["status"] == "ok", rows[name]
         assert float(rows[name]["real_tok_s"]) < float(rows[name]["padded_tok_s"])
+    long = rows["ours_tiny_long"]  # the long-row settings: one row of long examples, every layer recomputed
+    assert long["status"] == "ok", long
+    assert "rows=1x2048 x 1 micro-batches" in long["settings"] and "checkpointing=True" in long["settings"]
+    assert "data=long (lognormal lengths, median 4096, 256..16384)" in long["settings"]
     markdown = (tmp_path / "bench_cpu.md").read_text()
     assert "| ours_tiny | ok |" in markdown and "packages: torch" in markdown
 
@@ -117,6 +131,10 @@ def test_a_fallback_variant_runs_only_when_the_one_it_stands_in_for_missed_the_m
     assert fallback_needed(fallback, ran("error: RuntimeError: ..."))
     assert fallback_needed(fallback, [])  # the first did not run (--only): the fallback is all there is
     assert fallback_needed(Variant("ours_1b", "ours", "llama-1b", 15, 5), ran("OOM"))  # not a fallback
+    long = Variant("ours_8b_in_backward", "ours", "llama-8b", 8, 3, fallback_for="ours_7b")  # the long rows' 60 GiB
+    assert fallback_needed(long, ran("ok", 60.2)) and not fallback_needed(long, ran("ok", 54.0))
+    trl = Variant("trl_1b_sdpa", "trl", "llama-1b", 15, 5, fallback_for="ours_7b")  # no memory goal at 1B
+    assert not fallback_needed(trl, ran("ok", 70.0)) and fallback_needed(trl, ran("timeout: no result in 70 s"))
 
 
 def test_a_failing_profiler_leaves_the_measured_row(tmp_path, monkeypatch):
@@ -133,31 +151,105 @@ def test_a_failing_profiler_leaves_the_measured_row(tmp_path, monkeypatch):
     assert (tmp_path / "profile_ours_tiny.txt").read_text() == "profiling failed: RuntimeError: no such sort key\n"
 
 
-def test_goal_lines_take_our_fastest_row_within_the_memory_goal():
+def csv_row(variant, recipe, arch, tok, gib, first="10", master="bf16_stochastic_rounding", mfu="", extra=""):
+    """A row as read back from a benchmark CSV: every value a string."""
+    return dict(variant=variant, recipe=recipe, arch=arch, status="ok", real_tok_s=str(tok), peak_gib=str(gib),
+                first_step_s=first, mfu=mfu, settings=f"bf16_pure, master={master}, attn=sft_varlen{extra}")
+
+
+def test_goal_lines_take_our_fastest_row_within_the_memory_goal_as_a_ratio_to_trl_here():
     from bench.bench_sft import goal_lines
 
-    row = lambda variant, recipe, arch, tok, gib, first="10", master="bf16_stochastic_rounding": dict(  # noqa: E731
-        variant=variant, recipe=recipe, arch=arch, status="ok", real_tok_s=str(tok), peak_gib=str(gib),
-        first_step_s=first, settings=f"bf16_pure, master={master}, attn=sft_varlen")  # as read back from a CSV
-    rows = [row("ours_1b_a", "ours", "llama-1b", 71_000, 30), row("ours_1b_b", "ours", "llama-1b", 60_000, 20),
-            row("ours_1b_plain", "ours", "llama-1b", 90_000, 20, master="bf16_plain"),  # imprecise: never counts
-            row("trl_1b", "trl", "llama-1b", 35_500, 10), row("study_1b", "study", "llama-1b", 7_100, 11),
-            row("ours_7b_big", "ours", "llama-7b", 14_000, 61, first="70"),
-            row("ours_7b", "ours", "llama-7b", 6_500, 50),
+    rows = [csv_row("ours_1b_a", "ours", "llama-1b", 71_000, 30, mfu="0.53"),
+            csv_row("ours_1b_b", "ours", "llama-1b", 60_000, 20),
+            csv_row("ours_1b_plain", "ours", "llama-1b", 90_000, 20, master="bf16_plain"),  # imprecise: never counts
+            csv_row("trl_1b", "trl", "llama-1b", 35_500, 10, mfu="0.265"),
+            csv_row("trl_1b_slow", "trl", "llama-1b", 12_000, 10, mfu="0.09"),
+            csv_row("study_1b", "study", "llama-1b", 7_100, 11),
+            csv_row("ours_7b_big", "ours", "llama-7b", 14_000, 61, first="70"),
+            csv_row("ours_7b", "ours", "llama-7b", 6_500, 50, mfu="0.265"),
             dict(variant="ours_7b_oom", recipe="ours", arch="llama-7b", status="OOM")]
-    one_b, seven_b, first = goal_lines(rows)
-    mpt = [row("ours_mpt", "ours", "mpt-7b", 5_850, 55), row("study_mpt", "study", "mpt-7b", 700, 70)]
-    mpt[0]["settings"] += " (packed ALiBi (flex_attention))"
-    assert goal_lines(rows + mpt)[2] == (
-        "mpt-7b packed: 5,850 real tok/s (ours_mpt, 55.0 GiB); 90% of llama-7b (ours_7b, 6,500); goal 90%: met; "
-        "8.4x the study's recipe on mpt-7b (700); goal 8x: met")
+    one_b, seven_b, precise, first = goal_lines(rows)
     assert one_b.startswith("llama-1b: ours 71,000 real tok/s (ours_1b_a, 30.0 GiB")
-    assert "updates bf16_stochastic_rounding (precise to fp32)" in one_b
-    assert "2.00x TRL measured here (trl_1b, 35,500)" in one_b and "10.0x the study's recipe" in one_b
+    assert "; 2.00x TRL's best here (trl_1b, 35,500); 1.51x TRL's best in the anchor (47,149, H100)" in one_b
+    assert "10.0x the study's recipe" in one_b and "updates bf16_stochastic_rounding (precise to fp32)" in one_b
     assert one_b.endswith("goal 70,000: met")
     assert seven_b.startswith("llama-7b: ours 6,500 real tok/s (ours_7b,")  # the 61 GiB row is over the goal
+    # no TRL row on the 7B shape: compared by MFU with TRL's best row of the same invocation
+    assert "MFU 26.5%, 1.00x that of TRL's best row here (trl_1b, 26.5%; no TRL row on llama-7b)" in seven_b
     assert seven_b.endswith("goal 13,000 within 60 GiB: not met (50% of it)")
-    assert first.endswith("goal 60 s: not met")  # the slowest start counts, whatever its speed
+    assert precise == ("updates precise to fp32 (fp32 master weights, stochastic rounding or Kahan summation): 4 of 5 "
+                       "rows of ours (not: ours_1b_plain, bf16_plain); goal every row: not met")
+    assert first == "time to the first step, ours: at most 70.0 s (ours_7b_big) over 5 runs; goal 60 s for every " \
+                    "row: not met"  # the slowest start counts, whatever its speed
+    mpt = [csv_row("ours_mpt", "ours", "mpt-7b", 5_850, 55, extra=" (packed ALiBi (flex_attention))", mfu="0.22"),
+           csv_row("study_mpt", "study", "mpt-7b", 700, 70)]
+    assert goal_lines(rows + mpt)[2] == (
+        "mpt-7b packed: 5,850 real tok/s (ours_mpt, 55.0 GiB); 90% of llama-7b (ours_7b, 6,500); goal 90%: met; "
+        "8.4x the study's recipe on mpt-7b (700); goal 8x: met; MFU 22.0%, 0.83x that of TRL's best row here "
+        "(trl_1b, 26.5%; no TRL row on mpt-7b)")
+
+
+def test_the_long_row_goal_is_its_memory_and_names_its_speed_and_mfu():
+    from bench.bench_sft import goal_lines
+
+    trl = csv_row("trl_1b", "trl", "llama-1b", 30_000, 10, mfu="0.2")
+    long = csv_row("ours_8b_long", "ours", "llama-8b", 9_000, 54.2, first="41", mfu="0.44")
+    line = next(line for line in goal_lines([trl, long]) if line.startswith("llama-8b"))
+    assert line == ("llama-8b, rows of 16,384 tokens: ours 9,000 real tok/s (ours_8b_long, MFU 44.0%, 54.2 GiB, first "
+                    "step 41.0 s); MFU 44.0%, 2.20x that of TRL's best row here (trl_1b, 20.0%; no TRL row on "
+                    "llama-8b); updates bf16_stochastic_rounding (precise to fp32); goal within 60 GiB: met")
+    over = dict(long, peak_gib="61.5")
+    assert "no successful run of ours with updates precise to fp32 within 60 GiB; goal: not met" in next(
+        line for line in goal_lines([trl, over]) if line.startswith("llama-8b"))
+    skipped = dict(variant="ours_8b_long", recipe="ours", arch="llama-8b", status="skipped: needs about 85 s")
+    assert not any(line.startswith("llama-8b") for line in goal_lines([trl, skipped]))  # not run: no line
+
+
+def test_the_decode_goal_is_a_share_of_the_bandwidth_bound_of_the_device():
+    from bench.bench_sft import bandwidth_of, decode_goal_lines
+
+    assert bandwidth_of("NVIDIA H200") == 4.8e12 and bandwidth_of("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert bandwidth_of("NVIDIA GH200 480GB") == 4.0e12  # the longest name that matches
+    row = lambda variant, batch, tok_s, bound, device="NVIDIA H200": dict(  # noqa: E731
+        model="random-init:.gpu/llama-2-7b-shape", variant=variant, batch_size=batch, decode_tok_s=tok_s,
+        bandwidth_bound_tok_s=bound, params_m=6898.3, device=device)
+    rows = [row("static_cache+compile", 1, 250.0, 352.9), row("static_cache+compile", 8, 230.0, 352.9),
+            row("generate", 1, 30.0, 352.9)]
+    assert decode_goal_lines(rows) == [
+        "decode, 6.90B parameters, batch 1, static_cache+compile: 250.0 tok/s, 71% of the bandwidth bound (353 tok/s: "
+        "13.6 GB of weights per token at 4.80 TB/s, NVIDIA H200); goal 70%: met"]
+    h100 = [row("static_cache+compile", 1, 126.0, 246.6, device="NVIDIA H100 80GB HBM3")]
+    assert decode_goal_lines(h100)[0].endswith("51% of the bandwidth bound (247 tok/s: 13.6 GB of weights per token "
+                                               "at 3.35 TB/s, NVIDIA H100 80GB HBM3); goal 70%: not met")
+    unknown = [row("static_cache+compile", 1, 100.0, float("nan"), device="NVIDIA L40S")]
+    assert decode_goal_lines(unknown)[0].endswith("no memory bandwidth known for NVIDIA L40S, so no bound to compare "
+                                                  "with")
+    assert decode_goal_lines([row("generate", 1, 30.0, 352.9)]) == []
+
+
+def test_each_invocation_is_checked_over_its_own_rows_then_the_decode_goal(tmp_path):
+    from bench.bench_sft import write_gpu_goals
+
+    def write(name, device, rows):
+        header = "variant,recipe,arch,status,real_tok_s,peak_gib,first_step_s,mfu,settings\n"
+        (tmp_path / name).write_text(f"# device: {device}\n" + header + "".join(
+            f'{r["variant"]},{r["recipe"]},{r["arch"]},ok,{r["real_tok_s"]},{r["peak_gib"]},10,{r["mfu"]},'
+            f'"{r["settings"]}"\n' for r in rows))
+
+    write("bench_gpu.csv", "NVIDIA H200, CUDA 13.0", [csv_row("ours_1b", "ours", "llama-1b", 80_000, 30),
+                                                      csv_row("trl_1b", "trl", "llama-1b", 40_000, 12)])
+    write("bench_gpu_run2.csv", "NVIDIA H100 80GB HBM3, CUDA 13.0",
+          [csv_row("ours_1b", "ours", "llama-1b", 60_000, 30)])
+    (tmp_path / "runtime_gpu.csv").write_text(
+        "# device: NVIDIA H200\nvariant,batch_size,decode_tok_s,bandwidth_bound_tok_s,params_m,device\n"
+        "static_cache+compile,1,260.0,352.9,6898.3,NVIDIA H200\n")
+    lines = write_gpu_goals(tmp_path).read_text().splitlines()
+    assert lines[0] == "- From `bench_gpu.csv` (NVIDIA H200, CUDA 13.0):"
+    assert lines[1].startswith("  - llama-1b: ours 80,000 real tok/s") and "2.00x TRL's best here (trl_1b" in lines[1]
+    run2 = lines.index("- From `bench_gpu_run2.csv` (NVIDIA H100 80GB HBM3, CUDA 13.0):")
+    assert "no TRL row completed in this invocation" in lines[run2 + 1]  # never the other file's TRL row
+    assert lines[-1].startswith("- decode, 6.90B parameters, batch 1") and lines[-1].endswith("goal 70%: met")
 
 
 def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
@@ -268,3 +360,135 @@ def test_data_bench_measures_every_path_and_checks_the_goals(tmp_path):
     markdown = (tmp_path / "data_cpu.md").read_text()
     assert "| ours | 300 | ok |" in markdown and "300 rows: " in markdown and "x trl" in markdown
     assert (tmp_path / "data_cpu_goals.md").read_text().startswith("- 300 rows: ")  # the README's goal lines
+
+
+def test_the_gpu_proof_dry_run_prints_the_plan_in_order_with_estimates_against_the_budget():
+    from bench import gpu_run
+
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_run", "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"GPU proof: {len(gpu_run.PLAN)} rows in this order, budget 480 s")
+    rows = [line.split()[1] for line in lines if line[:3].strip().isdigit() and int(line[:3]) >= 1]
+    assert rows == [row.name for row in gpu_run.PLAN]
+    assert rows[:9] == ["ours_1b_pure_bf16_compile", "trl_1b_flex_static_pure_bf16", "trl_1b_sdpa_pure_bf16",
+                        "study_1b", "ours_7b_int8_states_compile", "ours_mpt7b_packed_int8_states_compile",
+                        "inference_7b_batch1", "fsdp2_one_process", "ours_8b_long16k_int8_states_gc_compile"]
+    first = next(line for line in lines if line.split()[1:2] == ["ours_1b_pure_bf16_compile"])
+    assert first.split()[3:5] == ["55", "75"]  # its estimate, and when it ends after the setup's 20 s
+    sdpa = next(line for line in lines if line.split()[1:2] == ["trl_1b_sdpa_pure_bf16"])
+    assert "(only if trl_1b_flex_static_pure_bf16 fails" in sdpa and sdpa.split()[4] == "-"  # not counted
+    fsdp = next(line for line in lines if line.split()[1:2] == ["fsdp2_one_process"])
+    assert "past the budget" not in fsdp and "past the budget" in lines[lines.index(fsdp) + 1]
+    assert lines[-2].startswith("first 8 rows (the seven items that matter most): ")
+    assert "of the 480 s budget: fits" in lines[-2]
+    tight = gpu_run.dry_run(gpu_run.PLAN, 300).splitlines()
+    assert "does not fit" in tight[-2]
+    assert "past the budget" in next(line for line in tight if " inference_7b_batch1 " in line)
+
+
+class StandIn:
+    """Runs every row in `took[row]` seconds of a fake clock (finishing early when its timeout is shorter)."""
+
+    def __init__(self, took: dict, fallback_needed: bool = False):
+        self.took, self.now, self.ran, self.skips, self.written = took, 0.0, [], [], []
+        self.fallback_needed = fallback_needed
+
+    def clock(self) -> float:
+        return self.now
+
+    def not_needed(self, row):
+        return None if row.fallback_for is None or self.fallback_needed else f"{row.fallback_for} ran"
+
+    def skipped(self, row, status):
+        self.skips.append((row.name, status))
+
+    def run(self, row, timeout_s):
+        self.ran.append((row.name, round(timeout_s)))
+        took = self.took.get(row.name, row.estimate_s)
+        self.now += min(took, timeout_s)
+        return ("ok", "") if took <= timeout_s else (f"timeout: stopped after {timeout_s:.0f} s", "")
+
+    def write(self, ledger):
+        self.written.append(len(ledger))
+
+
+def test_the_gpu_proof_runs_rows_while_they_fit_and_records_the_others_as_skipped():
+    from bench.gpu_run import LIMIT_FACTOR, MARGIN_S, REPORT_S, Row, run_plan
+
+    plan = [Row("a", "bench", 100, ""), Row("a_fallback", "bench", 50, "", fallback_for="a"),
+            Row("b", "inference", 100, ""), Row("c", "pytest", 200, ""), Row("d", "pytest", 40, ""),
+            Row("e", "bench", 120, "")]
+    proof = StandIn(took={"a": 90, "b": 400})  # b hangs: stopped at its limit
+    ledger = run_plan(plan, 400, proof, clock=proof.clock, start=0.0)
+    left_for_b = 400 - REPORT_S - 90
+    assert proof.ran == [("a", LIMIT_FACTOR * 100), ("b", LIMIT_FACTOR * 100), ("d", 40 * LIMIT_FACTOR)]
+    assert [e["status"] for e in ledger] == [
+        "ok", "skipped: a ran", f"timeout: stopped after {LIMIT_FACTOR * 100:.0f} s",
+        f"skipped: needs about 200 s, {left_for_b - 150:.0f} s left of the 400 s budget", "ok",
+        f"skipped: needs about 120 s, {left_for_b - 150 - 40:.0f} s left of the 400 s budget"]
+    assert [e["seconds"] for e in ledger] == [90, "", 150, "", 40, ""]
+    assert proof.written == [1, 2, 3, 4, 5, 6]  # the ledger is written after every row
+    assert [name for name, _ in proof.skips] == ["a_fallback", "c", "e"]
+    # a row is cut to what is left of the budget, never past it
+    cut = StandIn(took={})
+    run_plan([Row("x", "bench", 50, ""), Row("y", "bench", 100, "")], 175, cut, clock=cut.clock, start=0.0)
+    assert cut.ran == [("x", 75), ("y", round(175 - REPORT_S - 50 - MARGIN_S))]
+
+
+def test_the_gpu_proof_refuses_to_run_without_a_gpu(capsys):
+    from bench import gpu_run
+
+    if torch.cuda.is_available():
+        pytest.skip("runs the proof on a GPU")
+    assert gpu_run.main(["--out", "/nonexistent"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_gpu_proof_writes_every_row_where_its_results_go_as_soon_as_it_ends(tmp_path):
+    from bench import bench_sft
+    from bench.gpu_run import Proof, Row, run_plan
+
+    proof = Proof(tmp_path, torch.device("cpu"), None, variants=bench_sft.CPU_PLAN)  # the CPU plan's variants
+    plan = [Row("ours_tiny", "bench", 60, "ours tiny"), Row("perf_tests", "pytest", 60, "", ("tests/test_perf.py",)),
+            Row("ours_tiny_int8_states", "bench", 10_000, "ours tiny")]
+    ledger = run_plan(plan, 600, proof)
+    assert [e["status"] for e in ledger[:2]] == ["ok", "ok"], ledger
+    assert "real tok/s" in ledger[0]["result"] and ledger[1]["result"].endswith(tuple("0123456789s"))
+    assert "passed" in ledger[1]["result"]
+    assert ledger[2]["status"].startswith("skipped: needs about 10000 s, ")
+    assert [r["row"] for r in read_csv(tmp_path / "gpu_run.csv")] == ["ours_tiny", "perf_tests",
+                                                                      "ours_tiny_int8_states"]
+    assert (tmp_path / "gpu_run.csv").read_text().startswith("# device:")
+    bench = read_csv(tmp_path / "bench_gpu.csv")  # the benchmark's rows, skipped ones too
+    assert [(r["variant"], r["status"]) for r in bench] == [("ours_tiny", "ok"),
+                                                           ("ours_tiny_int8_states", ledger[2]["status"])]
+    assert (tmp_path / "bench_gpu_goals.md").is_file()
+
+
+def test_the_gpu_proof_merges_its_inference_rows_into_one_runtime_csv(tmp_path):
+    import pandas as pd
+
+    from bench.gpu_run import Proof
+    from inf_tests import runtime
+
+    def row(batch, tok_s):
+        return {**dict.fromkeys(runtime.COLUMNS), "model": "random-init:.gpu/llama-2-7b-shape", "batch_size": batch,
+                "variant": "static_cache+compile", "prompt_tokens": 128, "new_tokens": 64, "decode_tok_s": tok_s,
+                "decode_tok_s_batch": tok_s * batch, "ttft_ms_p50": 30.0, "bandwidth_bound_tok_s": 352.9,
+                "params_m": 6898.3, "device": "NVIDIA H200", "dtype": "bfloat16"}
+
+    proof = Proof(tmp_path, torch.device("cpu"), None, variants=[])
+    runs = proof.inference_runs  # where the inference rows write their own CSVs
+    for name, rows in (("runtime_gpu_batch1.csv", [row(1, 262.0)]),
+                       ("runtime_gpu_batch8.partial.csv", [row(8, 240.0)])):
+        with open(runs / name, "w") as f:  # as the runtime writes them: complete, and as far as a stopped run got
+            f.write("# device: NVIDIA H200\n")
+            pd.DataFrame(rows, columns=runtime.COLUMNS).to_csv(f, index=False)
+    merged = proof.merge_inference()
+    assert list(merged["batch_size"]) == [1, 8]
+    assert (tmp_path / "runtime_gpu.csv").read_text().startswith("# device: NVIDIA H200\nmodel,variant,")
+    assert (tmp_path / "runtime_gpu.png").stat().st_size > 0
+    goals = (tmp_path / "bench_gpu_goals.md").read_text()
+    assert "batch 1, static_cache+compile: 262.0 tok/s, 74% of the bandwidth bound" in goals

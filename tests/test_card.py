@@ -78,6 +78,29 @@ def test_base_model_and_licence_come_from_what_the_run_started_from(tmp_path):
     assert base_model({"model": str(tmp_path)}) == (None, "mit")
 
 
+@pytest.mark.parametrize("settings, on_hub, named_in_text", [
+    ({"dataset": "org/train-set", "dataset_revision": "abc123", "eval_dataset": "org/test-set",
+      "eval_dataset_revision": "def456", "eval_rows": 8}, ["org/train-set", "org/test-set"], []),
+    ({"eval_dataset": "data/held_out.jsonl", "eval_rows": 8}, None,  # a relative path that is not here now
+     ["`embedded:demo-tasks` (embedded in this toolkit)", "`data/held_out.jsonl` (a local file or folder)"]),
+])
+def test_hub_datasets_are_in_the_cards_metadata_and_other_data_in_its_text(finished, tmp_path, settings, on_hub,
+                                                                          named_in_text):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    copy = tmp_path / finished.name
+    shutil.copytree(finished, copy)
+    record = json.loads((copy / "config.json").read_text())
+    record["config"].update(settings)
+    (copy / "config.json").write_text(json.dumps(record))
+    text = card_text(copy)
+    assert ModelCard(text).data.datasets == on_hub
+    for name in named_in_text:
+        assert name in text.split("## Results")[0]
+
+
 def test_card_command_prints_the_card_and_refuses_an_unfinished_run(finished, tmp_path, capsys):
     assert card_main([str(finished), "--stdout"]) == 0
     assert capsys.readouterr().out.strip() == (finished / "model" / "README.md").read_text().strip()

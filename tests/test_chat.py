@@ -96,3 +96,64 @@ def test_a_folder_without_a_model_is_one_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sft.chat", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and re.search("neither a run folder nor a model folder", done.stderr)
+
+
+def test_bad_settings_are_refused_when_given_and_no_question_ends_the_chat(finished):
+    chat = Terminal([str(finished)])
+    chat.read_until("you> ")
+    for bad, says in [("temperature=0 do_sample=true", "temperature: must be > 0, got 0.0"),
+                      ("top_p=abc", "top_p takes a float, got 'abc'"),
+                      ("do_sample=maybe", "do_sample takes a bool, got 'maybe'"),
+                      ("max_new_tokens=0", "max_new_tokens: must be > 0, got 0")]:
+        chat.send(f"/settings {bad}")
+        out = chat.read_until("you> ").strip().splitlines()
+        assert out[-2] == f"error: settings: {says}; nothing was changed" or says in out[-2], out
+        assert json.loads(out[-1]) == {"max_new_tokens": 6, "do_sample": False, "seed": 42}
+        chat.send("What is 2+2?")
+        assert "model> " in chat.read_until("you> ")
+    chat.send("/settings temperature=0")  # accepted while greedy, where it plays no part ...
+    assert json.loads(chat.read_until("you> ").strip().splitlines()[-1])["do_sample"] is False
+    chat.send("/settings do_sample=true")  # ... and refused once it would
+    assert "error: settings: temperature: must be > 0, got 0.0 (with do_sample=True)" in chat.read_until("you> ")
+    chat.send("What is 3+3?")
+    assert "model> " in chat.read_until("you> ")
+    chat.send("/quit")
+    assert chat.proc.wait(timeout=30) == 0
+    assert "Traceback" not in chat.seen
+
+
+def test_a_reply_that_fails_is_one_error_line_and_the_chat_goes_on(finished, monkeypatch, capsys):
+    import builtins
+
+    import sft.chat
+    from sft.template_traits import Reply
+
+    lines = iter(["What is 2+2?", "And 3+3?", "/quit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    answers = iter([RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB"), "6"])
+
+    def flaky(model, tokenizer, messages, decoding, stream=None, tools=None):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        assert [m["content"] for m in messages] == ["And 3+3?"]  # the failed question is left out
+        return Reply(answer)
+
+    monkeypatch.setattr(sft.chat, "respond", flaky)
+    assert sft.chat.main([str(finished)]) == 0
+    out = capsys.readouterr().out
+    assert "error: CUDA out of memory. Tried to allocate 2 GiB; the question is left out of the conversation" in out
+
+
+def test_a_reply_with_reasoning_and_calls_is_shown_in_parts_and_kept_as_the_next_turn():
+    from sft.chat import assistant_turn, show
+    from sft.formats import validate_conversation
+    from sft.template_traits import Reply
+
+    answer = Reply("", "I need the calculator.", ({"name": "calculator", "arguments": {"expression": "2 + 2"}},))
+    assert show(answer).splitlines() == ["  [reasoning] I need the calculator.",
+                                         '  [tool call] calculator({"expression": "2 + 2"})']
+    assert show(Reply("4")) == ""
+    conversation = [{"role": "user", "content": "2 + 2?"}, assistant_turn(answer),
+                    {"role": "tool", "name": "calculator", "content": "4"}, {"role": "assistant", "content": "4"}]
+    assert validate_conversation(conversation)[1] == assistant_turn(answer)  # the form training reads

@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-MODULES = ["sft.packing", "sft.templates", "sft.config", "sft.tracking", "sft.chat", "sft.optim"]
+MODULES = ["sft.packing", "sft.templates", "sft.template_traits", "sft.formats", "sft.config", "sft.tracking",
+           "sft.chat", "sft.optim"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -87,3 +87,41 @@ def test_nothing_to_evaluate_and_a_missing_model_are_clear_errors(finished, tmp_
     path, _ = finished
     assert main([str(path)]) == 2 and "nothing to do" in capsys.readouterr().err
     assert main([str(tmp_path), "--dataset", "x.jsonl"]) == 2 and "not a run folder" in capsys.readouterr().err
+
+
+def test_the_run_keeps_its_held_out_conversations_and_heldout_scores_exactly_those(finished, capsys):
+    path, _ = finished
+    kept = [json.loads(line) for line in (path / "heldout.jsonl").read_text().splitlines()]
+    assert kept == [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                    for q, a in QUESTIONS]
+    assert main([str(path), "--heldout", "--name", "own"]) == 0
+    result = json.loads((path / "eval" / "own.json").read_text())
+    summary = json.loads((path / "summary.json").read_text())
+    assert result["eval_loss"] == pytest.approx(summary["eval_loss_final"], rel=1e-6)
+    assert result["exact_match"] == summary["task_metric_after"] and result["examples"]["examples"] == len(QUESTIONS)
+    assert main([str(path), "--heldout", "--dataset", "x.jsonl"]) == 2 and "give one" in capsys.readouterr().err
+
+
+def test_a_hub_model_is_scored_at_the_revision_given(finished, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    path, held_out = finished
+    assert main([str(path), "--dataset", held_out, "--model", "owner/base"]) == 2
+    assert "needs a pinned revision" in capsys.readouterr().err
+    assert main([str(path), "--dataset", held_out, "--model", "owner/base", "--model-revision", "abc123"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model: cannot load 'owner/base' at revision 'abc123'") and err.count("\n") == 1
+
+
+def test_a_held_out_set_too_large_to_copy_is_kept_as_its_row_numbers(tmp_path):
+    from sft.run_folder import HELDOUT, HELDOUT_MAX_BYTES, HELDOUT_ROWS, RunFolder
+
+    folder = RunFolder(tmp_path)
+    big = [[{"role": "user", "content": "x" * (HELDOUT_MAX_BYTES // 2)}, {"role": "assistant", "content": "y"}]] * 3
+    assert folder.write_heldout(big, rows=[("data.jsonl", 7), ("data.jsonl", 2), ("data.jsonl", 41)]) is None
+    assert not (tmp_path / HELDOUT).exists()
+    assert json.loads((tmp_path / HELDOUT_ROWS).read_text()) == {"rows": [
+        {"dataset": "data.jsonl", "row": 7}, {"dataset": "data.jsonl", "row": 2}, {"dataset": "data.jsonl", "row": 41}]}
+    small = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
+    assert folder.write_heldout(small, rows=[("data.jsonl", 1)]) > 0 and (tmp_path / HELDOUT).is_file()

@@ -173,7 +173,6 @@ def test_build_optimizer_refuses_fp32_master_weights_on_bf16_params():
 def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype, device):
     """The compiled one-kernel step (what CUDA runs) does the eager step's math: fp32 moments agree to
     fp32 rounding, and every bf16 value is one of the two bf16 neighbours of the eager fp32 result."""
-    torch.manual_seed(0)  # the fused step draws its noise from torch's default generator
     gen = torch.Generator().manual_seed(3)
     w0 = torch.randn(3000, generator=gen).to(torch.bfloat16)
     grads = [torch.randn(3000, generator=gen).to(torch.bfloat16) for _ in range(3)]
@@ -213,7 +212,6 @@ def test_fused_step_keeps_small_updates_like_the_eager_one(state_dtype):
     w0 = ((torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0) * (1 + torch.rand(n, generator=gen))).to(torch.bfloat16)
     grad = torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0
     ref = train_on_constant_gradients("fp32", w0, grad, steps, lr)
-    torch.manual_seed(0)  # the fused step draws its noise from torch's default generator
     w = torch.nn.Parameter(w0.clone())
     opt = BF16AdamW([w], lr=lr, betas=(0.9, 0.95), rounding="stochastic", fused=True, state_dtype=state_dtype)
     for _ in range(steps):
@@ -226,9 +224,35 @@ def test_fused_step_keeps_small_updates_like_the_eager_one(state_dtype):
 
 def test_fused_is_for_stochastic_rounding_and_auto_only_on_cuda():
     w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    assert not BF16AdamW([w], rounding="stochastic").fused  # a CPU parameter: the eager step
+    opt = BF16AdamW([w], rounding="stochastic")
+    assert not opt.fused and opt.kernel == "torch"  # a CPU parameter: the eager step, not the Triton kernel
     with pytest.raises(ConfigError, match="fused=True is implemented for stochastic rounding"):
         BF16AdamW([w], rounding="kahan", fused=True)
+    with pytest.raises(ConfigError, match="kernel='cuda' is not one of auto, triton, torch"):
+        BF16AdamW([w], kernel="cuda")
+
+
+def test_the_triton_kernel_setting_needs_pure_bf16_weights_with_stochastic_rounding():
+    from sft.config import TrainConfig
+
+    TrainConfig(experiment="x", precision="bf16_pure", optimizer_kernel="triton")
+    for settings in (dict(precision="bf16_autocast"), dict(precision="bf16_pure", bf16_update="kahan")):
+        with pytest.raises(ConfigError, match="^optimizer_kernel: 'triton' is the step of precision='bf16_pure'"):
+            TrainConfig(experiment="x", optimizer_kernel="triton", **settings)
+    with pytest.raises(ConfigError, match="^optimizer_kernel"):
+        TrainConfig(experiment="x", precision="bf16_pure", optimizer_kernel="fused")
+
+
+def test_compiled_and_eager_torch_steps_round_with_the_same_noise():
+    """The kernels' noise is a hash of (key, position), so compiling the step changes none of it: rounding
+    the same fp32 values gives the same bf16 values, whatever the length (one compiled graph for all)."""
+    from sft.kernels import kernel
+    from sft.optim import _stochastic_round
+
+    for n, key in ((1000, 12345), (3001, 2**31 - 1)):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        assert torch.equal(kernel(_stochastic_round, True)(x, key), _stochastic_round(x, key))
+    assert not torch.equal(_stochastic_round(x, 1), _stochastic_round(x, 2))
 
 
 def fused_run(steps: int, seed: int, disturb: bool = False, resume_at: int | None = None,

@@ -112,14 +112,14 @@ def test_checkpoint_refuses_to_start_without_disk_space(tiny_config, monkeypatch
     import shutil
     from collections import namedtuple
 
-    from sft.checkpoint import CheckpointError
+    from sft.train import RunWriteError
 
     usage = namedtuple("usage", "total used free")
     def filled_after_the_start(path):  # room at the checks before loading, none by the first checkpoint
         return usage(10, 10, 0) if Path(path).name == "checkpoints" else usage(10, 0, 10 * 2**30)
 
     monkeypatch.setattr(shutil, "disk_usage", filled_after_the_start)
-    with pytest.raises(CheckpointError, match="not enough free disk space"):
+    with pytest.raises(RunWriteError, match="not enough free disk space .*; the run is marked failed"):
         run(tiny_config(max_steps=3, checkpoint_every=1))
 
 

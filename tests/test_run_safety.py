@@ -4,8 +4,10 @@ console says on Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,9 +181,10 @@ def test_a_disk_that_fills_at_each_stage_leaves_a_failed_run_and_no_temporary_fi
         monkeypatch.setattr(owner, attr, filled_first)
         if stage == "figures":
             monkeypatch.setattr("sft.plotting.write_figures", filled_first)
-        with pytest.raises((OSError, checkpoint.CheckpointError)):
+        with pytest.raises(sft.train.RunWriteError) as failed:
             run(tiny_config(runs_root=str(disk / "runs"), save_model=True, checkpoint_every=2,
                             keep_checkpoints_after_completion=1))
+        assert " GiB free there); the run is marked failed; " in str(failed.value)
         (folder,) = list((disk / "runs").iterdir())
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["status"] == "failed" and "No space left on device" in summary["reason"], summary
@@ -194,6 +197,95 @@ def test_a_disk_that_fills_at_each_stage_leaves_a_failed_run_and_no_temporary_fi
             assert (folder / "model" / "config.json").exists() and any((folder / "model").glob("*.safetensors"))
         metrics = read_metrics(folder)
         assert metrics and metrics[0]["kind"] == "eval"
+
+
+def no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fail_metrics_at_step_3(monkeypatch):
+    """The train line of step 3 finds the disk full (metrics.jsonl holds the step-0 eval and steps 1 and 2)."""
+    import sft.run_folder
+
+    def opening(file, mode="r", *args, **kwargs):
+        metrics = Path(file).name == "metrics.jsonl" and mode == "a" and Path(file).is_file()
+        if metrics and len(Path(file).read_bytes().splitlines()) == 3:
+            raise no_space()
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(sft.run_folder, "open", opening, raising=False)
+
+
+def fail_the_second_checkpoint(monkeypatch):
+    import accelerate
+
+    save_state, calls = accelerate.Accelerator.save_state, []
+
+    def saving(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise no_space()
+        return save_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", saving)
+
+
+def fail_the_model_halfway(monkeypatch):
+    import transformers
+
+    def saving(self, folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 1000)  # a part of the weights, then a full disk
+        raise no_space()
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", saving)
+
+
+def fail_the_completed_summary(monkeypatch):
+    import sft.run_folder
+
+    write = sft.run_folder.write_json_atomic
+
+    def writing(path, obj):
+        if Path(path).name == "summary.json" and obj.get("status") == "completed":
+            raise no_space()
+        return write(path, obj)
+
+    monkeypatch.setattr(sft.run_folder, "write_json_atomic", writing)
+
+
+@pytest.mark.parametrize("stage, checkpoint_every, failed_path, kept", [
+    ("metrics", 2, "metrics.jsonl", "the newest checkpoint, of step 2, is kept: to continue from it once there is "
+                                    'room, set RESUME = "{run}" in the script'),
+    ("metrics", None, "metrics.jsonl", "no checkpoint was kept to resume from (CHECKPOINT_EVERY = N keeps one every "
+                                       "N steps)"),
+    ("checkpoint", 2, "checkpoints/step-000004", "the newest checkpoint, of step 2, is kept: to continue from it "
+                                                 'once there is room, set RESUME = "{run}" in the script'),
+    ("model", 2, "model", 'the newest checkpoint, of step 4, is kept: to continue from it once there is room, set '
+                          'RESUME = "{run}" in the script'),
+    ("summary", 2, "summary.json", "the model is saved in {run}/model; no checkpoint is left to resume from"),
+])
+def test_a_write_that_fails_after_the_start_is_one_error_line_naming_the_path_the_room_and_what_is_kept(
+        stage, checkpoint_every, failed_path, kept, tiny_config, monkeypatch, capsys):
+    {"metrics": fail_metrics_at_step_3, "checkpoint": fail_the_second_checkpoint, "model": fail_the_model_halfway,
+     "summary": fail_the_completed_summary}[stage](monkeypatch)
+    settings = {k.upper(): v for k, v in tiny_config(max_steps=5, log_every=1, checkpoint_every=checkpoint_every,
+                                                     save_model=True).to_dict().items()}
+    with pytest.raises(SystemExit) as exit_code:
+        sft.train.main(settings)
+    assert exit_code.value.code == 2
+    (folder,) = list(Path(settings["RUNS_ROOT"]).iterdir())
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"error: writing {folder / failed_path}") or \
+        errors[0].startswith(f"error: writing the checkpoint of step 4 into {folder / failed_path} failed")
+    assert re.search(r"\(No space left on device: .*; \d+\.\d\d GiB free there\)|\(No space left on device; "
+                     r"\d+\.\d\d GiB free there\)", errors[0]), errors[0]
+    assert errors[0].endswith(kept.format(run=folder)), errors[0]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == errors[0].removeprefix("error: ")
+    assert leftovers(folder) == []  # no .model.tmp, no partial checkpoint, no lock
+    assert (folder / "model").exists() == (stage == "summary")
 
 
 # ------------------------------------------------------------------------------ checkpoints after the end
@@ -277,3 +369,72 @@ def test_a_relative_model_path_that_does_not_exist_is_named_as_a_path(tmp_path, 
     with pytest.raises(ConfigError, match=r"'owner/name' is not a folder here \(relative paths are taken from "
                                           r".*\), so it is read as a hub id, and a hub model needs a pinned revision"):
         resolve_model_source("owner/name", None)
+
+
+def test_a_model_folder_without_tokenizer_files_names_them(tiny_model_dir, tmp_path):
+    from sft.modeling import load_tokenizer
+
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (weights_only / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(ConfigError) as info:
+        load_tokenizer(str(weights_only))
+    message = str(info.value)
+    assert "has no tokenizer files: it lacks tokenizer.json" in message and "vocab.json with merges.txt" in message
+    assert "\n" not in message and not message.rstrip().endswith(":")
+
+
+def test_the_room_check_names_what_is_missing_in_a_sentence(tiny_config, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sft.train.shutil, "disk_usage", lambda path: usage(10, 10, 0))
+    monkeypatch.setattr(sft.train, "build", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match=r"0\.00 GiB free, and the final model needs about"):
+        run(tiny_config(save_model=True))
+    with pytest.raises(ConfigError, match=r"and the final model and one checkpoint need about"):
+        run(tiny_config(save_model=True, checkpoint_every=1))
+
+
+# ------------------------------------------------------------------------------------------ partial files
+
+
+def leave_partial_files(folder: Path) -> None:
+    """What a final save and a checkpoint killed halfway, and a JSON write cut short, leave behind."""
+    (folder / ".model.tmp").mkdir()
+    (folder / ".model.tmp" / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    (folder / "checkpoints" / ".tmp-step-000003").mkdir(parents=True)
+    (folder / "checkpoints" / ".tmp-step-000003" / "optimizer.bin").write_bytes(b"\0" * 1000)
+    (folder / ".summary.json.x1y2.tmp").write_text("{")
+
+
+def test_partial_files_are_reported_and_removed_by_clean_or_a_resume(tiny_config, capsys):
+    from sft.analysis import main as analysis_main
+    from sft.clean import main as clean_main
+
+    folder = run(tiny_config(checkpoint_every=1, max_steps=2, keep_checkpoints_after_completion=1)).path
+    complete = sorted(folder.rglob("*"))
+    leave_partial_files(folder)
+    capsys.readouterr()
+    assert analysis_main([str(folder.parent)]) == 0
+    listed = capsys.readouterr().out
+    assert f"note: {folder} holds partial files that an interrupted write left: .model.tmp/ (3 MB)" in listed
+    assert f"`python -m sft.clean {folder}` removes them" in listed
+    run(tiny_config(max_steps=1))  # a new run in the same runs folder says so too
+    assert f"note: {folder} holds partial files" in capsys.readouterr().err
+    with holding_lock(folder):
+        assert clean_main([str(folder)]) == 2 and "is in use" in capsys.readouterr().err
+    (folder / LOCK).unlink()  # the killed holder's
+    assert clean_main([str(folder)]) == 0
+    assert capsys.readouterr().out.strip() == (f"{folder}: removed .model.tmp/ (3 MB), .summary.json.x1y2.tmp (0 kB), "
+                                               f"checkpoints/.tmp-step-000003/ (1 kB)")
+    assert leftovers(folder) == [] and sorted(folder.rglob("*")) == complete
+    assert clean_main([str(folder)]) == 0 and capsys.readouterr().out.strip() == f"{folder}: no partial files"
+
+    leave_partial_files(folder)
+    (folder / "summary.json").write_text(json.dumps({"status": "running"}))  # killed during its final save
+    run(tiny_config(resume=str(folder)))
+    assert "note: removed the partial files that an interrupted write left: .model.tmp/ (3 MB)" in \
+        capsys.readouterr().err
+    assert leftovers(folder) == [] and load_run(folder).status == "completed"

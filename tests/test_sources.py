@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from sft.errors import ConfigError, DataError
-from sft.sources import load_rows, shuffle_rows, split_heldout, take_rows
+from sft.sources import load_rows, parse_row, row_texts, shuffle_rows, split_heldout, take_rows
 from conftest import write_jsonl
 
 ROWS = [
@@ -172,6 +172,31 @@ def test_non_utf8_file_is_a_data_error(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b'{"a": "\xff\xfe"}\n')
     with pytest.raises(DataError, match="is not UTF-8 text"):
         load_rows(tmp_path / "d.jsonl")
+
+
+def rows_as_training_reads_them(path) -> list[dict]:
+    """The rows of `path` the way training reads them: texts first (all of them), parsed afterwards."""
+    return [parse_row(*text) for text in list(row_texts(path))]
+
+
+@pytest.mark.parametrize("read", [load_rows, rows_as_training_reads_them])
+def test_the_first_bad_line_in_file_order_is_the_error(tmp_path, read):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"a": "1"}\n{"a": "2"\n{"a": "\xff"}\n')  # line 2 is cut short, line 3 is not UTF-8
+    with pytest.raises(DataError, match=r"d\.jsonl, line 2: invalid JSON \(Expecting ',' delimiter, column 10\)$"):
+        read(path)
+    path.write_bytes(b'{"a": "1"}\n\n{"a": "\xff"}\n{"a": "2"\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 3 is not UTF-8 text: .* at column 8\)$"):
+        read(path)
+
+
+def test_a_json_error_names_its_column_in_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": "1"}\n{"abc": "2", "d": 3\n', encoding="utf-8")  # the closing brace is missing
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \(Expecting ',' delimiter, column 20\)$"):
+        load_rows(path)
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \(Expecting ',' delimiter, column 20\)$"):
+        rows_as_training_reads_them(path)
 
 
 # hub

@@ -58,15 +58,15 @@ def test_many_conversations_at_once_are_each_as_alone(chatml_tokenizer):
     else is in the batch (its turn count, a generation prompt or not)."""
     batch = [MULTI, SINGLE, MULTI[1:3], SINGLE[1:]]
     alone = [chat_segments(chatml_tokenizer, c) for c in batch]
-    assert chat_segments_many(chatml_tokenizer, batch) == alone
+    assert [examples[0] for examples in chat_segments_many(chatml_tokenizer, batch)] == alone
     for c, segments in zip(batch, alone):
         assert "".join(text for text, _ in segments) == render(chatml_tokenizer, c, False)
         assert [text for text, supervised in segments if supervised] == [
             m["content"] + "<|im_end|>" for m in c if m["role"] == "assistant"]
     assert encode_chats(chatml_tokenizer, batch) == [encode_chat(chatml_tokenizer, c) for c in batch]
     prompts = [MULTI[:4], SINGLE[:2]]
-    assert chat_segments_many(chatml_tokenizer, prompts, True) == [chat_segments(chatml_tokenizer, c, True)
-                                                                     for c in prompts]
+    assert [e[0] for e in chat_segments_many(chatml_tokenizer, prompts, True)] == [
+        chat_segments(chatml_tokenizer, c, True) for c in prompts]
 
 
 def test_token_ids_are_those_of_the_tokenizer_call(chatml_tokenizer):
