@@ -174,56 +174,76 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(ImportError):  # line editing and history in input() (not on every platform)
         import readline  # noqa: F401
     print(f"chatting with {path} ({json.dumps(decoding.record())}); {HELP}", flush=True)
-    messages = list(start)
-    while True:
-        try:
-            text = input("you> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            return 130
-        command, *rest = text.strip().split() or [""]
-        if command == "/quit":
-            return 0
-        if command == "/reset":
-            messages = list(start)
-            print("(new conversation)", flush=True)
-            continue
-        if command == "/settings":
+    return Session(model, tokenizer, decoding, tools, start).loop()
+
+
+@dataclasses.dataclass
+class Session:
+    """A terminal conversation: the turns so far and the decoding settings, changed by the commands."""
+    model: object
+    tokenizer: object
+    decoding: Decoding
+    tools: list | None
+    start: list[dict]
+
+    def loop(self) -> int:
+        self.messages = list(self.start)
+        while True:
             try:
-                decoding = change(decoding, rest)
+                text = input("you> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                return 130
+            command, *rest = text.strip().split() or [""]
+            if command == "/quit":
+                return 0
+            question = self.command(command, rest, text)
+            if question is not None:
+                self.ask(question)
+
+    def command(self, command: str, rest: list[str], text: str) -> list[dict] | None:
+        """The conversation to answer next, or None after a command that only changes the settings."""
+        if command == "/reset":
+            self.messages = list(self.start)
+            print("(new conversation)", flush=True)
+        elif command == "/settings":
+            try:
+                self.decoding = change(self.decoding, rest)
             except ConfigError as e:
                 print(f"error: {e}", flush=True)
-            print(json.dumps(decoding.record()), flush=True)
-            continue
-        if command == "/tool":
-            calls = messages[-1].get("tool_calls") if messages and messages[-1]["role"] == "assistant" else None
-            if not calls or not rest:
-                print("error: /tool TEXT answers the model's last tool call; there is none to answer" if not calls
-                      else "error: /tool needs the tool's result", flush=True)
-                continue
-            question = messages + [{"role": "tool", "name": calls[-1]["function"]["name"],
-                                    "content": text.strip()[len("/tool"):].strip()}]
+            print(json.dumps(self.decoding.record()), flush=True)
+        elif command == "/tool":
+            last = self.messages[-1] if self.messages else {}
+            calls = last.get("tool_calls") if last.get("role") == "assistant" else None
+            if calls and rest:
+                return self.messages + [{"role": "tool", "name": calls[-1]["function"]["name"],
+                                         "content": text.strip()[len("/tool"):].strip()}]
+            print("error: /tool TEXT answers the model's last tool call; there is none to answer" if not calls
+                  else "error: /tool needs the tool's result", flush=True)
         elif command.startswith("/") or not text.strip():
             print(HELP, flush=True)
-            continue
         else:
-            question = messages + [{"role": "user", "content": text}]
+            return self.messages + [{"role": "user", "content": text}]
+        return None
+
+    def ask(self, question: list[dict]) -> None:
+        """The model's reply to `question`; a reply that fails or is stopped leaves the conversation as it was."""
         print("model> ", end="", flush=True)
         try:
-            answer = respond(model, tokenizer, question, decoding, sys.stdout, tools)
+            answer = respond(self.model, self.tokenizer, question, self.decoding, sys.stdout, self.tools)
         except KeyboardInterrupt:
             print("\n(stopped; the question is left out of the conversation)", flush=True)
-            continue
+            return
         except Exception as e:  # noqa: BLE001 - a reply that fails ends that reply, never the chat
             print(f"\nerror: {' '.join(str(e).split()) or type(e).__name__}; the question is left out of the "
                   f"conversation", flush=True)
-            continue
+            return
         if show(answer):
             print(show(answer), flush=True)
-        messages = question + [assistant_turn(answer)]
+        self.messages = question + [assistant_turn(answer)]
 
 
 if __name__ == "__main__":

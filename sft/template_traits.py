@@ -6,7 +6,9 @@ tool calls and tool results, and which token closes a turn (`<|im_end|>`, `<|eot
 final answer and `<|call|>` after a tool call in gpt-oss). Nothing here is a table of model names: each
 property is read off the template by rendering short conversations made of probe words and looking for them
 in the output. The same renderings give the parser that splits a generated reply into reasoning, answer and
-tool calls (`parse_reply`), so generation reads replies in the template's own format.
+tool calls (`parse_reply`), so generation reads replies in the template's own format, and the checks that an
+encoded example holds what the model emits for each turn and every turn of its history
+(`check_supervised`, `check_rendered`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import re
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
+
+from .errors import DataError
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' conventions, in that order
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -291,3 +295,55 @@ def _call_format(reply: str, plain: str | None, special: tuple[str, ...]) -> tup
     closer = last_special(reply, special)
     stop = closer[0] - len(closer[1]) if closer and closer[0] > args_end else len(reply)
     return reply[start:name_at], reply[name_at + len(_TOOL):args_at], reply[args_end:stop]
+
+
+def check_rendered(text: str, messages: list[dict]) -> None:
+    """Every system, user and tool turn's content appears in the rendered text: a template that drops one (a
+    tool result it has no place for, a system turn it ignores) would train on a history that is not the row's."""
+    for m in messages:
+        if m["role"] != "assistant" and m["content"].strip() and m["content"].strip() not in text:
+            raise DataError(f"the chat template drops the content of a {m['role']} turn, so the example would not "
+                            f"hold the row's conversation")
+
+
+def check_supervised(span: str, message: dict, closer: str, t) -> None:
+    """The supervised text of an assistant turn holds what the model emits for it: its content, its reasoning
+    and each tool call's name and string arguments, and ends with the token that closes the turn. A template
+    that drops any of them cannot train it; that stops here, before any training."""
+    if message.get("reasoning_content") and t.reasoning is None:
+        raise DataError("an assistant turn has reasoning, and the chat template has no place for it (it renders no "
+                        "reasoning field and keeps no inline <think>); set reasoning_tags=('<think>', '</think>') "
+                        "to write it inline in the content, in tags of your choice")
+    if message.get("tool_calls") and not t.tool_calls:
+        raise DataError(f"an assistant turn calls a tool, and the chat template does not render tool calls"
+                        f"{f' ({t.tool_error})' if t.tool_error else ''}; use a template that does")
+    for call in message.get("tool_calls", ()):
+        function = call["function"]
+        if function["name"] not in span or not all(_rendered(v, span) for v in _leaves(function["arguments"])):
+            raise DataError(f"the chat template does not render tool calls of this turn as given: its call of "
+                            f"{function['name']!r} is not in the supervised text (a template may render only "
+                            f"the first of several calls)")
+    missing = []
+    if message["content"].strip() and message["content"].strip() not in span:
+        missing.append("its content")
+    if message.get("reasoning_content") and message["reasoning_content"].strip() not in span:
+        missing.append("its reasoning")
+    if not span.endswith(closer):
+        missing.append(f"the end-of-turn token {closer!r}")
+    if missing:
+        raise DataError(f"the supervised text of an assistant turn lacks {' and '.join(missing)}: the chat "
+                        f"template does not render it where the reply is supervised")
+
+
+def _leaves(value) -> list:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _leaves(v)]
+    return [value]
+
+
+def _rendered(value, span: str) -> bool:
+    if isinstance(value, str):
+        return value in span or json.dumps(value, ensure_ascii=False)[1:-1] in span or json.dumps(value)[1:-1] in span
+    return json.dumps(value) in span or str(value) in span

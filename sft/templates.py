@@ -20,7 +20,8 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from .errors import ConfigError, DataError, SFTError
-from .template_traits import inline_reasoning, last_special, traits, with_reasoning_tags
+from .template_traits import (check_rendered, check_supervised, inline_reasoning, last_special, traits,
+                              with_reasoning_tags)
 
 IGNORE_INDEX = -100
 CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"  # the templates this project ships
@@ -255,17 +256,6 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False).input_ids
 
 
-def chat_segments(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-                  tools: list | None = None, multi_turn: str = "error") -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, supervised) pieces, as one example: each assistant reply up to
-    and including its end-of-turn token is supervised; system, user and tool turns and the template's headers
-    are not."""
-    got = chat_segments_many(tokenizer, [messages], add_generation_prompt, [tools], multi_turn=multi_turn)[0]
-    if isinstance(got, Exception):
-        raise got
-    return got[0]
-
-
 def chat_segments_many(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
                        tools: list | None = None, *, multi_turn: str = "per_turn",
                        loss_on: str = "assistant") -> list[list[list[tuple[str, bool]]] | SFTError]:
@@ -312,14 +302,7 @@ def chat_segments_many(tokenizer, conversations: list[list[dict]], add_generatio
     out: list = []
     for k, (turns, whole) in enumerate(plans):
         try:
-            texts = {i: (_get(rendered, p), _finish_turn(t, conversations[k], i, _get(rendered, x)))
-                     for i, p, x in turns}
-            for i, (prompt, turn) in texts.items():
-                if not turn.startswith(prompt) and not conversations[k][i].get("reasoning_content"):
-                    prompt = _non_thinking_prompt(tokenizer, conversations[k][:i], tools[k]) or prompt
-                if not turn.startswith(prompt):
-                    turn = _after_prompt(prompt, turn, conversations[k][i - 1]) or turn
-                texts[i] = (prompt, turn)
+            texts = _turn_texts(tokenizer, t, conversations[k], tools[k], turns, rendered)
             if whole is not None:
                 out.append([_segments(t, stops, _get(rendered, whole), texts, set(), conversations[k])])
             else:
@@ -327,6 +310,20 @@ def chat_segments_many(tokenizer, conversations: list[list[dict]], add_generatio
         except SFTError as e:
             out.append(e)
     return out
+
+
+def _turn_texts(tokenizer, t, messages: list[dict], tools, turns: list, rendered: dict) -> dict:
+    """(P_i, T_i) of each assistant turn i, from the renderings, where the template's generation prompt and
+    its rendering of the turn disagree on what comes first: see `_non_thinking_prompt` and `_after_prompt`."""
+    texts = {}
+    for i, p, x in turns:
+        prompt, turn = _get(rendered, p), _finish_turn(t, messages, i, _get(rendered, x))
+        if not turn.startswith(prompt) and not messages[i].get("reasoning_content"):
+            prompt = _non_thinking_prompt(tokenizer, messages[:i], tools) or prompt
+        if not turn.startswith(prompt):
+            turn = _after_prompt(prompt, turn, messages[i - 1]) or turn
+        texts[i] = (prompt, turn)
+    return texts
 
 
 def _non_thinking_prompt(tokenizer, messages: list[dict], tools) -> str | None:
@@ -453,58 +450,6 @@ def _segments(t, stops: tuple, text: str, texts: dict, supervised: set,
     segments.append((text[pos:], False))
     check_rendered(text, messages[:max(supervised, default=len(messages) - 1) + 1])
     return segments
-
-
-def check_rendered(text: str, messages: list[dict]) -> None:
-    """Every system, user and tool turn's content appears in the rendered text: a template that drops one (a
-    tool result it has no place for, a system turn it ignores) would train on a history that is not the row's."""
-    for m in messages:
-        if m["role"] != "assistant" and m["content"].strip() and m["content"].strip() not in text:
-            raise DataError(f"the chat template drops the content of a {m['role']} turn, so the example would not "
-                            f"hold the row's conversation")
-
-
-def check_supervised(span: str, message: dict, closer: str, t) -> None:
-    """The supervised text of an assistant turn holds what the model emits for it: its content, its reasoning
-    and each tool call's name and string arguments, and ends with the token that closes the turn. A template
-    that drops any of them cannot train it; that stops here, before any training."""
-    if message.get("reasoning_content") and t.reasoning is None:
-        raise DataError("an assistant turn has reasoning, and the chat template has no place for it (it renders no "
-                        "reasoning field and keeps no inline <think>); set reasoning_tags=('<think>', '</think>') "
-                        "to write it inline in the content, in tags of your choice")
-    if message.get("tool_calls") and not t.tool_calls:
-        raise DataError(f"an assistant turn calls a tool, and the chat template does not render tool calls"
-                        f"{f' ({t.tool_error})' if t.tool_error else ''}; use a template that does")
-    for call in message.get("tool_calls", ()):
-        function = call["function"]
-        if function["name"] not in span or not all(_rendered(v, span) for v in _leaves(function["arguments"])):
-            raise DataError(f"the chat template does not render tool calls of this turn as given: its call of "
-                            f"{function['name']!r} is not in the supervised text (a template may render only "
-                            f"the first of several calls)")
-    missing = []
-    if message["content"].strip() and message["content"].strip() not in span:
-        missing.append("its content")
-    if message.get("reasoning_content") and message["reasoning_content"].strip() not in span:
-        missing.append("its reasoning")
-    if not span.endswith(closer):
-        missing.append(f"the end-of-turn token {closer!r}")
-    if missing:
-        raise DataError(f"the supervised text of an assistant turn lacks {' and '.join(missing)}: the chat "
-                        f"template does not render it where the reply is supervised")
-
-
-def _leaves(value) -> list:
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _leaves(v)]
-    if isinstance(value, list):
-        return [x for v in value for x in _leaves(v)]
-    return [value]
-
-
-def _rendered(value, span: str) -> bool:
-    if isinstance(value, str):
-        return value in span or json.dumps(value, ensure_ascii=False)[1:-1] in span or json.dumps(value)[1:-1] in span
-    return json.dumps(value) in span or str(value) in span
 
 
 def prompt_and_reference(messages: list[dict], task_metric: str | None = "exact_match") -> tuple[list[dict], str]:

@@ -9,7 +9,7 @@ from tokenizers import processors
 
 from sft.analysis import read_samples
 from sft.errors import ConfigError
-from sft.templates import (IGNORE_INDEX, chat_segments, chat_segments_many, encode_chat, encode_chats, render,
+from sft.templates import (IGNORE_INDEX, chat_segments_many, encode_chat, encode_chats, render,
                            setup_template, system_prompt_record, token_ids)
 
 SINGLE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
@@ -57,7 +57,7 @@ def test_many_conversations_at_once_are_each_as_alone(chatml_tokenizer):
     """The batched renderings and tokenizer call give every conversation its own segments and ids, whatever
     else is in the batch (its turn count, a generation prompt or not)."""
     batch = [MULTI, SINGLE, MULTI[1:3], SINGLE[1:]]
-    alone = [chat_segments(chatml_tokenizer, c) for c in batch]
+    alone = [chat_segments_many(chatml_tokenizer, [c])[0][0] for c in batch]
     assert [examples[0] for examples in chat_segments_many(chatml_tokenizer, batch)] == alone
     for c, segments in zip(batch, alone):
         assert "".join(text for text, _ in segments) == render(chatml_tokenizer, c, False)
@@ -66,7 +66,7 @@ def test_many_conversations_at_once_are_each_as_alone(chatml_tokenizer):
     assert encode_chats(chatml_tokenizer, batch) == [encode_chat(chatml_tokenizer, c) for c in batch]
     prompts = [MULTI[:4], SINGLE[:2]]
     assert [e[0] for e in chat_segments_many(chatml_tokenizer, prompts, True)] == [
-        chat_segments(chatml_tokenizer, c, True) for c in prompts]
+        chat_segments_many(chatml_tokenizer, [c], True)[0][0] for c in prompts]
 
 
 def test_token_ids_are_those_of_the_tokenizer_call(chatml_tokenizer):
