@@ -240,8 +240,12 @@ def run_per_conversation(data_set: DataSet, source: Path, rows: int, cache: Path
 
     tok = tokenizer(data_set)
     began = time.perf_counter()
-    conversations, _, _ = formats.convert_rows(sources.load_rows(str(source), revision=None, split="train",
-                                                                 max_rows=None, data_files=None), data_set.fmt)
+    conversations = []
+    for text in sources.row_texts(source):
+        try:
+            conversations.append(formats.row_to_messages(sources.parse_row(*text), data_set.fmt))
+        except formats.MalformedRow:  # set aside, as training sets it aside
+            pass
     examples = []
     for c in conversations:
         enc = encode_chat(tok, c)
@@ -271,11 +275,11 @@ def run_trl(data_set: DataSet, source: Path, rows: int, cache: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from sft import formats, sources
-    from sft.data import auto_num_proc
+    from sft.store import auto_num_proc
 
     tok = tokenizer(data_set)
-    dataset = trl_dataset([formats.row_to_conversation(r, data_set.fmt) for r in sources.load_rows(
-        str(source), revision=None, split="train", max_rows=None, data_files=None)])
+    dataset = trl_dataset([formats.row_to_conversation(sources.parse_row(*text), data_set.fmt)
+                           for text in sources.row_texts(source)])
     model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
                                                          num_hidden_layers=1, num_attention_heads=2))
     procs = auto_num_proc("auto", rows)

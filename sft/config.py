@@ -11,13 +11,13 @@ import difflib
 import math
 import re
 import types
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .formats import FORMATS
+from .sources import Source, mixture_sources
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATASET = "embedded:demo-tasks"
@@ -285,41 +285,8 @@ class TrainConfig:
         if self.datasets is None:
             return [Source(self.dataset, None, self.dataset_format, self.dataset_revision, self.dataset_files,
                            self.dataset_split, self.max_rows, self.dataset)]
-        out, names = [], Counter()
-        for entry in self.datasets:
-            if not (isinstance(entry, (list, tuple)) and len(entry) in (2, 3)):
-                raise ConfigError(f"datasets: each entry is (source, share) or (source, share, {{options}}), "
-                                  f"got {entry!r}")
-            source, share, options = (*entry, {}) if len(entry) == 2 else entry
-            if not isinstance(source, str) or not source.strip():
-                raise ConfigError(f"datasets: a source is a path, a hub id or 'embedded:...', got {source!r}")
-            if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
-                                      or not math.isfinite(share) or share <= 0):
-                raise ConfigError(f"datasets: {source}: the share is a fraction of its rows (float > 0), a row "
-                                  f"count (int >= 1) or None for all of them, got {share!r}")
-            if not isinstance(options, dict):
-                raise ConfigError(f"datasets: {source}: options are a dict, got {options!r}")
-            unknown = set(options) - set(SOURCE_OPTIONS)
-            if unknown:
-                raise ConfigError(f"datasets: {source}: unknown option {sorted(unknown)[0]!r}; the options are "
-                                  f"{', '.join(SOURCE_OPTIONS)}")
-            opts = {"format": self.dataset_format, "revision": None, "files": None, "split": self.dataset_split,
-                    "max_rows": None, **options}
-            _choice(f"datasets: {source}: format", opts["format"], DATASET_FORMATS)
-            for key in ("revision", "files"):
-                if opts[key] is not None and not isinstance(opts[key], str):
-                    raise ConfigError(f"datasets: {source}: {key} is a string, got {opts[key]!r}")
-            if not isinstance(opts["split"], str):
-                raise ConfigError(f"datasets: {source}: split is a string, got {opts['split']!r}")
-            if opts["max_rows"] is not None and (isinstance(opts["max_rows"], bool)
-                                                 or not isinstance(opts["max_rows"], int) or opts["max_rows"] < 1):
-                raise ConfigError(f"datasets: {source}: max_rows is a count >= 1, got {opts['max_rows']!r}")
-            name = source + (f":{opts['files']}" if opts["files"] else "")
-            names[name] += 1
-            name += f"#{names[name]}" if names[name] > 1 else ""
-            out.append(Source(source, share, opts["format"], opts["revision"], opts["files"], opts["split"],
-                              opts["max_rows"], name))
-        return out
+        return mixture_sources(self.datasets, default_format=self.dataset_format,
+                               default_split=self.dataset_split)
 
     @classmethod
     def from_record(cls, record: dict[str, Any], **changes: Any) -> "TrainConfig":
@@ -331,22 +298,6 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-
-SOURCE_OPTIONS = ("format", "revision", "files", "split", "max_rows")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One dataset of a run: where its rows come from, how they are read, and how many go into training."""
-    dataset: str
-    share: float | int | None  # a fraction of its training rows (above 1 repeats them), a row count, None: all
-    format: str
-    revision: str | None
-    files: str | None
-    split: str
-    max_rows: int | None
-    name: str  # how statistics and metrics name it
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

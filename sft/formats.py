@@ -32,7 +32,6 @@ instead of "auto".
 
 import json
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -436,17 +435,3 @@ def row_to_conversation(row: dict, fmt: str) -> Conversation:
 
 def row_to_messages(row: dict, fmt: str) -> list[dict]:
     return row_to_conversation(row, fmt).messages
-
-
-def convert_rows(rows: Iterable[dict], fmt: str) -> tuple[list[list[dict]], Counter, list[int]]:
-    """(conversations, rejects by reason, the row number each conversation came from, from 1). Rejects
-    are counted rather than raised so the caller decides how many is too many."""
-    _check_format(fmt)
-    kept, rejected, numbers = [], Counter(), []
-    for number, row in enumerate(rows, 1):
-        try:
-            kept.append(row_to_messages(row, fmt))
-            numbers.append(number)
-        except MalformedRow as e:
-            rejected[e.reason] += 1
-    return kept, rejected, numbers

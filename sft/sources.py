@@ -1,97 +1,181 @@
-"""Where rows come from: a local file or directory, or a pinned dataset on the Hugging Face hub.
+"""Where rows come from: a local file or directory, or a pinned dataset on the Hugging Face hub; and the
+run's datasets (`Source`), one or a mixture.
 
-Rows come back as plain dicts, as stored; turning them into conversations is sft.formats' job.
-Every reader is a generator, so asking for the first N rows reads (or downloads) about N rows.
+A local source is read by one reader, `row_texts`, as the JSON texts of its rows, which worker processes
+parse (`parse_row`). A hub dataset is loaded as the Arrow table `datasets` keeps on disk (`hub_dataset`),
+which the workers map over batch by batch (`hub_rows`): neither kind is held as Python rows by the process
+that reads it. Rows are plain dicts, as stored; turning them into conversations is sft.formats' job.
 """
 
 import json
+import math
 import os
-import random
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 
-import datasets
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigError, DataError
+from .formats import FORMATS
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # json.loads accepts an escaped lone UTF-16 surrogate ("\ud800"); the str it makes cannot be encoded,
 # so rows whose text holds such an escape are checked before anything downstream tries.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
+SOURCE_OPTIONS = ("format", "revision", "files", "split", "max_rows")
 
-def load_rows(
-    source: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    split: str = "train",
-    max_rows: int | None = None,
-    streaming: bool | None = None,
-    data_files: str | list[str] | None = None,
-) -> list[dict]:
-    """An existing local path wins over a hub id of the same name, and a source that looks like a
-    path but does not exist is an error: a typo in a path must never quietly download some other
-    dataset. `split` and `streaming` apply to hub datasets; a local file or directory is one split.
-    """
-    _check_max_rows(max_rows)
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of a run: where its rows come from, how they are read, and how many go into training."""
+    dataset: str
+    share: float | int | None  # a fraction of its training rows (above 1 repeats them), a row count, None: all
+    format: str
+    revision: str | None
+    files: str | None
+    split: str
+    max_rows: int | None
+    name: str  # how statistics and metrics name it
+
+
+def mixture_sources(entries, *, default_format: str, default_split: str) -> list[Source]:
+    """The sources of a mixture's entries, (source, share) or (source, share, {options}), each option
+    defaulting to the run's own (`default_format`, `default_split`). A source given twice is named with its
+    count (name#2); one given with files is named with them (name:files)."""
+    out, names = [], Counter()
+    for entry in entries:
+        if not (isinstance(entry, (list, tuple)) and len(entry) in (2, 3)):
+            raise ConfigError(f"datasets: each entry is (source, share) or (source, share, {{options}}), "
+                              f"got {entry!r}")
+        source, share, options = (*entry, {}) if len(entry) == 2 else entry
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError(f"datasets: a source is a path, a hub id or 'embedded:...', got {source!r}")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not math.isfinite(share) or share <= 0):
+            raise ConfigError(f"datasets: {source}: the share is a fraction of its rows (float > 0), a row "
+                              f"count (int >= 1) or None for all of them, got {share!r}")
+        opts = _source_options(source, options, default_format, default_split)
+        name = source + (f":{opts['files']}" if opts["files"] else "")
+        names[name] += 1
+        name += f"#{names[name]}" if names[name] > 1 else ""
+        out.append(Source(source, share, opts["format"], opts["revision"], opts["files"], opts["split"],
+                          opts["max_rows"], name))
+    return out
+
+
+def _source_options(source: str, options, default_format: str, default_split: str) -> dict:
+    if not isinstance(options, dict):
+        raise ConfigError(f"datasets: {source}: options are a dict, got {options!r}")
+    unknown = set(options) - set(SOURCE_OPTIONS)
+    if unknown:
+        raise ConfigError(f"datasets: {source}: unknown option {sorted(unknown)[0]!r}; the options are "
+                          f"{', '.join(SOURCE_OPTIONS)}")
+    opts = {"format": default_format, "revision": None, "files": None, "split": default_split,
+            "max_rows": None, **options}
+    formats = ("auto", *FORMATS)
+    if opts["format"] not in formats:
+        raise ConfigError(f"datasets: {source}: format: {opts['format']!r} is not one of "
+                          f"{', '.join(map(repr, formats))}")
+    for key in ("revision", "files"):
+        if opts[key] is not None and not isinstance(opts[key], str):
+            raise ConfigError(f"datasets: {source}: {key} is a string, got {opts[key]!r}")
+    if not isinstance(opts["split"], str):
+        raise ConfigError(f"datasets: {source}: split is a string, got {opts['split']!r}")
+    if opts["max_rows"] is not None and (isinstance(opts["max_rows"], bool)
+                                         or not isinstance(opts["max_rows"], int) or opts["max_rows"] < 1):
+        raise ConfigError(f"datasets: {source}: max_rows is a count >= 1, got {opts['max_rows']!r}")
+    return opts
+
+
+def local_path(source: str | os.PathLike) -> Path | None:
+    """The existing local file or directory `source` names, or None for a hub dataset id. An existing local
+    path wins over a hub id of the same name, and a source that looks like a path but does not exist is an
+    error: a typo in a path must never quietly download some other dataset."""
     source = os.fspath(source)
     path = Path(source).expanduser()
     if path.exists():
-        rows = take_rows(_iter_local(path), max_rows)
-    elif source.startswith((".", "/", "~")) or path.suffix.lower() in _READERS:
+        return path
+    if source.startswith((".", "/", "~")) or path.suffix.lower() in _READERS:
         raise DataError(f"dataset path {source} does not exist")
-    elif _HUB_ID.fullmatch(source):
-        rows = _load_hub(source, revision=revision, split=split, max_rows=max_rows, streaming=streaming,
-                         data_files=data_files)
-    else:
-        raise DataError(
-            f"dataset source {source!r} is neither an existing local path "
-            f"nor a hub dataset id of the form owner/name"
-        )
-    if not rows:
-        raise DataError(f"dataset {source} has no rows")
-    return rows
+    if _HUB_ID.fullmatch(source):
+        return None
+    raise DataError(
+        f"dataset source {source!r} is neither an existing local path "
+        f"nor a hub dataset id of the form owner/name"
+    )
 
 
-def row_texts(
-    source: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    split: str = "train",
-    max_rows: int | None = None,
-    data_files: str | list[str] | None = None,
-) -> Iterator[tuple[str, str, int, bool]]:
-    """The rows of a source as JSON texts, in the order and with the checks of `load_rows`, for parsing in
-    worker processes: (text, file, number, raw). A JSON-lines file's lines come as they are (`raw`: not yet
-    parsed, `number` is the line; `parse_row` parses and checks them); every other row is parsed here and
-    serialized (`number` counts rows), with a value JSON cannot hold (a date, bytes) as an object, which no
-    format accepts where text or a list belongs, as before. Raises DataError, as `load_rows` does, when the
-    source has no rows."""
+def row_texts(source: str | os.PathLike, *, max_rows: int | None = None) -> Iterator[tuple[str, str, int, bool]]:
+    """The rows of a local file or directory (its files in name order) as JSON texts, for parsing in worker
+    processes: (text, file, number, raw). A JSON-lines file's lines come as they are (`raw`: not yet parsed,
+    `number` is the line; `parse_row` parses and checks them); every other row is parsed here and serialized
+    (`number` counts rows), with a value JSON cannot hold (a date, bytes) as an object, which no format
+    accepts where text or a list belongs. Asking for the first `max_rows` rows reads about that many. Raises
+    DataError when the source has no rows."""
     _check_max_rows(max_rows)
-    source = os.fspath(source)
-    path = Path(source).expanduser()
-    if path.exists():
-        files = [path] if path.is_file() else _local_files(path)
-        texts = chain.from_iterable(_file_texts(p) for p in files)
-    else:
-        rows = load_rows(source, revision=revision, split=split, max_rows=max_rows, data_files=data_files)
-        texts = ((dumps_row(row), source, n, False) for n, row in enumerate(rows, 1))
+    path = local_path(source)
+    if path is None:
+        raise DataError(f"dataset path {os.fspath(source)} does not exist")
+    files = [path] if path.is_file() else _local_files(path)
     count = 0
-    for item in islice(texts, max_rows):
+    for item in islice(chain.from_iterable(_file_texts(p) for p in files), max_rows):
         count += 1
         yield item
     if not count:
+        raise DataError(f"dataset {os.fspath(source)} has no rows")
+
+
+def hub_dataset(source: str, *, revision: str | None, split: str = "train", max_rows: int | None = None,
+                data_files: str | list[str] | None = None):
+    """A hub dataset at its pinned revision (its `data_files`, its `split`), as the `datasets.Dataset` that
+    `datasets` downloads once and memory-maps from its cache: worker processes map over its Arrow table
+    (`hub_rows`). `max_rows` selects the first rows. Raises DataError when it has no rows."""
+    import datasets
+
+    _check_max_rows(max_rows)
+    if revision is None:
+        raise ConfigError(
+            f"{source!r} is not a local path, so it is read as a hub dataset id, and a hub dataset "
+            f"needs a pinned revision (a commit sha or tag): the same id can point to different data "
+            f"tomorrow, and a run whose data changed underneath it cannot be reproduced or compared"
+        )
+    try:
+        dataset = datasets.load_dataset(source, revision=revision, split=split, streaming=False,
+                                        data_files=data_files)
+    except Exception as e:  # network, auth, missing repo or split: each library raises its own type
+        raise DataError(f"{_hub_failure(source, revision, split)}: {_one_line(e)}") from e
+    if max_rows is not None and max_rows < len(dataset):
+        dataset = dataset.select(range(max_rows))
+    if not len(dataset):
         raise DataError(f"dataset {source} has no rows")
+    return dataset
+
+
+def hub_rows(batch: pa.Table, source: str, revision: str, split: str) -> list[dict | DataError]:
+    """The rows of a batch of a hub dataset's Arrow table as their JSON texts hold them (`dumps_row`), for a
+    worker process; where a value of the batch has no Python form (a date out of range, bytes that are not
+    UTF-8), each row of the batch is that DataError."""
+    try:
+        rows = batch.to_pylist()
+    except _UNCONVERTIBLE as e:
+        return [DataError(f"{_hub_failure(source, revision, split)}: {_one_line(e)}")] * batch.num_rows
+    return [json.loads(dumps_row(row)) for row in rows]
+
+
+def _hub_failure(source: str, revision: str, split: str) -> str:
+    return f"could not fetch dataset {source!r} (revision {revision!r}, split {split!r}) from the hub"
 
 
 def parse_row(text: str, file: str, number: int, raw: bool) -> dict:
-    """A row from `row_texts`, with the errors `load_rows` raises for it."""
+    """A row from `row_texts`, parsed; a raw line is checked, and an error names its file and line."""
     if not raw:
         return json.loads(text)
     try:
@@ -178,40 +262,6 @@ def _holds_one_list(path: Path) -> bool:
     return first.lstrip().startswith("[")
 
 
-def take_rows(rows: Iterable[dict], max_rows: int | None) -> list[dict]:
-    """Stops pulling after max_rows, so a streamed hub dataset only downloads what it yields."""
-    return list(islice(rows, max_rows))
-
-
-def _load_hub(source: str, *, revision, split, max_rows, streaming, data_files=None) -> list[dict]:
-    if revision is None:
-        raise ConfigError(
-            f"{source!r} is not a local path, so it is read as a hub dataset id, and a hub dataset "
-            f"needs a pinned revision (a commit sha or tag): the same id can point to different data "
-            f"tomorrow, and a run whose data changed underneath it cannot be reproduced or compared"
-        )
-    if streaming is None:
-        streaming = max_rows is not None
-    try:
-        dataset = datasets.load_dataset(source, revision=revision, split=split, streaming=streaming,
-                                        data_files=data_files)
-        return take_rows(dataset, max_rows)
-    except Exception as e:  # network, auth, missing repo or split: each library raises its own type
-        raise DataError(
-            f"could not fetch dataset {source!r} (revision {revision!r}, split {split!r}) from the hub: {_one_line(e)}"
-        ) from e
-
-
-def _iter_local(path: Path) -> Iterator[dict]:
-    if path.is_file():
-        if path.suffix.lower() not in _READERS:
-            raise DataError(
-                f"dataset file {path} has an unsupported type; expected one of {', '.join(_READERS)}"
-            )
-        return _iter_file(path)
-    return chain.from_iterable(_iter_file(p) for p in _local_files(path))
-
-
 def _local_files(path: Path) -> list[Path]:
     # Hidden entries are skipped: they are caches and tool files (.cache/, .git/), not data.
     files = sorted(
@@ -226,13 +276,6 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_file(path: Path) -> Iterator[dict]:
-    try:
-        yield from _READERS[path.suffix.lower()](path)
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
-
-
 def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
     """The decoder's position is relative to the chunk it was given, so the bad line is found afresh."""
     with path.open("rb") as f:
@@ -245,29 +288,16 @@ def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
     return DataError(f"dataset file {path} is not UTF-8 text: {e}")
 
 
-def _iter_json(path: Path) -> Iterator[dict]:
-    if _holds_one_list(path):
-        text = path.read_text(encoding="utf-8-sig")
-        try:
-            items = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise _bad_json(path, getattr(e, "lineno", None), e) from None
-        check_text = bool(_SURROGATE_ESCAPE.search(text))
-        for i, item in enumerate(items):
-            yield _as_row(item, f"dataset file {path}, item {i}", check_text)
-        return
-    rows = 0
-    for lineno, line in _decoded_lines(path):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            if rows == 0:
-                _refuse_one_object(path)
-            raise _bad_json(path, lineno, e) from None
-        rows += 1
-        yield _as_row(item, f"dataset file {path}, line {lineno}", bool(_SURROGATE_ESCAPE.search(line)))
+def _iter_json_list(path: Path) -> Iterator[dict]:
+    """The rows of a .json file holding one list of objects (JSON lines are `_file_texts`' own)."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        items = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _bad_json(path, getattr(e, "lineno", None), e) from None
+    check_text = bool(_SURROGATE_ESCAPE.search(text))
+    for i, item in enumerate(items):
+        yield _as_row(item, f"dataset file {path}, item {i}", check_text)
 
 
 def _refuse_one_object(path: Path) -> None:
@@ -360,55 +390,4 @@ def _iter_csv(path: Path) -> Iterator[dict]:
         raise DataError(f"cannot parse CSV file {path}: {_one_line(e)}") from None
 
 
-_READERS = {".json": _iter_json, ".jsonl": _iter_json, ".parquet": _iter_parquet, ".csv": _iter_csv}
-
-
-def shuffle_rows(rows: Iterable, seed: int) -> list:
-    """A private Random keeps the order a function of the seed alone, whatever else draws numbers."""
-    shuffled = list(rows)
-    random.Random(seed).shuffle(shuffled)
-    return shuffled
-
-
-def split_heldout(rows: list, *, eval_rows: int | float, seed: int) -> tuple[list, list]:
-    """Returns (train, heldout). The held-out rows are a seeded random sample, not the file's tail:
-    files are often ordered by source or topic, and the tail would then not represent the whole.
-    """
-    n = len(rows)
-    if isinstance(eval_rows, float):
-        if not 0 < eval_rows < 1:
-            raise ConfigError(
-                f"eval_rows as a fraction must be between 0 and 1 (exclusive), got {eval_rows!r}"
-            )
-        count = round(n * eval_rows)
-        if count < 1:
-            raise ConfigError(
-                f"eval_rows={eval_rows!r} of {n} rows rounds to 0 held-out rows; hold out at least one"
-            )
-    elif isinstance(eval_rows, int) and not isinstance(eval_rows, bool) and eval_rows > 0:
-        count = eval_rows
-    else:
-        raise ConfigError(
-            f"eval_rows must be a positive row count or a fraction in (0, 1), got {eval_rows!r}"
-        )
-    if count >= n:
-        raise ConfigError(
-            f"eval_rows={eval_rows!r} holds out {count} of {n} rows, leaving no rows to train on"
-        )
-    shuffled = shuffle_rows(rows, seed)
-    return shuffled[count:], shuffled[:count]
-
-
-def take_share(rows: list, share: int | float | None, *, seed: int) -> list:
-    """The training rows a dataset of a mixture gives: all of them (None), a fraction (a float) or a count (an
-    int). Above 1 (or above the row count), every row comes that many whole times and a seeded sample of the
-    rows makes up the rest; kept in the rows' order."""
-    if share is None:
-        return rows
-    n = len(rows)
-    count = round(share * n) if isinstance(share, float) else share
-    if count < 1:
-        raise ConfigError(f"a share of {share!r} of its {n} training rows is no rows; raise it")
-    whole, rest = divmod(count, n)
-    picked = sorted(random.Random(seed).sample(range(n), rest))
-    return rows * whole + [rows[i] for i in picked]
+_READERS = {".json": _iter_json_list, ".jsonl": _iter_json_list, ".parquet": _iter_parquet, ".csv": _iter_csv}

@@ -223,7 +223,7 @@ def test_heldout_hub_dataset_gets_its_own_files_and_the_revision_of_its_own_repo
 
     def load_dataset(path, **kwargs):
         calls.append((path, kwargs["revision"], kwargs["split"], kwargs["data_files"]))
-        return datasets.Dataset.from_list(ROWS).to_iterable_dataset()
+        return datasets.Dataset.from_list(ROWS)  # a hub dataset, as datasets loads it from its Arrow files
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     same_repo = dict(dataset="owner/data", dataset_revision="abc123", dataset_files="train-part.jsonl",

@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["sft.packing", "sft.templates", "sft.template_traits", "sft.formats", "sft.config", "sft.tracking",
-           "sft.chat", "sft.optim"]
+           "sft.chat", "sft.optim", "sft.selection"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -12,7 +12,6 @@ from sft.formats import (
     Conversation,
     MalformedRow,
     content_chars,
-    convert_rows,
     detect_format,
     row_to_conversation,
     row_to_messages,
@@ -90,7 +89,13 @@ def test_guanaco_rejects_are_counted_and_good_rows_kept_in_order():
         {"text": "### Human: two ### Assistant: 2"},
         {"text": "### Human: x ### Assistant: y ### Assistant: z"},
     ]
-    kept, rejected, numbers = convert_rows(rows, "guanaco")
+    kept, rejected, numbers = [], Counter(), []
+    for number, row in enumerate(rows, 1):
+        try:
+            kept.append(row_to_messages(row, "guanaco"))
+            numbers.append(number)
+        except MalformedRow as e:
+            rejected[e.reason] += 1
     assert kept == [[U("one"), A("1")], [U("two"), A("2")]]
     assert numbers == [1, 4]  # the rows they came from
     assert rejected == Counter({"turns_not_alternating": 2, "wrong_type": 1})
@@ -284,7 +289,7 @@ def test_detect_format_failure_lists_columns_found_and_formats_expected():
 
 def test_unknown_format_name_is_a_config_error_listing_known_formats():
     with pytest.raises(ConfigError) as info:
-        convert_rows([], "orca")
+        row_to_conversation({}, "orca")
     assert str(info.value) == (
         "unknown dataset format 'orca'; known formats: "
         "messages, sharegpt, prompt_completion, dolphin, alpaca, guanaco (or 'auto')"

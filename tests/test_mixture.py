@@ -11,7 +11,7 @@ from sft.config import TrainConfig
 from sft.data import prepare_data
 from sft.errors import ConfigError, DataError
 from sft.plotting import plot_loss_curves
-from sft.sources import take_share
+from sft.selection import take_share
 from sft.train import run
 from conftest import write_jsonl
 

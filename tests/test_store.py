@@ -6,9 +6,10 @@ import pytest
 
 from sft import formats
 from sft.config import TrainConfig
-from sft.data import Selection, TokenizedExamples, auto_num_proc, tokenize_to_store
 from sft.demo_data import demo_rows
 from sft.packing import shift_labels
+from sft.selection import Selection
+from sft.store import TokenizedExamples, auto_num_proc, tokenize_to_store
 from sft.templates import encode_chat
 
 ROWS = {  # one or two rows of every format, as a source holds them
@@ -27,20 +28,29 @@ ROWS = {  # one or two rows of every format, as a source holds them
 
 
 def conversations() -> list[list[dict]]:
-    out = []
-    for fmt, rows in ROWS.items():
-        converted, rejected, _ = formats.convert_rows(rows, fmt)
-        assert len(converted) == len(rows), (fmt, rejected)
-        out += converted
-    demo, _, _ = formats.convert_rows(demo_rows(None), "messages")
-    return out + demo
+    out = [formats.row_to_messages(row, fmt) for fmt, rows in ROWS.items() for row in rows]
+    return out + [formats.row_to_messages(row, "messages") for row in demo_rows(None)]
+
+
+def selection_of(conversations: list[list[dict]]) -> Selection:
+    """Conversations in memory as one read source's table, every row selected, as `read_source` leaves them."""
+    import json
+
+    import numpy as np
+    from datasets import Dataset
+
+    texts = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations],
+                               "tools": [None] * len(conversations),
+                               "chars": [formats.content_chars(c) for c in conversations]})
+    zeros = np.zeros(len(conversations), dtype=np.int64)
+    return Selection([texts], zeros, np.arange(len(conversations)), zeros)
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_the_store_holds_exactly_the_ids_and_labels_of_encode_chat(chatml_tokenizer, tmp_path, num_proc):
     convs = conversations()
     cfg = TrainConfig(experiment="x", max_length=4096, num_proc=num_proc)
-    stats = tokenize_to_store(Selection.of(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / "s")
+    stats = tokenize_to_store(selection_of(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / "s")
     store = TokenizedExamples(tmp_path / "s")
     assert stats["examples"] == len(store) == len(convs)
     for conversation, example in zip(convs, store):
@@ -58,7 +68,7 @@ def test_truncation_and_drops_match_the_rules(chatml_tokenizer, tmp_path):
     cap = sorted(lengths)[len(lengths) // 2]
     for too_long in ("truncate", "drop"):
         cfg = TrainConfig(experiment="x", max_length=cap, too_long=too_long, num_proc=1)
-        stats = tokenize_to_store(Selection.of(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / too_long)
+        stats = tokenize_to_store(selection_of(convs), chatml_tokenizer, cfg, "test", ["x"], tmp_path / too_long)
         store = TokenizedExamples(tmp_path / too_long)
         assert all(len(e.input_ids) <= cap for e in store)
         over = sum(n > cap for n in lengths)
@@ -99,16 +109,23 @@ ALPACA = [{"instruction": f"Double {i}.", "input": "" if i % 3 else "now", "outp
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
 @pytest.mark.parametrize("num_proc", [1, 2])
-def test_reading_in_worker_processes_gives_the_rows_conversations_and_rejections_of_load_rows(
+def test_reading_in_worker_processes_gives_the_rows_conversations_and_rejections_of_converting_each_row(
         tmp_path, suffix, num_proc):
-    from sft.config import Source
+    from collections import Counter
+
     from sft.data import read_source
-    from sft.sources import load_rows
+    from sft.sources import Source
 
     path = tmp_path / f"d{suffix}"
     write_source(path, ALPACA)
     got = read_source(Source(str(path), None, "alpaca", None, None, "train", None, "d"), num_proc, tmp_path / "r")
-    expected, rejected, numbers = formats.convert_rows(load_rows(path), "alpaca")
+    expected, rejected, numbers = [], Counter(), []
+    for number, row in enumerate(ALPACA, 1):
+        try:
+            expected.append(formats.row_to_messages(row, "alpaca"))
+            numbers.append(number)
+        except formats.MalformedRow as e:
+            rejected[e.reason] += 1
     assert got.read["rows_read"] == len(ALPACA) and got.read["rows_rejected"] == dict(rejected) != {}
     assert (got.usable + 1).tolist() == numbers
     rows = Selection.every_usable_row(got)
@@ -118,9 +135,9 @@ def test_reading_in_worker_processes_gives_the_rows_conversations_and_rejections
 
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_the_first_bad_line_in_the_file_is_the_error_whichever_process_reads_it(tmp_path, num_proc):
-    from sft.config import Source
     from sft.data import read_source
     from sft.errors import DataError
+    from sft.sources import Source
 
     lines = [json_line(r) for r in ALPACA]
     lines[25] = '{"instruction": "x", "output": \n'  # in the second half: the second process reads it
