@@ -137,7 +137,8 @@ def hub_dataset(source: str, *, revision: str | None, split: str = "train", max_
                 data_files: str | list[str] | None = None):
     """A hub dataset at its pinned revision (its `data_files`, its `split`), as the `datasets.Dataset` that
     `datasets` downloads once and memory-maps from its cache: worker processes map over its Arrow table
-    (`hub_rows`). `max_rows` selects the first rows. Raises DataError when it has no rows."""
+    (`hub_rows`). With `max_rows`, only the first rows are streamed, so a trial on the first N rows of a large
+    set never downloads all of it. Raises DataError when it has no rows."""
     import datasets
 
     _check_max_rows(max_rows)
@@ -148,12 +149,12 @@ def hub_dataset(source: str, *, revision: str | None, split: str = "train", max_
             f"tomorrow, and a run whose data changed underneath it cannot be reproduced or compared"
         )
     try:
-        dataset = datasets.load_dataset(source, revision=revision, split=split, streaming=False,
+        dataset = datasets.load_dataset(source, revision=revision, split=split, streaming=max_rows is not None,
                                         data_files=data_files)
+        if max_rows is not None:  # the first rows only: a bounded list, written to an Arrow table
+            dataset = datasets.Dataset.from_list(list(dataset.take(max_rows)), features=dataset.features)
     except Exception as e:  # network, auth, missing repo or split: each library raises its own type
         raise DataError(f"{_hub_failure(source, revision, split)}: {_one_line(e)}") from e
-    if max_rows is not None and max_rows < len(dataset):
-        dataset = dataset.select(range(max_rows))
     if not len(dataset):
         raise DataError(f"dataset {source} has no rows")
     return dataset

@@ -254,15 +254,15 @@ def test_hub_max_rows_selects_the_first_rows_and_reading_maps_only_them(hub, tmp
     assert hub_dataset("owner/name", revision="v1.0", max_rows=100).to_list() == ROWS
 
 
-def test_hub_load_is_pinned_not_streamed_and_takes_its_split_and_files(hub):
+def test_hub_load_is_pinned_streams_only_a_first_rows_trial_and_takes_its_split_and_files(hub):
     assert hub_dataset("owner/name", revision="v1.0", max_rows=2).to_list() == ROWS[:2]
     assert hub_dataset("owner/name", revision="abc123", split="test").to_list() == ROWS[::-1]
     assert hub_dataset("owner/name", revision="abc123", max_rows=2).to_list() == ROWS[:2]
     assert hub_dataset("owner/name", revision="abc123", data_files="parts/part-1.jsonl").to_list() == ROWS[1:]
     assert hub == [
-        ("owner/name", {"revision": "v1.0", "split": "train", "streaming": False, "data_files": None}),
+        ("owner/name", {"revision": "v1.0", "split": "train", "streaming": True, "data_files": None}),
         ("owner/name", {"revision": "abc123", "split": "test", "streaming": False, "data_files": None}),
-        ("owner/name", {"revision": "abc123", "split": "train", "streaming": False, "data_files": None}),
+        ("owner/name", {"revision": "abc123", "split": "train", "streaming": True, "data_files": None}),
         ("owner/name", {"revision": "abc123", "split": "train", "streaming": False,
                         "data_files": "parts/part-1.jsonl"}),
     ]

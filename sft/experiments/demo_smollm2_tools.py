@@ -28,7 +28,7 @@ EVAL_EVERY = 20
 TASK_METRIC = "tool_call_match"
 TASK_METRIC_ROWS = 48
 NUM_SAMPLES = 8
-MAX_NEW_TOKENS = 48
+MAX_NEW_TOKENS = 64      # two calls take about 50 tokens
 
 if __name__ == "__main__":
     main(globals())
