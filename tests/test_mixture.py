@@ -12,7 +12,7 @@ from sft.data import prepare_data
 from sft.errors import ConfigError, DataError
 from sft.plotting import plot_loss_curves
 from sft.sources import take_share
-from sft.train import run
+from sft.run import run
 from conftest import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
