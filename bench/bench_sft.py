@@ -297,7 +297,8 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
     from sft import attention
     from sft.config import TrainConfig
     from sft.data import PreparedData
-    from sft.train import build, train_step
+    from sft.loop import train_step
+    from sft.setup import build
 
     cfg = TrainConfig(experiment=variant.name, model=f"random-init:{model_folder(variant.arch, work / 'model')}",
                       template="plain", max_steps=variant.steps, lr=LR, lr_schedule="constant", warmup_ratio=0.0,
@@ -352,7 +353,7 @@ def profile_steps(setup, steps: list, device: torch.device, path: Path) -> None:
     most device time (CPU time on a CPU): where the next speedup is."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sft.train import train_step
+    from sft.loop import train_step
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)

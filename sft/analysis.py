@@ -14,7 +14,7 @@ import pandas as pd
 
 from .config import DEFAULT_RUNS_ROOT
 from .errors import DataError
-from .run_folder import lock_is_held
+from .run_folder import lock_is_held, read_config
 
 TRAIN_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s"]
 EVAL_COLUMNS = ["step", "epoch", "tokens", "eval_loss", "task_metric", "task_metric_name", "elapsed_s"]
@@ -97,9 +97,12 @@ def load_run(path) -> Run:
     if not path.is_dir():
         raise DataError(f"{path}: no such run folder")
     config_file = path / "config.json"
-    if not config_file.exists():
+    try:
+        config = read_config(path)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{config_file}: not valid JSON ({e})") from e
+    if config is None:
         raise DataError(f"{path}: not a run folder (no config.json)")
-    config = _read_json(config_file)
     if not isinstance(config, dict) or "config" not in config:
         raise DataError(f"{config_file}: has no 'config' key (see sft/RUN_FOLDER.md)")
 

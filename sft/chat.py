@@ -27,6 +27,7 @@ import torch
 from .config import TrainConfig
 from .errors import ConfigError, SFTError
 from .generation import Decoding, generation_config, only_given_settings
+from .run_folder import read_config
 from .template_traits import Reply, parse_reply
 from .templates import encode_chat
 
@@ -38,13 +39,12 @@ def resolve(path: str) -> tuple[str, Decoding]:
     """The model to load and the decoding settings: a run folder's model/ and its run's decoding, or a model
     folder (or embedded model) with the default decoding."""
     folder = Path(path)
-    if (folder / "config.json").is_file() and "config" in json.loads((folder / "config.json").read_text()):
-        cfg = json.loads((folder / "config.json").read_text())["config"]
+    record = read_config(folder)
+    if record is not None and "config" in record:
         if not (folder / "model" / "config.json").is_file():
             raise ConfigError(f"{folder}: the run saved no model (model/ is missing; it was made with "
                               f"save_model=False or has not finished)")
-        return str(folder / "model"), Decoding(cfg["max_new_tokens"], cfg["do_sample"], cfg["temperature"],
-                                               cfg["top_p"], cfg["seed"])
+        return str(folder / "model"), Decoding.from_config(record["config"])
     if not path.startswith("embedded:") and not (folder / "config.json").is_file():
         raise ConfigError(f"{path}: neither a run folder nor a model folder (no config.json)")
     return path, Decoding()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import SFTError
+from .run_folder import require_room
 
 PREFIX = "step-"
 
@@ -44,11 +45,9 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 
 def check_disk(path: Path, need: int) -> None:
-    free = shutil.disk_usage(path).free
-    if free < need:
-        raise CheckpointError(f"not enough free disk space for a checkpoint at {path}: it needs about "
-                              f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free space or set "
-                              f"checkpoint_every=None", path)
+    require_room(path, need, lambda free: CheckpointError(
+        f"not enough free disk space for a checkpoint at {path}: it needs about {need / 2**30:.2f} GiB and "
+        f"{free / 2**30:.2f} GiB are free; free space or set checkpoint_every=None", path))
 
 
 def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler, keep: int, need_bytes: int) -> Path:
@@ -85,7 +84,7 @@ def save(accelerator, run_path: Path, step: int, trainer_state: dict, scheduler,
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its stream
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint stays behind; the older ones do
         detail = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
-        free = shutil.disk_usage(root).free
+        free = require_room(root, 0)
         if free < 2**20 and "No space left on device" not in detail:
             detail = f"No space left on device: {detail}"
         raise CheckpointError(f"writing the checkpoint of step {step} into {final} failed ({detail}; "

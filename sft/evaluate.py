@@ -29,15 +29,14 @@ import torch
 
 from .config import Source, TrainConfig
 from .errors import ConfigError, SFTError
-from .run_folder import HELDOUT, HELDOUT_MAX_BYTES, write_json_atomic
+from .run_folder import HELDOUT, HELDOUT_MAX_BYTES, read_config, write_json_atomic
 
 
 def run_config(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    record = read_config(run_dir)
+    if record is None:
         raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
-    saved = json.loads(path.read_text())["config"]
-    return TrainConfig.from_record(saved, resume=None)
+    return TrainConfig.from_record(record["config"], resume=None)
 
 
 def evaluate(run_dir, *, dataset: str | None = None, dataset_format: str = "auto", revision: str | None = None,
@@ -96,8 +95,9 @@ def score_dataset(cfg: TrainConfig, source: Source, model_path: str, model_revis
     from .generation import Decoding, generate_replies, task_metric
     from .loss import LossModel, resolve_loss_impl
     from .modeling import load_model, load_tokenizer
-    from .templates import prompt_and_reference, render, setup_template
-    from .train import held_out_batches, held_out_losses, resolve_precision
+    from .evaluation import held_out_batches, held_out_losses, sample_records
+    from .setup import resolve_precision
+    from .templates import prompt_and_reference, setup_template
 
     tokenizer = load_tokenizer(model_path, model_revision, eos_token=cfg.eos_token)
     if not own_template:  # the run's model carries its template; a base model gets the one the run set up
@@ -126,7 +126,7 @@ def score_dataset(cfg: TrainConfig, source: Source, model_path: str, model_revis
         n = max(cfg.num_samples, cfg.task_metric_rows)
         metric = cfg.task_metric or "exact_match"
         prompts, references = zip(*(prompt_and_reference(c, metric) for c in kept[:n])) if kept else ((), ())
-        decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
+        decoding = Decoding.from_config(cfg)
         replies = generate_replies(model, tokenizer, list(prompts), decoding, cfg.generation_batch_size,
                                    progress="generating", tools=tools[:n])
     metric_rows = min(cfg.task_metric_rows, len(replies))
@@ -134,10 +134,8 @@ def score_dataset(cfg: TrainConfig, source: Source, model_path: str, model_revis
     return {"dataset": {**read, "revision": source.revision, "files": source.files, "split": source.split},
             "examples": stats, "eval_loss": loss, "task_metric_name": metric, metric: scored,
             f"{metric}_rows": metric_rows, "decoding": decoding.record(),
-            "samples": [{"index": i, "messages": list(prompts[i]), **({"tools": tools[i]} if tools[i] else {}),
-                         "prompt": render(tokenizer, list(prompts[i]), True, tools[i]), **replies[i].record(),
-                         "reference": references[i]}
-                        for i in range(min(cfg.num_samples, len(replies)))]}
+            "samples": sample_records(tokenizer, prompts, tools, replies, references,
+                                      min(cfg.num_samples, len(replies)))}
 
 
 def run_lm_eval(model_path: str, revision: str | None, tasks: list[str], include: str | None, limit: int | None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,13 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Decoding":
+        """The decoding a run's settings give (same-named fields): a TrainConfig, or the `config` record of a
+        run folder's config.json."""
+        setting = cfg.__getitem__ if isinstance(cfg, dict) else cfg.__getattribute__
+        return cls(*(setting(f.name) for f in fields(cls)))
 
     def record(self) -> dict:
         out = asdict(self)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +27,20 @@ HELDOUT_ROWS = "heldout_rows.json"  # past HELDOUT_MAX_BYTES: the held-out conve
 HELDOUT_MAX_BYTES = 4 * 2**20  # a copy of the held-out set, small next to the model; a bigger one stays in its source
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "einops", "numpy",
             "pandas", "matplotlib", "gguf")
+CONFIG = "config.json"
+
+# Fault injection (tests make writes fail with it): when set, called as WRITE_HOOK(path, obj) before each JSON
+# file is replaced (obj: the object) and each JSONL line is appended (obj: the record); an OSError it raises
+# is handled as that write failing.
+WRITE_HOOK: Callable[[Path, Any], None] | None = None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Writes `path` under a temporary name and renames it into place: readers see the old file or the new
     one, never half of one. A failed write (a full disk) removes its temporary file and raises."""
     path = Path(path)
+    if WRITE_HOOK is not None:
+        WRITE_HOOK(path, obj)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -64,10 +73,19 @@ class WriteFailed(SFTError, OSError):
 def free_bytes(path: Path) -> int | None:
     """The free space of the file system that holds `path` (or would hold it), None if it cannot be read."""
     try:
-        existing = next(p for p in (Path(path), *Path(path).absolute().parents) if p.exists())
-        return shutil.disk_usage(existing).free
+        return require_room(path, 0)
     except (OSError, StopIteration):
         return None
+
+
+def require_room(path: Path, need: int, refusal: Callable[[int], Exception] | None = None) -> int:
+    """The free bytes of the file system that holds `path` (or would hold it: its nearest existing folder);
+    raises `refusal(free)` when fewer than `need` are free. Every disk-room check and message reads it here."""
+    existing = next(p for p in (Path(path), *Path(path).absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free and refusal is not None:
+        raise refusal(free)
+    return free
 
 
 @contextlib.contextmanager
@@ -108,6 +126,42 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def read_config(run_path: Path) -> dict | None:
+    """A run folder's config.json: `config` (every setting) and `derived` (what the run resolved); None where
+    the folder has none (it is not a run folder)."""
+    path = Path(run_path) / CONFIG
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def train_record(step: int, epoch: float, loss: float, lr: float, grad_norm: float, tokens: int,
+                 supervised_tokens: int, tokens_per_s: float, elapsed_s: float) -> dict:
+    """metrics.jsonl's line of a logged training step (`loss` and `tokens_per_s`: over the steps since the
+    line before; `tokens`, `supervised_tokens`: since the start)."""
+    return {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": tokens, "supervised_tokens": supervised_tokens, "tokens_per_s": tokens_per_s,
+            "elapsed_s": elapsed_s}
+
+
+def eval_record(step: int, epoch: float, tokens: int, eval_loss: float, by_source: dict[str, float] | None,
+                task_metric: float | None, task_metric_name: str | None, elapsed_s: float) -> dict:
+    """metrics.jsonl's line of a held-out evaluation (`eval_loss_by_source` only in a mixture)."""
+    return {"kind": "eval", "step": step, "epoch": epoch, "tokens": tokens, "eval_loss": eval_loss,
+            **({"eval_loss_by_source": by_source} if by_source else {}), "task_metric": task_metric,
+            "task_metric_name": task_metric_name, "elapsed_s": elapsed_s}
+
+
+def sample_record(index: int, messages: list[dict], tools: list | None, prompt: str, reply, reference: str | None,
+                  stage: str | None = None, decoding: dict | None = None) -> dict:
+    """One generated sample: the prompt's messages (and the tools it may call), the prompt as rendered, the
+    reply's fields (sft.template_traits.Reply.record) and the reference. A training run's samples.jsonl also
+    names the `stage` and the `decoding`; sft.evaluate's results carry neither (their decoding is recorded once)."""
+    return {**({"stage": stage} if stage is not None else {}), "index": index, "messages": list(messages),
+            **({"tools": tools} if tools else {}), "prompt": prompt, **reply.record(), "reference": reference,
+            **({"decoding": decoding} if decoding is not None else {})}
+
+
 class RunFolder:
     """A run folder. Every process holds one (checkpoints need the path everywhere), but only the main
     process's is `writable`; the others' writes do nothing."""
@@ -142,9 +196,12 @@ class RunFolder:
     def append_jsonl(self, name: str, record: dict) -> None:
         if not self.writable:
             return
-        with writing(self.path / name), open(self.path / name, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
-            f.flush()
+        with writing(self.path / name):
+            if WRITE_HOOK is not None:
+                WRITE_HOOK(self.path / name, record)
+            with open(self.path / name, "a") as f:
+                f.write(json.dumps(_jsonable(record)) + "\n")
+                f.flush()
 
     def write_heldout(self, conversations: list[list[dict]], sources: list[str] | None = None,
                       tools: list | None = None, rows: list | None = None) -> int | None:

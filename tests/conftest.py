@@ -85,7 +85,7 @@ def trained_runs(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     samples before and after; the second with a 3x learning rate), shared by the tests that read run folders:
     analysis, figures, comparison, notebook. Copy one before changing it."""
     from sft.config import TrainConfig
-    from sft.train import run
+    from sft.run import run
 
     root = tmp_path_factory.mktemp("trained") / "runs"
     common = dict(experiment="demo", model=str(tiny_model_dir), eval_rows=8, max_rows=64, max_length=128,

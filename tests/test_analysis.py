@@ -252,7 +252,7 @@ def test_a_completed_runs_figures_are_titled_completed(tiny_config, monkeypatch)
 
     monkeypatch.setattr(plotting, "plot_loss_curves", seen(curves, lambda fig: fig.axes[0].get_title()))
     monkeypatch.setattr(plotting, "plot_training_panels", seen(panels, lambda fig: fig.get_suptitle()))
-    from sft.train import run
+    from sft.run import run
 
     folder = run(tiny_config(max_steps=1)).path
     assert titles == [f"{folder.name} (completed)"] * 2

@@ -16,7 +16,7 @@ from sft.analysis import read_samples
 from sft.card import base_model, card_text, main as card_main
 from sft.errors import ConfigError, DataError
 from sft.hub import prepare_upload
-from sft.train import run
+from sft.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def finished(tiny_model_dir, tmp_path_factory):
     from sft.config import TrainConfig
-    from sft.train import run
+    from sft.run import run
 
     cfg = TrainConfig(experiment="chat", model=str(tiny_model_dir), eval_rows=8, max_rows=64, max_length=128,
                       micro_batch_size=2, grad_accum_steps=2, lr=1e-3, max_steps=2, task_metric_rows=2, num_samples=2,

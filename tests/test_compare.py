@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sft.compare import main, write_comparison
-from sft.train import run
+from sft.run import run
 
 
 @pytest.fixture(scope="module")

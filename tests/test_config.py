@@ -139,7 +139,7 @@ def test_an_unknown_constant_gets_the_closest_settings_and_the_underscore_rule()
 
 def run_main(namespace: dict, argv: list[str], monkeypatch, capsys) -> str:
     """What `main` prints when it stops on a user error before any data is read."""
-    from sft.train import main
+    from sft.run import main
 
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sft.analysis import read_metrics, read_samples
-from sft.train import run
+from sft.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -21,14 +21,14 @@ import json, os, sys, time
 import torch
 import accelerate.checkpointing
 torch.set_num_threads(1)
-from sft import train
+from sft.run import main
 save = accelerate.checkpointing.torch.save
 def late_save(obj, path, *args, **kwargs):  # rank 1 writes its random states after rank 0 has finished
     if os.environ["RANK"] == "1" and "random_states" in str(path):
         time.sleep(2)
     return save(obj, path, *args, **kwargs)
 accelerate.checkpointing.torch.save = late_save
-train.main({k.upper(): v for k, v in json.loads(sys.argv.pop(1)).items()})  # a script takes no arguments
+main({k.upper(): v for k, v in json.loads(sys.argv.pop(1)).items()})  # a script takes no arguments
 """
 # Gradients are all-reduced in a different summation order than one process adds them, so equality
 # holds to float32 rounding, not bitwise: relative 1e-5 on losses after 3 steps.
@@ -77,7 +77,8 @@ import torch
 from bench.synthetic import model_folder, synthetic_examples
 from sft.config import TrainConfig
 from sft.data import PreparedData
-from sft.train import build, train_step
+from sft.loop import train_step
+from sft.setup import build
 work = Path(tempfile.mkdtemp())
 examples = synthetic_examples(8 * 4 * 256, 1000, seed=0, max_length=256)
 cfg = TrainConfig(experiment="fsdp_check", model=f"random-init:{model_folder('tiny', work / 'model')}",

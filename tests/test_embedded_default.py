@@ -10,7 +10,7 @@ from sft.config import EMBEDDED_MODEL
 from sft.generation import Decoding, generate, generation_config, only_given_settings
 from sft.modeling import count_parameters, load_model, load_tokenizer
 from sft.templates import encode_chat
-from sft.train import run
+from sft.run import run
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ QUESTIONS = [("What is 2 + 3?", "5"), ("What is 4 + 4?", "8"), ("Capital of Fran
 def finished(tiny_model_dir, tmp_path_factory):
     """A run whose held-out set is a separate file: evaluating that file must give the run's own numbers."""
     from sft.config import TrainConfig
-    from sft.train import run
+    from sft.run import run
 
     tmp = tmp_path_factory.mktemp("evaluate")
     held_out = write_jsonl(tmp / "held_out.jsonl", [{"messages": [{"role": "user", "content": q},

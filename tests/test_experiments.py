@@ -14,7 +14,7 @@ import sft.experiments
 from sft.analysis import read_samples
 from sft.config import TrainConfig, settings_from
 from sft.errors import ConfigError
-from sft.train import run
+from sft.run import run
 from conftest import write_jsonl
 
 SCRIPTS = [m.name for m in pkgutil.iter_modules(sft.experiments.__path__)]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import sft.modeling
-import sft.train
 from sft.config import TrainConfig
 from sft.errors import ConfigError
 from sft.loss import LossModel
 from sft.modeling import compile_layers, float8_linears
-from sft.train import build, train_step
+from sft.loop import train_step
+from sft.setup import build
 from tests.test_fast_path import loss_and_grads, packed_batch, tiny_llama
 
 
@@ -35,10 +35,10 @@ def test_float8_falls_back_to_plain_matmuls_on_the_cpu(tiny_config, capsys):
 
 
 def test_float8_without_torchao_stops_before_the_model_loads(tiny_config, monkeypatch):
-    monkeypatch.setattr(sft.train, "float8_unavailable", lambda device: None)  # as if on a float8 GPU
+    monkeypatch.setattr(sft.modeling, "float8_unavailable", lambda device: None)  # as if on a float8 GPU
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else object())
     loaded = []
-    monkeypatch.setattr(sft.train, "load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(sft.modeling, "load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(ConfigError, match="float8 training needs torchao"):
         build(tiny_config(float8=True, precision="bf16_pure"))
     assert not loaded

@@ -1,4 +1,4 @@
-"""Long packed rows cost memory linear in their length. One optimizer step of the trainer (`sft.train.build` and
+"""Long packed rows cost memory linear in their length. One optimizer step of the trainer (`sft.setup.build` and
 `train_step`: collation, the selected loss in chunks, the backward pass, AdamW) on a tiny Llama, at rows of 1024,
 2048 and 4096 tokens, each packed with several examples whose positions restart, on the path the trainer takes
 for packed rows on a GPU: sft.attention's varlen function, here with a per-segment CPU kernel in place of the
@@ -63,12 +63,13 @@ def packed_examples(length: int) -> list:
             for n in sizes]
 
 
-def one_step(tmp_path, length: int) -> tuple[int, LargestTensor, str]:
+def one_step(tmp_path, length: int, attn_implementation: str | None = None) -> tuple[int, LargestTensor, str]:
     """(peak bytes allocated during the second optimizer step, beyond what was allocated before it; its largest
     tensor; the attention implementation the trainer chose). The first step creates AdamW's states."""
     from transformers import LlamaConfig
 
-    from sft.train import build, train_step
+    from sft.loop import train_step
+    from sft.setup import build
 
     folder = tmp_path / f"model{length}"
     LlamaConfig(**MODEL).save_pretrained(folder)
@@ -77,7 +78,8 @@ def one_step(tmp_path, length: int) -> tuple[int, LargestTensor, str]:
                       micro_batch_size=1, grad_accum_steps=1, max_steps=2, precision="fp32", lr=1e-3,
                       lr_schedule="constant", warmup_ratio=0.0, loss_chunk_tokens=256, task_metric=None,
                       num_samples=0, save_model=False, report_to=(), runs_root=str(tmp_path / "runs"))
-    setup = build(cfg, PreparedData(train=packed_examples(length), eval=[], eval_conversations=[], stats={}))
+    setup = build(cfg, PreparedData(train=packed_examples(length), eval=[], eval_conversations=[], stats={}),
+                  attn_implementation=attn_implementation)
     first, second = setup.batches()
     assert len(second[0]["input_ids"][0]) == length and setup.data.stats["packing_efficiency"] == 1.0
     assert (second[0]["position_ids"][0] == 0).sum() >= 3  # several examples in the row
@@ -96,17 +98,16 @@ def one_step(tmp_path, length: int) -> tuple[int, LargestTensor, str]:
 
 @pytest.fixture
 def varlen_path(monkeypatch):
-    """The trainer's GPU path for packed rows, with the CPU kernel in the flash kernel's place."""
-    import sft.train
-
+    """The trainer's GPU path for packed rows, with the CPU kernel in the flash kernel's place: the attention
+    implementation to build with."""
     monkeypatch.setattr(attention, "_varlen", segment_kernel)
-    monkeypatch.setattr(sft.train, "resolve_attention", lambda *args: attention.register())
+    return attention.register()
 
 
 def test_packed_rows_cost_memory_linear_in_their_length_and_no_tensor_is_t_by_t(tmp_path, varlen_path):
     peaks, largest = {}, {}
     for length in LENGTHS:
-        peaks[length], largest[length], attn = one_step(tmp_path, length)
+        peaks[length], largest[length], attn = one_step(tmp_path, length, varlen_path)
         assert attn == attention.IMPLEMENTATION
         assert largest[length].numel <= PER_TOKEN * length, (length, largest[length].op)
     small, middle, large = (peaks[t] for t in LENGTHS)

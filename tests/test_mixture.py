@@ -11,8 +11,8 @@ from sft.config import TrainConfig
 from sft.data import prepare_data
 from sft.errors import ConfigError, DataError
 from sft.plotting import plot_loss_curves
+from sft.run import run
 from sft.selection import take_share
-from sft.train import run
 from conftest import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("cache_dir")

@@ -149,7 +149,7 @@ def test_the_task_metrics_compare_the_answer_and_the_calls(tokenizer):
 
 
 def test_a_run_records_the_template_traits_and_the_multi_turn_counts(tiny_config, tmp_path):
-    from sft.train import run
+    from sft.run import run
 
     cfg = tiny_config(dataset=write_jsonl(tmp_path / "t.jsonl", [tool_row(i) for i in range(10, 40)]),
                       template="chatml-tools", max_length=256, task_metric="tool_call_match", max_steps=2)

@@ -9,7 +9,7 @@ import pytest
 
 from sft.errors import SFTError
 from sft.report import blocks, replace_block
-from sft.train import run
+from sft.run import run
 
 
 def test_demo_block_is_rendered_from_the_newest_completed_demo_run(tiny_config, tmp_path):

@@ -13,7 +13,7 @@ from sft.analysis import read_metrics
 from sft.checkpoint import checkpoints
 from sft.config import TrainConfig
 from sft.errors import ConfigError
-from sft.train import run
+from sft.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,16 +22,16 @@ CHILD = """
 import json, os, signal, sys
 import torch
 torch.set_num_threads(2)
-from sft import train
+from sft.loop import train_step
+from sft.run import main
 settings, kill_at, sig = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-real_step, calls = train.train_step, [0]
+calls = [0]
 def step(setup, batches):
     calls[0] += 1
     if calls[0] == kill_at:
         os.kill(os.getpid(), getattr(signal, sig))
-    return real_step(setup, batches)
-train.train_step = step
-train.main({k.upper(): v for k, v in settings.items()})
+    return train_step(setup, batches)
+main({k.upper(): v for k, v in settings.items()}, step=step)
 """
 
 
@@ -112,7 +112,7 @@ def test_checkpoint_refuses_to_start_without_disk_space(tiny_config, monkeypatch
     import shutil
     from collections import namedtuple
 
-    from sft.train import RunWriteError
+    from sft.run import RunWriteError
 
     usage = namedtuple("usage", "total used free")
     def filled_after_the_start(path):  # room at the checks before loading, none by the first checkpoint

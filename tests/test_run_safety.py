@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-import sft.train
+import sft.run
 from sft import checkpoint
 from sft.analysis import load_run, read_metrics, summary_table
 from sft.errors import ConfigError
 from sft.run_folder import LOCK, RunLockError, lock_is_held
-from sft.train import Interrupted, StopRequest, run
+from sft.loop import Interrupted, StopRequest, train_step
+from sft.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD_LOCK = ("import sys, time; from sft.run_folder import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
@@ -83,11 +84,10 @@ def test_a_second_process_cannot_resume_into_a_live_run_and_spends_no_compute(ti
     summary = json.loads((first.path / "summary.json").read_text())
     json.dump(dict(summary, status="interrupted"), open(first.path / "summary.json", "w"))  # as if stopped
     built = []
-    monkeypatch.setattr(sft.train, "build", lambda *a, **k: built.append(1))
     with holding_lock(first.path):
         assert lock_is_held(first.path)
         with pytest.raises(RunLockError, match="is in use: another process is training in it .*\"pid\""):
-            run(tiny_config(resume=str(first.path)))
+            run(tiny_config(resume=str(first.path)), build=lambda *a, **k: built.append(1))
     assert not built
 
 
@@ -107,15 +107,13 @@ def test_a_run_whose_process_was_killed_is_stale_and_can_be_resumed(tiny_config,
 
 def test_the_lock_is_held_while_training_and_released_at_the_end(tiny_config, monkeypatch):
     seen = []
-    step = sft.train.train_step
 
     def watching(setup, batches):
         seen.append(lock_is_held(Path(setup.accelerator.project_dir or ".")) or any(
             lock_is_held(p) for p in Path(tiny_config().runs_root).iterdir()))
-        return step(setup, batches)
+        return train_step(setup, batches)
 
-    monkeypatch.setattr(sft.train, "train_step", watching)
-    folder = run(tiny_config(max_steps=2)).path
+    folder = run(tiny_config(max_steps=2), step=watching).path
     assert seen == [True, True]
     assert not (folder / LOCK).exists()
 
@@ -125,20 +123,19 @@ def test_the_lock_is_held_while_training_and_released_at_the_end(tiny_config, mo
 
 def test_a_read_only_runs_folder_stops_before_anything_is_loaded(tiny_config, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(sft.train, "build", lambda *a, **k: loaded.append(1))
     with filesystem(tmp_path / "ro", "1m", read_only=True) as ro:
         with pytest.raises(ConfigError, match=r"^runs_root: .*/ro/runs cannot be written"):
-            run(tiny_config(runs_root=str(ro / "runs")))
+            run(tiny_config(runs_root=str(ro / "runs")), build=lambda *a, **k: loaded.append(1))
     assert not loaded
 
 
 def test_a_runs_folder_without_room_for_the_model_and_a_checkpoint_stops_first(tiny_config, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(sft.train, "build", lambda *a, **k: loaded.append(1))
     with filesystem(tmp_path / "small", "1m") as small:
         with pytest.raises(ConfigError, match=r"runs_root: .* GiB free, and the final model and one checkpoint need "
                                               r"about 0\.0\d GiB"):
-            run(tiny_config(runs_root=str(small), save_model=True, checkpoint_every=1))
+            run(tiny_config(runs_root=str(small), save_model=True, checkpoint_every=1),
+                build=lambda *a, **k: loaded.append(1))
     assert not loaded
 
 
@@ -146,9 +143,9 @@ def test_the_estimate_counts_weights_in_their_dtype_and_the_optimizer_states():
     from sft.config import TrainConfig
 
     fp32 = TrainConfig(experiment="x", precision="bf16_autocast")
-    assert sft.train.output_bytes(fp32, 1000) == (4000, 12000)  # fp32 weights + two fp32 moments
+    assert sft.run.output_bytes(fp32, 1000) == (4000, 12000)  # fp32 weights + two fp32 moments
     int8 = TrainConfig(experiment="x", precision="bf16_pure", optimizer_state_dtype="int8")
-    assert sft.train.output_bytes(int8, 1000) == (2000, 4000)
+    assert sft.run.output_bytes(int8, 1000) == (2000, 4000)
 
 
 # ---------------------------------------------------------------------------------------------- full disk
@@ -181,7 +178,7 @@ def test_a_disk_that_fills_at_each_stage_leaves_a_failed_run_and_no_temporary_fi
         monkeypatch.setattr(owner, attr, filled_first)
         if stage == "figures":
             monkeypatch.setattr("sft.plotting.write_figures", filled_first)
-        with pytest.raises(sft.train.RunWriteError) as failed:
+        with pytest.raises(sft.run.RunWriteError) as failed:
             run(tiny_config(runs_root=str(disk / "runs"), save_model=True, checkpoint_every=2,
                             keep_checkpoints_after_completion=1))
         assert " GiB free there); the run is marked failed; " in str(failed.value)
@@ -207,13 +204,12 @@ def fail_metrics_at_step_3(monkeypatch):
     """The train line of step 3 finds the disk full (metrics.jsonl holds the step-0 eval and steps 1 and 2)."""
     import sft.run_folder
 
-    def opening(file, mode="r", *args, **kwargs):
-        metrics = Path(file).name == "metrics.jsonl" and mode == "a" and Path(file).is_file()
-        if metrics and len(Path(file).read_bytes().splitlines()) == 3:
+    def appending(path, record):
+        metrics = Path(path).name == "metrics.jsonl" and Path(path).is_file()
+        if metrics and len(Path(path).read_bytes().splitlines()) == 3:
             raise no_space()
-        return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(sft.run_folder, "open", opening, raising=False)
+    monkeypatch.setattr(sft.run_folder, "WRITE_HOOK", appending)
 
 
 def fail_the_second_checkpoint(monkeypatch):
@@ -244,14 +240,11 @@ def fail_the_model_halfway(monkeypatch):
 def fail_the_completed_summary(monkeypatch):
     import sft.run_folder
 
-    write = sft.run_folder.write_json_atomic
-
     def writing(path, obj):
         if Path(path).name == "summary.json" and obj.get("status") == "completed":
             raise no_space()
-        return write(path, obj)
 
-    monkeypatch.setattr(sft.run_folder, "write_json_atomic", writing)
+    monkeypatch.setattr(sft.run_folder, "WRITE_HOOK", writing)
 
 
 @pytest.mark.parametrize("stage, checkpoint_every, failed_path, kept", [
@@ -272,7 +265,7 @@ def test_a_write_that_fails_after_the_start_is_one_error_line_naming_the_path_th
     settings = {k.upper(): v for k, v in tiny_config(max_steps=5, log_every=1, checkpoint_every=checkpoint_every,
                                                      save_model=True).to_dict().items()}
     with pytest.raises(SystemExit) as exit_code:
-        sft.train.main(settings)
+        sft.run.main(settings)
     assert exit_code.value.code == 2
     (folder,) = list(Path(settings["RUNS_ROOT"]).iterdir())
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -328,19 +321,17 @@ def test_the_first_ctrl_c_is_acknowledged_at_once(capsys):
 
 
 def test_a_second_ctrl_c_names_the_newest_checkpoint_and_how_to_resume(tiny_config, monkeypatch, capsys):
-    step = sft.train.train_step
     calls = []
 
     def second_ctrl_c_in_step_3(setup, batches):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return step(setup, batches)
+        return train_step(setup, batches)
 
-    monkeypatch.setattr(sft.train, "train_step", second_ctrl_c_in_step_3)
     settings = {k.upper(): v for k, v in tiny_config(checkpoint_every=2, max_steps=4).to_dict().items()}
     with pytest.raises(SystemExit) as exit_code:
-        sft.train.main(settings)
+        sft.run.main(settings, step=second_ctrl_c_in_step_3)
     assert exit_code.value.code == 130
     (folder,) = list(Path(settings["RUNS_ROOT"]).iterdir())
     summary = json.loads((folder / "summary.json").read_text())
@@ -387,14 +378,18 @@ def test_a_model_folder_without_tokenizer_files_names_them(tiny_model_dir, tmp_p
 
 def test_the_room_check_names_what_is_missing_in_a_sentence(tiny_config, monkeypatch):
     import collections
+    import shutil
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(sft.train.shutil, "disk_usage", lambda path: usage(10, 10, 0))
-    monkeypatch.setattr(sft.train, "build", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 0))
+
+    def loaded(*args, **kwargs):
+        pytest.fail("loaded")
+
     with pytest.raises(ConfigError, match=r"0\.00 GiB free, and the final model needs about"):
-        run(tiny_config(save_model=True))
+        run(tiny_config(save_model=True), build=loaded)
     with pytest.raises(ConfigError, match=r"and the final model and one checkpoint need about"):
-        run(tiny_config(save_model=True, checkpoint_every=1))
+        run(tiny_config(save_model=True, checkpoint_every=1), build=loaded)
 
 
 # ------------------------------------------------------------------------------------------ partial files

@@ -271,7 +271,7 @@ def test_system_prompt_holding_a_special_token_is_a_config_error(chatml_tokenize
 
 
 def test_a_run_records_the_system_prompt_that_applied(tiny_config, capsys, tmp_path):
-    from sft.train import run
+    from sft.run import run
 
     rows = [{"messages": [{"role": "user", "content": f"{i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]}
             for i in range(40)]

@@ -10,7 +10,7 @@ import pytest
 from sft.analysis import read_metrics, read_samples
 from sft.config import TrainConfig
 from sft.errors import ConfigError
-from sft.train import run
+from sft.run import run
 
 
 def metrics(folder: Path) -> list[dict]:
@@ -55,10 +55,10 @@ def test_tensorboard_events_hold_what_metrics_jsonl_holds(tiny_config):
 
 
 def test_a_resumed_run_appends_without_repeating_steps(tiny_config, monkeypatch):
-    from sft import train
+    from sft.loop import train_step
 
     cfg = tiny_config(max_steps=6, checkpoint_every=2, eval_every=3)
-    real_step, calls = train.train_step, [0]
+    real_step, calls = train_step, [0]
 
     def failing_step(setup, batches):
         calls[0] += 1
@@ -66,10 +66,8 @@ def test_a_resumed_run_appends_without_repeating_steps(tiny_config, monkeypatch)
             raise RuntimeError("the machine went away")
         return real_step(setup, batches)
 
-    monkeypatch.setattr(train, "train_step", failing_step)
     with pytest.raises(RuntimeError):
-        run(cfg)
-    monkeypatch.setattr(train, "train_step", real_step)
+        run(cfg, step=failing_step)
     folder = next(Path(cfg.runs_root).iterdir())
     assert 3 in [s for s, _ in scalar_series(events(folder), "train/loss")]  # logged before the failure
     run(tiny_config(resume=str(folder)))

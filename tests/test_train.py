@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from sft import train as train_mod
+import sft.modeling
 from sft.analysis import read_metrics, read_samples
 from sft.config import TrainConfig
 from sft.errors import ConfigError, DataError
-from sft.train import lr_lambda, run
+from sft.loop import StepResult, TrainingError, train_step
+from sft.run import run
+from sft.setup import lr_lambda
 from conftest import write_jsonl
 
 
@@ -83,14 +85,14 @@ def test_schedule_warms_up_then_decays_to_the_floor_at_the_real_end():
 
 
 def test_warmup_that_covers_the_whole_run_is_refused_before_the_model_loads(tiny_config, monkeypatch):
-    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(sft.modeling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=r"^warmup_ratio: 0.9 of this run's 3 optimizer steps is 3 warmup steps"):
         run(tiny_config(warmup_ratio=0.9))
     assert not Path(tiny_config().runs_root).exists()
 
 
 def test_failure_after_start_is_recorded_and_keeps_earlier_metrics(tiny_config, monkeypatch):
-    real_step = train_mod.train_step
+    real_step = train_step
     calls = {"n": 0}
 
     def failing_step(setup, batches):
@@ -99,9 +101,8 @@ def test_failure_after_start_is_recorded_and_keeps_earlier_metrics(tiny_config, 
             raise RuntimeError("disk on fire")
         return real_step(setup, batches)
 
-    monkeypatch.setattr(train_mod, "train_step", failing_step)
     with pytest.raises(RuntimeError):
-        run(tiny_config())
+        run(tiny_config(), step=failing_step)
     (folder,) = list(Path(tiny_config().runs_root).iterdir())
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "failed" and "disk on fire" in summary["reason"]
@@ -109,9 +110,8 @@ def test_failure_after_start_is_recorded_and_keeps_earlier_metrics(tiny_config, 
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_config, monkeypatch):
-    monkeypatch.setattr(train_mod, "train_step", lambda setup, batches: train_mod.StepResult(float("nan"), 5, 0.0, 10))
-    with pytest.raises(train_mod.TrainingError, match="became nan at step 1"):
-        run(tiny_config())
+    with pytest.raises(TrainingError, match="became nan at step 1"):
+        run(tiny_config(), step=lambda setup, batches: StepResult(float("nan"), 5, 0.0, 10))
 
 
 def chat(user: str, reply: str) -> dict:
