@@ -28,10 +28,6 @@ class Example:
     input_ids: list[int]
     targets: list[int]
 
-    @property
-    def num_supervised(self) -> int:
-        return sum(t != IGNORE_INDEX for t in self.targets)
-
 
 def shift_labels(input_ids: list[int], labels: list[int]) -> Example:
     """targets[t] = labels[t + 1]: the loss at position t scores the prediction of the next token."""
@@ -199,12 +195,6 @@ def plan_epoch(lengths: list[int], *, packing: bool, rows_per_batch: int, row_le
     if group_by_length:
         rng.shuffle(groups)
     return [MicroBatch(tuple((i,) for i in g), False, pad_to_multiple_of) for g in groups]
-
-
-def micro_batches(examples: list[Example], *, pad_id: int, **plan) -> list[dict]:
-    """One epoch of collated micro-batches at once (plan_epoch's arguments): for tests and small sets;
-    training collates step by step (`collated_steps`)."""
-    return [mb.collate(examples, pad_id) for mb in plan_epoch([len(e.input_ids) for e in examples], **plan)]
 
 
 def optimizer_steps(batches: list, micro_batches_per_step: int) -> list[list]:

@@ -34,12 +34,14 @@ class Previewed:
 
 def load_config(path: str) -> TrainConfig:
     """The config of an experiment script (its UPPER_CASE constants) or of a run folder (its config.json)."""
+    from .run_folder import read_config
+
     p = Path(path)
     if p.is_dir():
-        record = p / "config.json"
-        if not record.is_file():
+        record = read_config(p)
+        if record is None:
             raise ConfigError(f"{path}: not a run folder (no config.json)")
-        return TrainConfig.from_record(json.loads(record.read_text())["config"])
+        return TrainConfig.from_record(record["config"])
     if p.suffix != ".py" or not p.is_file():
         raise ConfigError(f"{path}: give an experiment script (.py) or a run folder")
     settings = settings_from(runpy.run_path(str(p), run_name="sft_preview"))

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,11 +100,12 @@ def check_store_room(root: Path, chars: int) -> None:
 
 
 def _check_room(root: Path, need: int) -> None:
+    from .run_folder import require_room
+
     root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    if need > free:
-        raise ConfigError(f"dataset: the tokenized store needs about {need / 2**30:.2f} GiB in {root} and "
-                          f"{free / 2**30:.2f} GiB are free; free some space or point SFT_CACHE elsewhere")
+    require_room(root, need, lambda free: ConfigError(
+        f"dataset: the tokenized store needs about {need / 2**30:.2f} GiB in {root} and {free / 2**30:.2f} GiB "
+        f"are free; free some space or point SFT_CACHE elsewhere"))
 
 
 def auto_num_proc(num_proc: int | str, conversations: int) -> int:

@@ -9,11 +9,20 @@ import torch
 from sft.demo_data import demo_rows
 from sft.loss import LossModel
 from sft.modeling import load_model
-from sft.packing import (Example, collate_packed, collate_padded, micro_batches, pack_best_fit_decreasing,
+from sft.packing import (Example, collate_packed, collate_padded, pack_best_fit_decreasing, plan_epoch,
                          shift_labels)
 from sft.templates import IGNORE_INDEX, encode_chat
 
 X = IGNORE_INDEX
+
+
+def micro_batches(examples: list[Example], *, pad_id: int, **plan) -> list[dict]:
+    """One epoch of collated micro-batches at once (plan_epoch's arguments); training collates step by step."""
+    return [mb.collate(examples, pad_id) for mb in plan_epoch([len(e.input_ids) for e in examples], **plan)]
+
+
+def num_supervised(example: Example) -> int:
+    return sum(t != IGNORE_INDEX for t in example.targets)
 
 
 def test_best_fit_decreasing_bins_on_hand_made_lengths():
@@ -51,7 +60,7 @@ def test_bins_never_exceed_capacity_and_hold_every_index_once():
 def test_shift_labels_targets_the_next_token():
     ex = shift_labels([10, 11, 12, 13], [X, X, 12, 13])
     assert ex == Example([10, 11, 12, 13], [X, 12, 13, X])
-    assert ex.num_supervised == 2
+    assert num_supervised(ex) == 2
 
 
 def test_collate_packed_restarts_positions_per_example_and_pads_with_ignored_targets():
@@ -195,7 +204,7 @@ def test_packed_micro_batches_all_have_one_shape():
     batches = micro_batches(examples, packing=True, rows_per_batch=3, row_length=10, pad_id=0, seed=1)
     assert {tuple(b["input_ids"].shape) for b in batches} == {(3, 10)}
     assert sum(b["num_real_tokens"] for b in batches) == sum(len(e.input_ids) for e in examples)
-    assert sum(int((b["targets"] != -100).sum()) for b in batches) == sum(e.num_supervised for e in examples)
+    assert sum(int((b["targets"] != -100).sum()) for b in batches) == sum(num_supervised(e) for e in examples)
 
 
 def _best_fit_by_scanning(lengths: list[int], capacity: int) -> list[list[int]]:

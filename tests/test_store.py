@@ -57,7 +57,7 @@ def test_the_store_holds_exactly_the_ids_and_labels_of_encode_chat(chatml_tokeni
         enc = encode_chat(chatml_tokenizer, conversation)
         assert example == shift_labels(enc.input_ids, enc.labels)
     assert store.lengths.tolist() == [len(e.input_ids) for e in store]
-    assert stats["supervised_tokens"] == sum(e.num_supervised for e in store)
+    assert stats["supervised_tokens"] == sum(sum(t != -100 for t in e.targets) for e in store)
     assert store.table.features["input_ids"].feature.dtype == "int32"  # compact columns
     assert store.table.features["supervised"].feature.dtype == "bool"
 
