@@ -41,15 +41,15 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from bench.common import max_rss_bytes, proc_status_bytes, read_header, run_command, write_header  # noqa: E402
 
 PER_CONVERSATION_MAX_ROWS = 100_000  # the per-conversation path and TRL are measured up to here (at a million
                                      # rows, each would take about ten times its 100k-row time)
@@ -169,14 +169,7 @@ def write_source(data_set: DataSet, n: int, path: Path, reasoning_words: int) ->
 
 def anon_bytes() -> int:
     """Anonymous resident memory of this process (Linux): heap and the like, not memory-mapped files."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+    return proc_status_bytes("RssAnon") or 0
 
 
 def config(data_set: DataSet, source: Path, cache: Path):
@@ -299,23 +292,20 @@ RUNNERS = {"ours": run_ours_cold, "ours_cache_hit": run_ours_hit, "per_conversat
 
 def child(name: str, data_set: DataSet, source: Path, rows: int, cache: Path, result: Path) -> None:
     row = RUNNERS[name](data_set, source, rows, cache)
-    result.write_text(json.dumps(dict(row, peak_rss_gib=round(peak_rss_gib(), 2))))
+    result.write_text(json.dumps(dict(row, peak_rss_gib=round(max_rss_bytes() / 2**30, 2))))
 
 
 def run_isolated(name: str, data_set: DataSet, source: Path, rows: int, cache: Path, timeout_s: float) -> dict:
     row = dict(variant=name, rows=rows, set=data_set.name)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        try:
-            proc = subprocess.run([sys.executable, "-m", "bench.data_bench", "--child", name, "--set", data_set.name,
-                                   "--source", str(source), "--rows", str(rows), "--cache", str(cache),
-                                   "--result", str(result)],
-                                  cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                                  timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        code, tail = run_command([sys.executable, "-m", "bench.data_bench", "--child", name, "--set", data_set.name,
+                                  "--source", str(source), "--rows", str(rows), "--cache", str(cache),
+                                  "--result", str(result)], timeout_s, tail=40, echo=False)
+        if code is None:
             return dict(row, status=f"timeout: no result in {timeout_s:.0f} s")
-        if proc.returncode or not result.exists():
-            last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        if code or not result.exists():
+            last = ([line for line in tail if line.strip()] or [f"exit {code}"])[-1]
             return dict(row, status=f"error: {last}"[:300])
         return dict(row, status="ok", **json.loads(result.read_text()))
 
@@ -391,15 +381,15 @@ def write_results(out: Path, name: str, rows: list[dict], head: list[str], lines
     kept_rows, kept_lines = [], []
     if path.exists():
         text = path.read_text()
-        kept_lines = [line[2:] for line in text.splitlines() if line.startswith("# ")
-                      and line[2:].split(" set, ")[0] in SETS and not line[2:].startswith(f"{name} set, ")]
+        kept_lines = [line for line in read_header(path)
+                      if line.split(" set, ")[0] in SETS and not line.startswith(f"{name} set, ")]
         kept_rows = [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(
             line for line in io.StringIO(text) if not line.startswith("#")) if r["set"] != name]
     every = sorted(kept_rows + rows, key=lambda r: list(SETS).index(r["set"]))
     provenance = head + sorted(kept_lines + lines, key=lambda line: list(SETS).index(line.split(" set, ")[0]))
     out.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in provenance)
+        write_header(f, provenance)
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(every)

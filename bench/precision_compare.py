@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import write_header
 from sft.optim import build_optimizer
 from sft.run_folder import provenance
 
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"precision_{kind}.csv", "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in provenance(device))
-        f.write(f"# lr {LR}, betas {BETAS}, {BATCH}x{LENGTH} tokens per step, model {MODEL}, bf16 autocast compute\n")
+        write_header(f, provenance(device) + [f"lr {LR}, betas {BETAS}, {BATCH}x{LENGTH} tokens per step, model "
+                                              f"{MODEL}, bf16 autocast compute"])
         writer = csv.writer(f)
         writer.writerow(["step", *curves])
         writer.writerows([step + 1, *(round(curves[n][step], 5) for n in curves)] for step in range(args.steps))

@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench.common import peak_memory_gib, reset_peak_memory, rss_bytes, write_header
 from sft.config import EMBEDDED_MODEL
 from sft.errors import ConfigError, SFTError
 from sft.generation import Decoding, only_given_settings
 from sft.generation import generation_config as sft_generation_config
 from sft.run_folder import provenance
-from sft.perf import max_rss_bytes, memory_bandwidth, synchronize
+from sft.perf import memory_bandwidth, synchronize
 
 # Llama-2-7B's layer shapes with random weights, built directly on the device (no download). The vocabulary
 # is the embedded tokenizer's (49,152 tokens instead of Llama-2's 32,000), so the prompts are real chat text.
@@ -297,15 +298,16 @@ def measure(model, tokenizer, variant: str, batch_size: int, prompt_tokens: int,
     device = torch.device(settings.device)
     input_ids = prompt_batch(tokenizer, prompt_tokens, batch_size).to(device)
     config = generation_config(variant, tokenizer, settings)
-    rss_before = None if device.type == "cuda" else _rss_now()
+    rss_before = None if device.type == "cuda" else rss_bytes()
     cpu_before = _cpu_seconds()
-    peak_reset = _reset_peak_memory(device)
+    peak_reset = reset_peak_memory(device)
     compiled_before = _graphs_compiled()
     for _ in range(settings.warmup):
         timed_generate(model, input_ids, config, settings.seed)
     compiled_warm = _graphs_compiled()
     runs = [timed_generate(model, input_ids, config, settings.seed) for _ in range(settings.repeats)]
-    peak_gib, peak_kind = _peak_memory(device, rss_before, peak_reset)
+    # on the CPU the rise of the resident set during the row: the weights were resident before it
+    peak_gib, peak_kind = peak_memory_gib(device, rss_before, peak_reset)
     other_cpu_pct = _other_cpu_pct(cpu_before, _cpu_seconds()) if device.type == "cpu" else None
     ttft = np.array([r.ttft_s for r in runs]) * 1e3
     latency = np.array([r.latency_s for r in runs]) * 1e3
@@ -332,44 +334,6 @@ def weight_bytes_per_step(model) -> int:
     if embedding is not output:  # tied weights are one Parameter
         total -= embedding.numel() * embedding.element_size()
     return total
-
-
-def _proc_status_bytes(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_now() -> int:
-    rss = _proc_status_bytes("VmRSS")
-    return rss if rss is not None else max_rss_bytes()
-
-
-def _reset_peak_memory(device: torch.device) -> bool:
-    """Starts a fresh peak for this row. On Linux, writing 5 to clear_refs resets the process's peak resident
-    set (VmHWM) to its current size; elsewhere the CPU peak is the process's lifetime high-water mark."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _proc_status_bytes("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def _peak_memory(device: torch.device, rss_before: int | None, reset: bool) -> tuple[float, str]:
-    """On a GPU the allocator's peak (weights included); on the CPU how far the process's resident set rose
-    above what it was before the row's first generate call (weights excluded: they were resident already)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
-    peak = _proc_status_bytes("VmHWM") if reset else max_rss_bytes()
-    kind = "process_peak_rss_growth" if reset else "process_lifetime_peak_rss_growth"
-    return max(peak - rss_before, 0) / 2**30, kind
 
 
 def _cpu_seconds() -> tuple[float, float, float] | None:
@@ -559,7 +523,7 @@ def main(argv=None) -> int:
             stopped midway keeps the rows it measured and leaves the last complete results as they were."""
             settings.out_dir.mkdir(parents=True, exist_ok=True)
             with open(partial, "w", newline="") as f:
-                f.writelines(f"# {line}\n" for line in provenance(torch.device(settings.device)))
+                write_header(f, provenance(torch.device(settings.device)))
                 frame.round(3).to_csv(f, index=False)
 
         frame = run(settings, on_row=write_csv)

@@ -28,6 +28,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
 
 from .errors import ConfigError
 
@@ -57,13 +58,12 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor,
 
 def flatten_batch(x: torch.Tensor) -> torch.Tensor:
     """[B, H, T, D] (transformers' layout) -> [B*T, H, D]; token t of row b lands at b*T + t."""
-    batch, heads, length, dim = x.shape
-    return x.transpose(1, 2).reshape(batch * length, heads, dim)
+    return rearrange(x, "b h t d -> (b t) h d")
 
 
 def unflatten_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     """[B*T, H, D] -> [B, T, H, D], the layout transformers expects from an attention function."""
-    return x.view(batch, -1, *x.shape[1:])
+    return rearrange(x, "(b t) h d -> b t h d", b=batch)
 
 
 def make_varlen_call(varlen_attn: Callable, kernel_gqa: bool = False) -> Callable:
@@ -102,7 +102,14 @@ def _not_registered(*args, **kwargs):
 
 
 _varlen: Callable = _not_registered  # set by register_varlen_attention
-grouped_heads = "unset"  # how grouped key/value heads reach the kernel: "flag", "kernel" or "repeated"
+_grouped_heads = "unset"  # set by register_varlen_attention
+
+
+def grouped_heads() -> str:
+    """How grouped key/value heads reach the kernel that register_varlen_attention set up: "flag" (this torch's
+    `enable_gqa`), "kernel" (the flash kernel reads head h // groups itself) or "repeated" (one copy per query
+    head); "unset" before it ran."""
+    return _grouped_heads
 
 
 class _SegmentCache:
@@ -227,7 +234,7 @@ def varlen_available(device: torch.device | str) -> bool:
 def register_varlen_attention(device: torch.device | str) -> str:
     """Sets up the varlen kernel for this torch and registers the implementation; returns the name to
     pass as `attn_implementation`. Raises ConfigError where it cannot run."""
-    global _varlen
+    global _varlen, _grouped_heads
     device = torch.device(device)
     if device.type != "cuda":
         raise ConfigError(f"attn_implementation: 'varlen' runs flash-attention kernels on a CUDA GPU; this run is "
@@ -239,10 +246,9 @@ def register_varlen_attention(device: torch.device | str) -> str:
     if torch.cuda.get_device_capability(device) < (8, 0):
         raise ConfigError(f"attn_implementation: 'varlen' needs compute capability 8.0 or newer (A100, H100, ...); "
                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
-    global grouped_heads
     kernel_gqa = kernel_reads_grouped_heads(varlen_attn, device)
     _varlen = make_varlen_call(varlen_attn, kernel_gqa=kernel_gqa)
-    grouped_heads = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters
+    _grouped_heads = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters
                      else "kernel" if kernel_gqa else "repeated")
     return register()
 

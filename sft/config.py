@@ -13,7 +13,7 @@ import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 from .formats import FORMATS
@@ -24,37 +24,38 @@ EMBEDDED_DATASET = "embedded:demo-tasks"
 # runs/ beside the sft package: the repository's, wherever a script is started from (pip install -e .)
 DEFAULT_RUNS_ROOT = str(Path(__file__).resolve().parents[1] / "runs")
 
-PRECISIONS = ("fp32", "bf16_autocast", "bf16_pure")
-BF16_UPDATES = ("stochastic_rounding", "kahan", "none")
-LR_SCHEDULES = ("cosine", "linear", "constant")
-LOSS_ON = ("assistant", "all")
-TOO_LONG = ("error", "truncate", "drop")
-TEMPLATES = ("auto", "tokenizer", "plain", "chatml-tools")  # chatml-tools: ChatML with tool calls and reasoning
-ATTENTION = ("auto", "sdpa", "eager", "varlen", "flex_attention")
-LOSS_IMPLS = ("auto", "selected", "full")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-DATASET_FORMATS = ("auto", *FORMATS)
-TASK_METRICS = ("exact_match", "tool_call_match")
-MULTI_TURN = ("per_turn", "last_turn", "error")
-TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+# The choices of each setting, as the types its field is annotated with: validation reads them (typing.get_args).
+Precision = Literal["auto", "fp32", "bf16_autocast", "bf16_pure"]
+Bf16Update = Literal["stochastic_rounding", "kahan"]  # the comparison of bench/ also runs plain bf16 (the optimizer's)
+LrSchedule = Literal["cosine", "linear", "constant"]
+LossOn = Literal["assistant", "all"]
+TooLong = Literal["error", "truncate", "drop"]
+MultiTurn = Literal["per_turn", "last_turn", "error"]
+Attention = Literal["auto", "sdpa", "eager", "varlen", "flex_attention"]
+LossImpl = Literal["auto", "selected", "full"]
+StateDtype = Literal["float32", "bfloat16", "int8"]
+OptimizerKernel = Literal["auto", "triton", "torch"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
+DatasetFormat = Literal[("auto", *FORMATS)]
+TaskMetric = Literal["exact_match", "tool_call_match"]
+Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow"]
+TEMPLATES = ("auto", "tokenizer", "plain", "chatml-tools")  # or the path of a .jinja file, so the field is a str
 
 
 @dataclass
 class TrainConfig:
-    experiment: str
-    # model: "embedded:smollm2-135m-instruct", a local Hugging Face folder, or a hub id with a pinned revision
-    model: str = EMBEDDED_MODEL
-    model_revision: str | None = None
-    trust_remote_code: bool = False
-    # data: "embedded:demo-tasks", a local file/folder (json, jsonl, parquet, csv) or a hub dataset id
-    dataset: str = EMBEDDED_DATASET
+    experiment: str                      # the run folder's suffix: runs/<date>_<time>_<experiment>/
+    model: str = EMBEDDED_MODEL          # "embedded:smollm2-135m-instruct", a local model folder, or a hub id
+    model_revision: str | None = None    # the hub commit (sha or tag) of a hub model; required for one
+    trust_remote_code: bool = False      # run the model repository's own code (transformers' flag)
+    dataset: str = EMBEDDED_DATASET      # "embedded:demo-...", a local file/folder (json/jsonl/parquet/csv), a hub id
     # a mixture instead of DATASET: [(source, share), ...] or (source, share, {"format": ..., "revision": ...,
     # "files": ..., "split": ..., "max_rows": ...}); share: a float is that fraction of the source's training
     # rows (above 1 repeats them), an int that many rows, None all of them; each source holds out its own rows
     datasets: list | None = None
-    dataset_revision: str | None = None
-    dataset_format: str = "auto"
-    dataset_split: str = "train"
+    dataset_revision: str | None = None  # the hub commit of a hub dataset; required for one
+    dataset_format: DatasetFormat = "auto"  # how rows become conversations; "auto": detected from the columns
+    dataset_split: str = "train"         # the split of a hub dataset
     dataset_files: str | None = None     # files inside a hub dataset repo (e.g. one of dolphin's jsonl files)
     max_rows: int | None = None          # first N rows of the source (streamed from the hub)
     eval_dataset: str | None = None      # a separate held-out source; else `eval_rows` are split off
@@ -65,7 +66,7 @@ class TrainConfig:
     template: str = "auto"               # "auto": the tokenizer's chat template if it has one, else plain;
                                          # "tokenizer", "plain", "chatml-tools" (ChatML with tool calls and
                                          # reasoning, for ChatML models), or the path of a Jinja template file
-    multi_turn: str = "per_turn"         # a template that renders earlier turns differently from the last
+    multi_turn: MultiTurn = "per_turn"   # a template that renders earlier turns differently from the last
                                          # (Qwen3, gpt-oss): "per_turn" makes an example of each assistant turn
                                          # the last rendering does not hold; "last_turn" trains the last only;
                                          # "error" refuses
@@ -74,65 +75,62 @@ class TrainConfig:
     system_prompt: str | None = None     # system message of conversations without one; None: the template's own
                                          # (SmolLM2's adds "You are a helpful AI assistant named SmolLM, ..."); "": none
     eos_token: str | None = None         # end-of-turn token to learn, if not the tokenizer's EOS (e.g. "<|im_end|>")
-    max_length: int = 2048
-    too_long: str = "error"              # examples over max_length: stop, truncate (the cut reply loses its
+    max_length: int = 2048               # tokens per example, and per packed row
+    too_long: TooLong = "error"          # examples over max_length: stop, truncate (the cut reply loses its
                                          # end-of-turn), or drop (counted)
-    loss_on: str = "assistant"
-    packing: bool = True
+    loss_on: LossOn = "assistant"        # which tokens carry loss: the assistant turns, or every token
+    packing: bool = True                 # several examples per row of max_length tokens, never attending to each other
     group_by_length: bool = True         # without packing: batch examples of similar length (less padding)
     padding_free: bool = False           # instead of packing: one unpadded row of whole examples per micro-batch
     num_proc: int | str = "auto"         # tokenization processes; "auto": the available cores for large sets
-    # optimization
-    epochs: int = 1
+    epochs: int = 1                      # passes over the training examples
     max_steps: int | None = None         # cap on optimizer steps (the schedule is built for the real count)
     micro_batch_size: int = 4            # rows per forward pass, per process
-    grad_accum_steps: int = 1
-    lr: float = 2e-5
-    lr_schedule: str = "cosine"
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    seed: int = 42
-    precision: str = "auto"              # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
-    bf16_update: str = "stochastic_rounding"  # how pure-bf16 weights keep small updates
-    optimizer_state_dtype: str = "float32"    # "bfloat16" halves AdamW's moments, "int8" quarters them (bf16_pure)
-    optimizer_kernel: str = "auto"       # AdamW step (bf16_pure): "triton" kernel or "torch"; "auto": triton on GPUs
+    grad_accum_steps: int = 1            # micro-batches per optimizer step, per process
+    lr: float = 2e-5                     # the peak learning rate, after warmup
+    lr_schedule: LrSchedule = "cosine"   # the decay after warmup, reaching lr * min_lr_ratio at the last step
+    warmup_ratio: float = 0.03           # the share of optimizer steps with a linear warmup from 0
+    min_lr_ratio: float = 0.0            # the learning rate at the last step, as a share of lr
+    weight_decay: float = 0.0            # AdamW's decoupled weight decay (not on norms and biases)
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decays
+    adam_eps: float = 1e-8               # AdamW's epsilon
+    max_grad_norm: float | None = 1.0    # gradients clipped to this global norm; None: not clipped
+    seed: int = 42                       # the held-out split, shares, batch order, initialization and sampling
+    precision: Precision = "auto"        # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
+    bf16_update: Bf16Update = "stochastic_rounding"  # how pure-bf16 weights keep small updates
+    optimizer_state_dtype: StateDtype = "float32"  # "bfloat16" halves AdamW's moments, "int8" quarters them (bf16_pure)
+    optimizer_kernel: OptimizerKernel = "auto"  # AdamW step (bf16_pure): "triton" or "torch"; "auto": triton on GPUs
     optimizer_in_backward: bool = False  # step each parameter in the backward pass, freeing its gradient (bf16_pure)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward pass instead of keeping activations
     checkpoint_every_n_layers: int = 1   # with gradient_checkpointing: 1 = every layer; 2 = every other one...
-    attn_implementation: str = "auto"
-    loss_impl: str = "auto"              # "selected": lm_head only on supervised positions, in chunks
-    loss_chunk_tokens: int = 4096
-    compile: bool = False
-    compile_mode: str = "default"        # torch.compile mode of the layers; "reduce-overhead" adds CUDA graphs
+    attn_implementation: Attention = "auto"  # "auto": varlen flash attention on GPUs with bf16, else sdpa
+    loss_impl: LossImpl = "auto"         # "selected": lm_head only on supervised positions, in chunks
+    loss_chunk_tokens: int = 4096        # supervised positions per chunk of the selected loss
+    compile: bool = False                # torch.compile each decoder layer (one graph shared by all)
+    compile_mode: CompileMode = "default"  # torch.compile mode of the layers; "reduce-overhead" adds CUDA graphs
     float8: bool = False                 # float8 matmuls (torchao, rowwise scales) in the decoder layers, on GPUs
                                          # with float8 tensor cores (sm89+); elsewhere the matmuls stay as they are
     activation_offload: bool = False     # activations saved for the backward pass wait in pinned host memory
-    # evaluation and logging
-    log_every: int = 1
+    log_every: int = 1                   # optimizer steps between train lines of metrics.jsonl
     eval_every: int | None = None        # optimizer steps between held-out evals (always at start and end)
-    eval_batch_size: int = 8
-    task_metric: str | None = "exact_match"
+    eval_batch_size: int = 8             # held-out examples per forward pass
+    task_metric: TaskMetric | None = "exact_match"  # scored on generations before and after training; None: none
     task_metric_rows: int = 64           # held-out prompts scored by generation, before and after training
     num_samples: int = 8                 # held-out prompts whose generations are saved before and after
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generation_batch_size: int = 16
-    report_to: tuple[str, ...] = ("tensorboard",)  # trackers fed what metrics.jsonl gets: "tensorboard" (event files
+    max_new_tokens: int = 64             # tokens generated per held-out prompt, at most
+    do_sample: bool = False              # sample instead of greedy decoding
+    temperature: float = 1.0             # with do_sample
+    top_p: float = 1.0                   # with do_sample: nucleus sampling's probability mass
+    generation_batch_size: int = 16      # prompts per generate call
+    report_to: tuple[Tracker, ...] = ("tensorboard",)  # trackers fed what metrics.jsonl gets: "tensorboard" (events
                                          # in the run folder), "wandb", "trackio", "mlflow"; () for none
-    # outputs, checkpoints and resume
     runs_root: str = DEFAULT_RUNS_ROOT    # a relative path is taken from the current directory
-    save_model: bool = True
+    save_model: bool = True              # write the final model and tokenizer to model/
     push_to_hub: str | None = None       # "user/name": upload model/ and its card after a completed run
     push_private: bool = True            # a private repository (when it is created)
     push_revision: str | None = None     # a branch to upload to (made if missing); None: main
     checkpoint_every: int | None = None  # optimizer steps between checkpoints (also saved on SIGTERM/SIGINT)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2            # the newest checkpoints kept while training
     keep_checkpoints_after_completion: int = 0  # checkpoints left once the model is saved; with >= 1, the last
                                          # one holds the final step, and raising EPOCHS or MAX_STEPS with RESUME
                                          # set to the completed run trains it further
@@ -141,41 +139,45 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        self._check_values()
+        self._check_choices()
+        self._check_precision()
+        self._check_optimizer()
+        self._check_outputs()
+        self._check_data()
+        self._check_counts()
+        self._check_generation()
 
     def _check_types(self) -> None:
-        hints = {f.name: f.type for f in dataclasses.fields(self)}
-        for name, hint in hints.items():
-            value = getattr(self, name)
-            expected = _expected_types(hint)
-            if expected is None:
+        for f in dataclasses.fields(self):
+            value, types_ = getattr(self, f.name), _accepted(_hints()[f.name])
+            if types_ is None:
                 continue
-            if isinstance(value, bool) and bool not in expected:
-                raise ConfigError(f"{name}: expected {_describe(hint)}, got {value!r}")
-            if not isinstance(value, expected):
-                raise ConfigError(f"{name}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+            if isinstance(value, bool) and bool not in types_:
+                raise ConfigError(f"{f.name}: expected {_describe(f.type)}, got {value!r}")
+            if not isinstance(value, types_):
+                raise ConfigError(f"{f.name}: expected {_describe(f.type)}, got {value!r} ({type(value).__name__})")
 
-    def _check_values(self) -> None:
-        _choice("precision", self.precision, ("auto",) + PRECISIONS)
-        _choice("bf16_update", self.bf16_update, BF16_UPDATES)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("loss_on", self.loss_on, LOSS_ON)
-        _choice("too_long", self.too_long, TOO_LONG)
+    def _check_choices(self) -> None:
+        """Every setting annotated with a Literal holds one of its values (each element, for a tuple of them)."""
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), _hints()[f.name]
+            for item in (value if get_origin(hint) is tuple else (value,)):
+                allowed = _choices(hint)
+                if allowed and item is not None:
+                    _choice(f.name, item, allowed)
         if self.template not in TEMPLATES and not (self.template.endswith(".jinja")
                                                    and Path(self.template).expanduser().is_file()):
             raise ConfigError(f"template: one of {', '.join(TEMPLATES)} or the path of a .jinja chat template file, "
                               f"got {self.template!r}")
-        _choice("multi_turn", self.multi_turn, MULTI_TURN)
         if self.reasoning_tags is not None and (len(self.reasoning_tags) != 2 or not all(
                 isinstance(t, str) and t.strip() for t in self.reasoning_tags)):
             raise ConfigError(f"reasoning_tags: an opening and a closing tag, e.g. ('<think>', '</think>'), "
                               f"got {self.reasoning_tags!r}")
-        _choice("attn_implementation", self.attn_implementation, ATTENTION)
-        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
-        _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
-        _choice("optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16", "int8"))
-        _choice("optimizer_kernel", self.optimizer_kernel, ("auto", "triton", "torch"))
-        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"report_to: names a tracker twice: {list(self.report_to)}")
+
+    def _check_precision(self) -> None:
+        """Settings that only work with some precisions."""
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode: {self.compile_mode!r} applies to compiled layers; set compile=True")
         if self.float8 and self.precision == "fp32":
@@ -195,6 +197,9 @@ class TrainConfig:
                                                                                           "stochastic_rounding"):
             raise ConfigError("optimizer_kernel: 'triton' is the step of precision='bf16_pure' with "
                               "bf16_update='stochastic_rounding'")
+
+    def _check_optimizer(self) -> None:
+        """Stepping in the backward pass, and the optimizer's own numbers."""
         if self.optimizer_in_backward:
             if self.precision != "bf16_pure":
                 raise ConfigError("optimizer_in_backward: needs precision='bf16_pure', whose AdamW steps one "
@@ -206,12 +211,22 @@ class TrainConfig:
                 raise ConfigError(f"optimizer_in_backward: clipping to max_grad_norm={self.max_grad_norm} needs the "
                                   f"norm of every gradient before the first parameter steps; set max_grad_norm=None "
                                   f"(the gradient norm is still logged)")
-        if self.task_metric is not None:
-            _choice("task_metric", self.task_metric, TASK_METRICS)
-        for backend in self.report_to:
-            _choice("report_to", backend, TRACKERS)
-        if len(set(self.report_to)) != len(self.report_to):
-            raise ConfigError(f"report_to: names a tracker twice: {list(self.report_to)}")
+        _positive("lr", self.lr)
+        _positive("adam_eps", self.adam_eps)
+        if self.max_grad_norm is not None:
+            _positive("max_grad_norm", self.max_grad_norm)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                and 0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
+
+    def _check_outputs(self) -> None:
+        """The run's name and where its model goes."""
         if self.push_to_hub is not None:
             if not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
                 raise ConfigError(f"push_to_hub: a hub repository id of the form owner/name, got {self.push_to_hub!r}")
@@ -222,15 +237,24 @@ class TrainConfig:
         for name in ("model", "dataset"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name}: must not be empty")
+
+    def _check_data(self) -> None:
+        """The mixture and the held-out rows."""
         if self.datasets is not None:
             self._check_mixture()
-        _positive("lr", self.lr)
-        _positive("adam_eps", self.adam_eps)
+        if isinstance(self.eval_rows, float) and not 0 < self.eval_rows < 1:  # None passes both checks
+            raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
+        if isinstance(self.eval_rows, int) and self.eval_rows < 1:
+            raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
+        if self.eval_dataset is not None and isinstance(self.eval_rows, float):
+            raise ConfigError(f"eval_rows: with eval_dataset, a count of its first rows, got {self.eval_rows}")
+
+    def _check_counts(self) -> None:
+        """Counts and sizes: positive where zero makes no sense, in range where they have one."""
         for name in ("max_length", "micro_batch_size", "grad_accum_steps", "epochs", "log_every",
                      "eval_batch_size", "max_new_tokens", "generation_batch_size", "checkpoint_every_n_layers",
-                     "loss_chunk_tokens"):
+                     "loss_chunk_tokens", "keep_checkpoints"):
             _positive(name, getattr(self, name))
-        _positive("keep_checkpoints", self.keep_checkpoints)
         if self.num_proc != "auto":
             if isinstance(self.num_proc, str):
                 raise ConfigError(f"num_proc: 'auto' or a number of processes, got {self.num_proc!r}")
@@ -244,25 +268,10 @@ class TrainConfig:
         for name in ("task_metric_rows", "num_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.max_grad_norm is not None:
-            _positive("max_grad_norm", self.max_grad_norm)
         if not 0 <= self.seed < 2**32:  # the range torch, numpy and random all accept
             raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
-        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                                and 0 <= b < 1 for b in self.adam_betas):
-            raise ConfigError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
-        if isinstance(self.eval_rows, float) and not 0 < self.eval_rows < 1:  # None passes both checks
-            raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
-        if isinstance(self.eval_rows, int) and self.eval_rows < 1:
-            raise ConfigError(f"eval_rows: a count >= 1 or a fraction in (0, 1), got {self.eval_rows}")
-        if self.eval_dataset is not None and isinstance(self.eval_rows, float):
-            raise ConfigError(f"eval_rows: with eval_dataset, a count of its first rows, got {self.eval_rows}")
+
+    def _check_generation(self) -> None:
         if self.do_sample:
             _positive("temperature", self.temperature)
             if not 0 < self.top_p <= 1:
@@ -310,23 +319,47 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}: must be > 0, got {value!r}")
 
 
-def _expected_types(hint: str) -> tuple[type, ...] | None:
-    table = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
-    hint = hint.replace(" ", "")
-    if hint.startswith("tuple"):
-        return (tuple, list, type(None)) if hint.endswith("|None") else (tuple, list)
-    if hint.startswith("dict"):
-        return (dict,)
-    out: tuple[type, ...] = ()
-    for part in hint.split("|"):
-        if part not in table:
-            return None
-        out += table[part]
-    return out
+def _hints() -> dict[str, Any]:
+    """The fields' types, resolved from their annotations (strings under `from __future__ import annotations`)."""
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = get_type_hints(TrainConfig)
+    return _HINTS
+
+
+_HINTS: dict[str, Any] | None = None
+_PLAIN = {int: (int,), float: (int, float), str: (str,), bool: (bool,), type(None): (type(None),), list: (list,),
+          dict: (dict,), tuple: (tuple, list)}
+
+
+def _accepted(hint) -> tuple[type, ...] | None:
+    """The Python types a setting of this type may hold (None: not checked)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return tuple({type(v) for v in get_args(hint)})
+    if origin in (types.UnionType, Union):
+        parts = [_accepted(h) for h in get_args(hint)]
+        return None if None in parts else tuple(t for p in parts for t in p)
+    return _PLAIN.get(origin or hint)
+
+
+def _choices(hint) -> tuple | None:
+    """The values a Literal-typed setting (or each element of a tuple of them) may take."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return get_args(hint)
+    if origin is tuple:
+        return _choices(get_args(hint)[0])
+    if origin in (types.UnionType, Union):
+        found = [c for c in map(_choices, get_args(hint)) if c]
+        return found[0] if found else None
+    return None
 
 
 def _describe(hint: str) -> str:
-    return " or ".join(part.strip() for part in hint.split("|"))
+    """A field's type as an error names it: its annotation, with each choice type as the str it holds."""
+    named = re.sub(r"\b[A-Z]\w*\b", lambda m: "str" if get_origin(globals().get(m[0])) is Literal else m[0], hint)
+    return " or ".join(part.strip() for part in named.split("|"))
 
 
 def settings_from(namespace: dict[str, Any]) -> dict[str, Any]:

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
 
 from .attention import segment_starts
 from .errors import ConfigError
 
 KINDS = ("flex_attention", "sdpa")
-
-
-def is_mpt(model) -> bool:
-    return getattr(model.config, "model_type", None) == "mpt"
 
 
 def choose_kind(requested: str, device: torch.device) -> str | None:
@@ -169,8 +166,8 @@ class PackedAlibiAttention(MptAttention):
         mixed_qkv = self.Wqkv(hidden_states)
         if self.clip_qkv:
             mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        query, key, value = (t.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-                             for t in mixed_qkv.chunk(3, dim=2))
+        # views into mixed_qkv, strided as the kernels below expect transformers' q, k, v to be
+        query, key, value = rearrange(mixed_qkv, "b t (qkv h d) -> qkv b h t d", qkv=3, h=self.n_heads)
         if dense:
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=position_bias.to(query.dtype), scale=self.softmax_scale,
@@ -178,5 +175,5 @@ class PackedAlibiAttention(MptAttention):
         else:
             context = _flex_attention()(query, key, value, score_mod=self.score_mod, block_mask=position_bias,
                                         scale=self.softmax_scale)
-        context = context.transpose(1, 2).reshape(batch, length, -1)
+        context = rearrange(context, "b h t d -> b t (h d)")
         return self.out_proj(context), None

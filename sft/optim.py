@@ -41,7 +41,7 @@ def master_weights_for(precision: str, bf16_update: str) -> str:
     """
     if precision != "bf16_pure":
         return "fp32"
-    return {"stochastic_rounding": "bf16_stochastic_rounding", "kahan": "bf16_kahan", "none": "bf16_plain"}[bf16_update]
+    return {"stochastic_rounding": "bf16_stochastic_rounding", "kahan": "bf16_kahan"}[bf16_update]
 _ROUNDING = {"bf16_stochastic_rounding": "stochastic", "bf16_kahan": "kahan", "bf16_plain": "none"}
 # int8 marks block-wise 8-bit states (uint8 codes + an fp32 scale per block), not int8 tensors
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -192,6 +193,10 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
     gpu_runs = results.glob(root / "bench" / "results", "bench_gpu*.csv")
     if gpu_runs:
         out["bench-gpu"] = bench_gpu(gpu_runs, root, results)
+        out["speed-summary"] = speed_summary(gpu_runs, results)
+    data = root / "bench" / "results" / "data_cpu.csv"
+    if results.exists(data):
+        out["data-summary"] = data_summary(results.read(data))
     return out
 
 
@@ -211,6 +216,58 @@ def bench_gpu(paths: list[Path], root: Path, results: Results | None = None) -> 
     profiles = ["Where the device time goes (`bench/results/profiles/`, a few steps under the profiler):\n\n"
                 + "\n".join(splits)] if splits else []
     return "\n\n".join(tables + goals + profiles)
+
+
+def speed_summary(paths: list[Path], results: "Results") -> str:
+    """One table of the best measured rows per model shape over every GPU benchmark CSV: ours, TRL's best and
+    the study's recipe, with the device and date of the run that measured ours."""
+    frames = []
+    for path in paths:
+        text = results.read(path)
+        provenance = dict(line[2:].split(": ", 1) for line in text.splitlines() if line.startswith("# ")
+                          and ": " in line)
+        frame = pd.read_csv(io.StringIO(text), comment="#")
+        frames.append(frame[frame["status"] == "ok"].assign(
+            device=provenance.get("device", "-"), date=provenance.get("date", "-").split(",")[0][:10]))
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if rows.empty:
+        return "(no GPU benchmark rows yet)"
+    out = []
+    for arch, group in rows.groupby("arch", sort=False):
+        best = {recipe: g.loc[g["real_tok_s"].idxmax()] for recipe, g in group.groupby("recipe")}
+        if "ours" not in best:
+            continue
+        ours = best["ours"]
+        out.append({"model shape": arch, "ours, best row": ours["variant"], "real tok/s": ours["real_tok_s"],
+                    "MFU": f"{float(ours['mfu']):.1%}" if pd.notna(ours.get("mfu")) else "-",
+                    "peak GiB": ours.get("peak_gib"),
+                    "TRL's best": best["trl"]["real_tok_s"] if "trl" in best else None,
+                    "study's recipe": best["study"]["real_tok_s"] if "study" in best else None,
+                    "device, date": f"{ours['device'].split(',')[0]}, {ours['date']}"})
+    return markdown_table(pd.DataFrame(out))
+
+
+def data_summary(text: str) -> str:
+    """One table of the data benchmark's sets, each at the largest size measured for this toolkit and TRL alike:
+    our preparation and TRL's on the same rows, with the device and the date."""
+    provenance = [line[2:] for line in text.splitlines() if line.startswith("# ")]
+    frame = pd.read_csv(io.StringIO(text), comment="#")
+    frame = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
+    if "set" not in frame.columns:
+        frame = frame.assign(set="guanaco")
+    device = next((line.split(": ", 1)[1] for line in provenance if line.startswith("device:")), "-")
+    out = []
+    for name, group in frame.groupby("set", sort=False):
+        both = [n for n, g in group.groupby("rows") if {"ours", "trl"} <= set(g["variant"])]
+        size = max(both) if both else group["rows"].max()  # the largest size measured for both, if any
+        at = group[group["rows"] == size].set_index("variant")
+        date = next((line.split("date: ", 1)[1].split(",")[0][:10] for line in provenance
+                     if line.startswith(f"{name} set, date:")), "-")
+        ours, trl = at["tok_s"].get("ours"), at["tok_s"].get("trl")
+        out.append({"set": name, "rows": int(size), "ours, tok/s (2 processes)": ours,
+                    "TRL, tok/s": trl, "ours / TRL": f"{ours / trl:.2f}x" if pd.notna(ours) and pd.notna(trl) else "-",
+                    "peak RSS GiB": at["peak_rss_gib"].get("ours"), "device, date": f"{device}, {date}"})
+    return markdown_table(pd.DataFrame(out))
 
 
 def execute_notebook(path: Path, run_dirs: list[Path]) -> None:
@@ -238,7 +295,8 @@ def execute_notebook(path: Path, run_dirs: list[Path]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--readme", nargs="+", default=[str(ROOT / "README.md"), str(ROOT / "bench" / "README.md")],
+                        help="the files whose blocks to rewrite (default: README.md and bench/README.md)")
     parser.add_argument("--notebook", action="store_true",
                         help="also execute sft/notebooks/postprocess.ipynb on the newest demo run and save its outputs")
     parser.add_argument("--include-local", action="store_true",
@@ -246,17 +304,18 @@ def main(argv=None) -> int:
                              "files as they are in the working tree (by default only what is committed at HEAD "
                              "counts, and result files are read as committed)")
     args = parser.parse_args(argv)
-    readme = Path(args.readme)
-    text = readme.read_text()
-    try:
-        for name, body in blocks(ROOT, args.include_local).items():
-            if f"<!-- BEGIN {name} -->" in text:
-                text = replace_block(text, name, body)
-                print(f"updated block {name}")
-    except SFTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    readme.write_text(text)
+    rendered = blocks(ROOT, args.include_local)
+    for readme in map(Path, args.readme):
+        text = readme.read_text()
+        try:
+            for name, body in rendered.items():
+                if f"<!-- BEGIN {name} -->" in text:
+                    text = replace_block(text, name, body)
+                    print(f"updated block {name} in {readme.name}")
+        except SFTError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        readme.write_text(text)
     if args.notebook:
         demo = newest_run("demo_smollm2", Results(ROOT, args.include_local))
         if demo is None:

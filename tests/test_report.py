@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -108,3 +109,27 @@ def test_a_count_with_blanks_is_shown_as_integers_and_measurements_keep_their_de
     table = csv_table("variant,processes,seconds,tok_s\na,2,6.45,417004\nb,,,\n")
     assert "| a | 2 | 6.450 | 417,004 |" in table  # not "2.000" processes
     assert "| b | - | - | - |" in table
+
+
+def test_the_readme_summaries_show_the_best_rows_with_device_and_date():
+    from sft.report import Results, data_summary, speed_summary
+
+    gpu = ("# device: NVIDIA H200, CUDA 13.0\n# date: 2026-12-01T10:00:00, git abc, python 3.12\n"
+           "variant,recipe,arch,status,real_tok_s,mfu,peak_gib\n"
+           "ours_a,ours,llama-1b,ok,60000,0.45,30.0\nours_b,ours,llama-1b,ok,71000,0.5,32.0\n"
+           "ours_c,ours,llama-1b,timeout: no result in 9 s,,,\ntrl_x,trl,llama-1b,ok,47000,0.3,11.0\n"
+           "study_1b,study,llama-1b,ok,5900,0.04,11.6\n")
+
+    class Text(Results):
+        def __init__(self):
+            pass
+
+        def read(self, path):
+            return gpu
+
+    table = speed_summary([Path("bench_gpu.csv")], Text())
+    assert "| llama-1b | ours_b | 71,000 | 50.0% | 32.000 | 47,000 | 5,900 | NVIDIA H200, 2026-12-01 |" in table
+    data = ("# device: x86_64, 2 threads\n# guanaco set, date: 2026-11-27T14:58:20, git x\n"
+            "variant,rows,status,tok_s,peak_rss_gib,set\nours,1000,ok,400000,1.5,guanaco\n"
+            "trl,1000,ok,200000,3.0,guanaco\nours,1000000,ok,450000,2.3,guanaco\n")
+    assert "| guanaco | 1,000 | 400,000 | 200,000 | 2.00x | 1.500 | x86_64, 2 threads, 2026-11-27 |" in data_summary(data)
