@@ -105,8 +105,8 @@ class Variant:
 GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget) skips the tail
     Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True),
             profile=True, estimate_s=55),
-    # TRL's best settings, with one batch shape so that its flex attention compiles once (at 1B it had not
-    # finished within 100 s in an earlier GPU run: capped, and TRL's sdpa row stands in if it fails)
+    # TRL's best settings, with one batch shape so that its flex attention compiles once (at 1B that one
+    # compilation can outlast 100 s: capped, and TRL's sdpa row stands in if it fails)
     Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
             dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=50, timeout_s=70, estimate_s=65),
     Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa"),
@@ -154,7 +154,8 @@ GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget
     # MPT padded on transformers' eager MPT attention (every layer recomputed: its [T, T] fp32 scores would not fit)
     Variant("ours_mpt7b_padded_eager_int8_states_gc", "ours", "mpt-7b", 10, 3, OURS_MPT_PADDED, max_s=80,
             estimate_s=95),
-    # bf16 moments, every layer recomputed: the 7B row of the first GPU run, with today's code
+    # bf16 moments, every layer recomputed: the plain memory-saving 7B setting, against which the rows with
+    # 8-bit moments (less recomputation), offloaded activations and float8 show what each lever buys
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True), estimate_s=75),
     Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True),
@@ -164,7 +165,7 @@ GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget
             dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
                  checkpoint_every_n_layers=2, compile=True), estimate_s=75),
     # TRL's fastest setting in the anchor, as the anchor ran it. Flex attention recompiles for each new packed
-    # length; in the first GPU run it had not completed 6 steps after 7 minutes: late, capped, timed out
+    # length, so 6 steps can take over 7 minutes: late in the plan, capped, with a timeout
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
             max_s=100, timeout_s=130, estimate_s=130),
     Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa"),

@@ -15,8 +15,8 @@ Every variant runs in its own process (peak memory is per process) and writes on
   resident memory per token while 20 optimizer steps are collated (the memory-mapped store is file-backed
   and not counted). Its tokens and examples are those of the store, held-out split included.
 - `per_conversation`: `encode_chat` conversation by conversation in one process into Python lists, pickled
-  to disk: how this toolkit prepared data before the store (guanaco only: it makes one example per
-  conversation, which a template that rewrites earlier turns cannot give).
+  to disk: the path the store replaces (guanaco only: it makes one example per conversation, which a template
+  that rewrites earlier turns cannot give).
 - `trl`: TRL 1.16's `SFTTrainer` preparing the same rows (conversational "messages" form with the row's tools,
   the same chat template and max_length, `dataset_num_proc` = the same process count), timed around its dataset
   preparation. Rows with tools reach it with each message and the tools list as JSON objects (`datasets.Json`),

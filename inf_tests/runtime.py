@@ -377,44 +377,23 @@ def _free(model, device: torch.device) -> None:
 def run(settings: Settings, on_row=None) -> pd.DataFrame:
     """Measures every model x prompt length x batch size x variant; returns one row for each. `on_row`, if
     given, receives the rows so far after each one (so a run stopped midway keeps what it measured)."""
-    import transformers
-
-    from sft.run_folder import collect_env
-
     check_models(settings.models)
     device = torch.device(settings.device)
-    env = collect_env(device)["device"]
-    device_name = env["name"] if device.type == "cuda" else f"{env['name']} cpu ({env['threads']} threads)"
+    device_name = _device_name(device)
     if "static_cache+compile" in settings.variants:
         from torch import _dynamo
 
         # One graph per batch size x static cache length; past the default limit dynamo silently runs eagerly.
         _dynamo.config.recompile_limit = 64
     if device.type == "cpu":
-        before = _cpu_seconds()
-        time.sleep(1)
-        busy = _other_cpu_pct(before, _cpu_seconds())
-        if busy is not None and busy > 5:
-            print(f"warning: other processes are using {busy:.0f}% of the CPU; CPU timings will be slow and noisy "
-                  f"while they run (see the other_cpu_pct column)", file=sys.stderr)
+        _warn_if_cpu_busy()
     bandwidth = memory_bandwidth(device)
     rows = []
     for spec in settings.models:
         model, tokenizer, load_s = load(spec, settings)
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context is not None and max(settings.prompt_tokens) + settings.new_tokens > context:
-            raise ConfigError(f"prompt_tokens + new_tokens: {max(settings.prompt_tokens)} + {settings.new_tokens} "
-                              f"exceeds {spec}'s {context} positions")
-        weight_bytes = weight_bytes_per_step(model)
-        bound = None if bandwidth is None else bandwidth / weight_bytes
-        common = {"model": spec, "load_s": load_s, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                  "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
-                  "bandwidth_bound_tok_s": bound, "dtype": settings.dtype, "attn": settings.attn_implementation,
-                  "do_sample": settings.do_sample,
-                  "temperature": settings.temperature if settings.do_sample else None,
-                  "top_p": settings.top_p if settings.do_sample else None, "seed": settings.seed,
-                  "warmup": settings.warmup, "repeats": settings.repeats, "device": device_name,
-                  "torch": torch.__version__, "transformers": transformers.__version__}
+        _check_context(spec, model, settings)
+        bound = None if bandwidth is None else bandwidth / weight_bytes_per_step(model)
+        common = model_columns(spec, model, load_s, bound, device_name, settings)
         # Ascending prompt lengths: generate sizes a static cache for the longest call the model has seen so far,
         # so in this order every row's cache is exactly prompt + new tokens long.
         for prompt_tokens in sorted(settings.prompt_tokens):
@@ -435,6 +414,45 @@ def run(settings: Settings, on_row=None) -> pd.DataFrame:
                           file=sys.stderr)
         _free(model, device)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _device_name(device: torch.device) -> str:
+    from sft.run_folder import collect_env
+
+    env = collect_env(device)["device"]
+    return env["name"] if device.type == "cuda" else f"{env['name']} cpu ({env['threads']} threads)"
+
+
+def _warn_if_cpu_busy() -> None:
+    """Other processes compete with torch's threads on the CPU: a second of the machine's load, said up front."""
+    before = _cpu_seconds()
+    time.sleep(1)
+    busy = _other_cpu_pct(before, _cpu_seconds())
+    if busy is not None and busy > 5:
+        print(f"warning: other processes are using {busy:.0f}% of the CPU; CPU timings will be slow and noisy "
+              f"while they run (see the other_cpu_pct column)", file=sys.stderr)
+
+
+def _check_context(spec: str, model, settings: Settings) -> None:
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and max(settings.prompt_tokens) + settings.new_tokens > context:
+        raise ConfigError(f"prompt_tokens + new_tokens: {max(settings.prompt_tokens)} + {settings.new_tokens} "
+                          f"exceeds {spec}'s {context} positions")
+
+
+def model_columns(spec: str, model, load_s: float, bound: float | None, device_name: str,
+                  settings: Settings) -> dict:
+    """The columns every row of one model shares: the model, its size and bound, the settings, the versions."""
+    import transformers
+
+    return {"model": spec, "load_s": load_s, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+            "bandwidth_bound_tok_s": bound, "dtype": settings.dtype, "attn": settings.attn_implementation,
+            "do_sample": settings.do_sample,
+            "temperature": settings.temperature if settings.do_sample else None,
+            "top_p": settings.top_p if settings.do_sample else None, "seed": settings.seed,
+            "warmup": settings.warmup, "repeats": settings.repeats, "device": device_name,
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def plot(frame: pd.DataFrame, title: str):

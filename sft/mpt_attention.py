@@ -162,11 +162,10 @@ class PackedAlibiAttention(MptAttention):
         dense = isinstance(position_bias, torch.Tensor)
         if cache is not None or (dense and position_bias.ndim != 4):
             return super().forward(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
-        batch, length = hidden_states.shape[:2]
         mixed_qkv = self.Wqkv(hidden_states)
         if self.clip_qkv:
             mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        # views into mixed_qkv, strided as the kernels below expect transformers' q, k, v to be
+        # views into mixed_qkv, as transformers' MptAttention splits it (the kernels see the same strides)
         query, key, value = rearrange(mixed_qkv, "b t (qkv h d) -> qkv b h t d", qkv=3, h=self.n_heads)
         if dense:
             context = F.scaled_dot_product_attention(

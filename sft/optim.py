@@ -294,54 +294,67 @@ class BF16AdamW(torch.optim.Optimizer):
     def _update(self, p: torch.Tensor, group: dict, hyper: dict[tuple, torch.Tensor]) -> None:
         """One parameter's AdamW step, in place: its moments, then its bf16 weight (with stochastic rounding
         or Kahan compensation); `hyper` holds the step's scalars on the parameter's device."""
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if p.grad.is_sparse:
             raise RuntimeError("BF16AdamW does not support sparse gradients")
         state = self.state[p]
         if not state:
-            # step as a CPU fp32 scalar tensor, like torch.optim.AdamW, so checkpoints look alike.
-            state["step"] = torch.tensor(0.0)
-            if self._int8(p):
-                for name in ("exp_avg", "exp_avg_sq"):
-                    state[f"{name}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                    state[f"{name}_scale"] = torch.zeros(p.numel() // INT8_BLOCK, device=p.device)
-            else:
-                dtype = torch.float32 if self.state_dtype == torch.int8 else self.state_dtype
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
-            if self.rounding == "kahan":
-                state["compensation"] = torch.zeros_like(p)
+            self._init_state(p, state)
         state["step"] += 1
         step = state["step"].item()
         int8 = "exp_avg_codes" in state
         tensors = None if int8 else (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
         # with noise drawn in kernels, every contiguous parameter takes the kernels' path (compiled when fused)
         if int8 or (self._noise_in_kernels() and all(t.is_contiguous() for t in tensors)):
-            key = (step, p.device)
-            if key not in hyper:
-                bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-                hyper[key] = _scalars_to_device([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
-                                                p.device)
-            # The noise of this parameter's step depends only on (seed, parameter, step): the same in
-            # every data-parallel process, on resume, and whatever order the parameters step in. The
-            # moments' bf16 rounding takes noise_key + 1 and + 2. Python's hash of a tuple of ints is the
-            # same in every process.
-            noise_key = hash((self.seed, self._index[p], int(step))) & 0x7FFFFFFF
-            triton = self.kernel == "triton" and _triton().covers(p)
-            if int8:
-                work = p.detach().contiguous()  # p itself unless p is a strided view
-                update = _triton().int8_update_ if triton else kernel(_int8_update_, self.fused)
-                update(work.view(-1), p.grad.contiguous().view(-1),
-                       *(state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes",
-                                                     "exp_avg_sq_scale")),
-                       *_int8_maps(p.device), hyper[key], noise_key)
-                if work.data_ptr() != p.data_ptr():
-                    p.copy_(work)
-            else:
-                update = _triton().fused_update_ if triton else kernel(_fused_update_, self.fused)
-                update(*(t.detach().view(-1) for t in tensors), hyper[key], noise_key)
-            return
+            self._kernel_step(p, group, state, step, hyper)
+        else:
+            self._eager_step(p, group, state, step)
 
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        # step as a CPU fp32 scalar tensor, like torch.optim.AdamW, so checkpoints look alike.
+        state["step"] = torch.tensor(0.0)
+        if self._int8(p):
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[f"{name}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                state[f"{name}_scale"] = torch.zeros(p.numel() // INT8_BLOCK, device=p.device)
+        else:
+            dtype = torch.float32 if self.state_dtype == torch.int8 else self.state_dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+        if self.rounding == "kahan":
+            state["compensation"] = torch.zeros_like(p)
+
+    def _kernel_step(self, p: torch.Tensor, group: dict, state: dict, step: float,
+                     hyper: dict[tuple, torch.Tensor]) -> None:
+        """The step as one kernel per parameter (Triton, or compiled torch), noise drawn inside it."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        key = (step, p.device)
+        if key not in hyper:
+            bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+            hyper[key] = _scalars_to_device([lr, 1 - beta1, beta2, 1 - beta2, eps, lr * wd, lr / bc1, bc2**0.5],
+                                            p.device)
+        # The noise of this parameter's step depends only on (seed, parameter, step): the same in
+        # every data-parallel process, on resume, and whatever order the parameters step in. The
+        # moments' bf16 rounding takes noise_key + 1 and + 2. Python's hash of a tuple of ints is the
+        # same in every process.
+        noise_key = hash((self.seed, self._index[p], int(step))) & 0x7FFFFFFF
+        triton = self.kernel == "triton" and _triton().covers(p)
+        if "exp_avg_codes" in state:
+            work = p.detach().contiguous()  # p itself unless p is a strided view
+            update = _triton().int8_update_ if triton else kernel(_int8_update_, self.fused)
+            update(work.view(-1), p.grad.contiguous().view(-1),
+                   *(state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes",
+                                                 "exp_avg_sq_scale")),
+                   *_int8_maps(p.device), hyper[key], noise_key)
+            if work.data_ptr() != p.data_ptr():
+                p.copy_(work)
+        else:
+            update = _triton().fused_update_ if triton else kernel(_fused_update_, self.fused)
+            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            update(*(t.detach().view(-1) for t in tensors), hyper[key], noise_key)
+
+    def _eager_step(self, p: torch.Tensor, group: dict, state: dict, step: float) -> None:
+        """The step in eager torch ops, noise from the optimizer's generator (or Kahan compensation)."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         grad = p.grad.float()
         exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()  # no copy if fp32
         exp_avg.lerp_(grad, 1 - beta1)
@@ -403,43 +416,6 @@ def _triton():
     from . import optim_triton  # imported on first use: Triton is optional
 
     return optim_triton
-
-
-class StepInBackward:
-    """The optimizer step inside the backward pass (torchtune's "optimizer in backward"): each parameter
-    is updated as soon as its gradient is complete, and the gradient is freed right away, so the whole
-    model's gradients never exist at once. In bf16 that saves 2 bytes per parameter (12.6 GiB at 7B). It
-    needs one backward pass per optimizer step (no gradient accumulation) and cannot clip to a global
-    gradient norm, which is known only after the last gradient; the norm is still measured, for the log.
-    A parameter's weights change only after autograd has used them for the last time: its gradient is
-    complete only once every use of it has been differentiated."""
-
-    def __init__(self, optimizer: BF16AdamW):
-        self.optimizer = optimizer
-        self._squared_norm: torch.Tensor | None = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._step)
-                         for group in optimizer.param_groups for p in group["params"]]
-
-    def _step(self, p: torch.Tensor) -> None:
-        squared = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
-        self._squared_norm = squared if self._squared_norm is None else self._squared_norm + squared
-        self.optimizer.step_parameter(p)
-        p.grad = None
-        # What optimizer.step() sets for LR schedulers (torch's own flag): without it every scheduler step
-        # warns that it came before the optimizer's and that the schedule's first value is skipped, which
-        # is not so here.
-        self.optimizer._opt_called = True
-
-    def grad_norm(self) -> torch.Tensor:
-        """The norm of all the gradients of the backward pass just run; starts the next count."""
-        if self._squared_norm is None:
-            raise RuntimeError("no gradient reached the optimizer in this backward pass")
-        norm, self._squared_norm = self._squared_norm.sqrt(), None
-        return norm
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _as_list(params) -> list[torch.Tensor]:

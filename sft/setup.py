@@ -21,8 +21,9 @@ from .data import PreparedData, example_lengths, prepare_data, set_aside
 from .errors import ConfigError
 from .evaluation import held_out_batches
 from .loss import LossModel, resolve_loss_impl
-from .optim import (StepInBackward, build_optimizer, describe_optimizer, master_weights_for,
+from .optim import (build_optimizer, describe_optimizer, master_weights_for,
                     param_groups_for_weight_decay)
+from .optim_backward import StepInBackward
 from .packing import MicroBatch, collated_steps, packing_efficiency, plan_steps
 from .template_traits import traits as template_traits
 from .templates import setup_template, system_prompt_record

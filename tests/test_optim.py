@@ -380,7 +380,7 @@ def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_
                                                                                           device):
     """Kahan's update has no noise, and the 8-bit step seeds its noise per parameter: stepping inside the
     backward pass, in the backward's order, gives the very weights of stepping after it."""
-    from sft.optim import StepInBackward
+    from sft.optim_backward import StepInBackward
 
     gen = torch.Generator().manual_seed(8)
     batches = [torch.randn(16, 64, generator=gen).to(torch.bfloat16).to(device) for _ in range(3)]
