@@ -1,19 +1,19 @@
-"""What every measurement script here shares: running a variant in a process of its own, the provenance header
-of a results CSV, and peak memory.
-
-Only the standard library at import time: a variant's process imports this module, and its start-up time is
-part of what some benchmarks measure (torch is imported inside the functions that take a device).
+"""What the measurement scripts of bench/ and inf_tests/ share: running a variant in a process of its own, the
+provenance header of a results CSV (its lines are sft.run_folder.provenance's), and peak memory.
 """
 from __future__ import annotations
 
 import collections
 import os
-import resource
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import torch
+
+from sft.perf import max_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: `python -m bench...` runs from here
 
@@ -86,25 +86,17 @@ def proc_status_bytes(key: str) -> int | None:
     return None
 
 
-def max_rss_bytes() -> int:
-    """The process's peak resident set so far (ru_maxrss counts KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def rss_bytes() -> int:
     """The process's resident set now (its peak so far where /proc is missing)."""
     rss = proc_status_bytes("VmRSS")
     return rss if rss is not None else max_rss_bytes()
 
 
-def reset_peak_memory(device) -> bool:
+def reset_peak_memory(device: torch.device) -> bool:
     """Starts a fresh peak; False when the peak will be the process's lifetime high-water mark instead. On a GPU
     the allocator's peak; on Linux, writing 5 to clear_refs resets the process's peak resident set (VmHWM) to
     its current size."""
     if device.type == "cuda":
-        import torch
-
         torch.cuda.reset_peak_memory_stats(device)
         return True
     try:
@@ -114,13 +106,11 @@ def reset_peak_memory(device) -> bool:
         return False
 
 
-def peak_memory_gib(device, rss_before: int | None = None, reset: bool = True) -> tuple[float, str]:
+def peak_memory_gib(device: torch.device, rss_before: int | None = None, reset: bool = False) -> tuple[float, str]:
     """(GiB, what was measured). On a GPU the allocator's peak (weights included); on the CPU how far the
     process's resident set rose above `rss_before` (memory resident before then is not counted), from the peak
     since reset_peak_memory when `reset` says it worked, else from the lifetime peak."""
     if device.type == "cuda":
-        import torch
-
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
     peak = proc_status_bytes("VmHWM") if reset else max_rss_bytes()
     kind = "process_peak_rss_growth" if reset else "process_lifetime_peak_rss_growth"

@@ -49,7 +49,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench.common import max_rss_bytes, proc_status_bytes, read_header, run_command, write_header  # noqa: E402
+from bench.common import proc_status_bytes, read_header, run_command, write_header  # noqa: E402
+from sft.perf import max_rss_bytes  # noqa: E402
 
 PER_CONVERSATION_MAX_ROWS = 100_000  # the per-conversation path and TRL are measured up to here (at a million
                                      # rows, each would take about ten times its 100k-row time)

@@ -424,7 +424,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _warn_if_cpu_busy() -> None:
-    """Other processes compete with torch's threads on the CPU: a second of the machine's load, said up front."""
+    """Warns when other processes keep the CPU busy (measured over one second): they compete with torch's
+    threads, which makes CPU timings slow and erratic."""
     before = _cpu_seconds()
     time.sleep(1)
     busy = _other_cpu_pct(before, _cpu_seconds())

@@ -29,11 +29,7 @@ from .errors import SFTError
 from .tables import csv_table, fmt_value, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE_COLUMNS = ["model", "variant", "batch_size", "prompt_tokens", "ttft_ms_p50", "decode_tok_s",
-                     "decode_tok_s_batch", "latency_ms_p50", "latency_ms_p99", "peak_mem_gib", "fraction_of_bound",
-                     "matches_generate", "device", "dtype", "torch", "transformers"]
-BENCH_COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib",
-                 "first_step_s"]
+SOURCES = ROOT / "bench" / "report_blocks.json"  # the result files of each block, listed by their writers
 
 
 DEMOS = {"demo_smollm2": "demo", "demo_smollm2_reasoning": "demo-reasoning", "demo_smollm2_tools": "demo-tools"}
@@ -180,40 +176,42 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
             assets = root / "assets"
             assets.mkdir(exist_ok=True)
             shutil.copyfile(demo.path / "loss_curves.png", assets / f"{name.replace('-', '_')}_loss_curves.png")
-    for name, path, columns in (
-            ("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv", INFERENCE_COLUMNS),
-            ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv", INFERENCE_COLUMNS),
-            ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS),
-            ("data-cpu", root / "bench" / "results" / "data_cpu.csv", None)):
-        if results.exists(path):
-            out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), columns)
-    goals = root / "bench" / "results" / "data_cpu_goals.md"
-    if "data-cpu" in out and results.exists(goals):  # the goals, checked by the benchmark over its rows
-        out["data-cpu"] += "\n\nAgainst the goals:\n\n" + results.read(goals)
-    gpu_runs = results.glob(root / "bench" / "results", "bench_gpu*.csv")
+    listed = root / SOURCES.relative_to(ROOT)  # a tree's own table, else this repository's
+    sources = json.loads((listed if listed.is_file() else SOURCES).read_text())
+    for table in sources["tables"]:
+        path = root / table["path"]
+        if not results.exists(path):
+            continue
+        out[table["block"]] = f"From `{table['path']}`:\n\n" + csv_table(results.read(path), table.get("columns"))
+        goals = root / table["goals"] if table.get("goals") else None
+        if goals is not None and results.exists(goals):  # the goals, checked by the benchmark over its rows
+            out[table["block"]] += "\n\nAgainst the goals:\n\n" + results.read(goals)
+        if table.get("summary"):
+            out[table["summary"]] = data_summary(results.read(path))
+    gpu = sources.get("gpu_runs")
+    gpu_runs = results.glob(root / gpu["folder"], gpu["pattern"]) if gpu else []
     if gpu_runs:
-        out["bench-gpu"] = bench_gpu(gpu_runs, root, results)
-        out["speed-summary"] = speed_summary(gpu_runs, results)
-    data = root / "bench" / "results" / "data_cpu.csv"
-    if results.exists(data):
-        out["data-summary"] = data_summary(results.read(data))
+        out[gpu["block"]] = bench_gpu(gpu_runs, root, results, gpu)
+        out[gpu["summary"]] = speed_summary(gpu_runs, results)
     return out
 
 
-def bench_gpu(paths: list[Path], root: Path, results: Results | None = None) -> str:
+def bench_gpu(paths: list[Path], root: Path, results: Results | None = None, source: dict | None = None) -> str:
     """Each GPU benchmark CSV (one per benchmark invocation) as a table, then the goals the benchmark checked
-    over the rows of all of them (bench_gpu_goals.md). Files are read through `results` (default: the working
-    tree)."""
+    over the rows of all of them and the profiles' time splits, as `source` (the `gpu_runs` entry of
+    bench/report_blocks.json) names them. Files are read through `results` (default: the working tree)."""
     results = results or Results(root, include_local=True)
-    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), BENCH_COLUMNS,
+    source = source or json.loads(SOURCES.read_text())["gpu_runs"]
+    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), source["columns"],
                                                                    skip_status="skipped") for path in paths]
-    goals_file = paths[0].parent / "bench_gpu_goals.md"
+    goals_file = paths[0].parent / source["goals"]
     goals = ["Against the goals, over the rows above:\n\n" + results.read(goals_file)] if results.exists(
         goals_file) else []
     splits = [f"- {p.stem.removeprefix('profile_')}: {line.split(': ', 1)[1]}" for p in results.glob(
-        paths[0].parent, "profiles/profile_*.txt") for line in results.read(p).splitlines()
+        paths[0].parent, source["profiles"]) for line in results.read(p).splitlines()
         if line.startswith("where the device time")]
-    profiles = ["Where the device time goes (`bench/results/profiles/`, a few steps under the profiler):\n\n"
+    listed = (paths[0].parent / source["profiles"]).parent.relative_to(root)
+    profiles = [f"Where the device time goes (`{listed}/`, a few steps under the profiler):\n\n"
                 + "\n".join(splits)] if splits else []
     return "\n\n".join(tables + goals + profiles)
 

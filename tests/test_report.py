@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 import subprocess
@@ -134,3 +135,15 @@ def test_the_readme_summaries_show_the_best_rows_with_device_and_date():
             "trl,1000,ok,200000,3.0,guanaco\nours,1000000,ok,450000,2.3,guanaco\n")
     row = "| guanaco | 1,000 | 400,000 | 200,000 | 2.00x | 1.500 | x86_64, 2 threads, 2026-11-27 |"
     assert row in data_summary(data)
+
+
+def test_the_blocks_come_from_the_table_the_benchmarks_own(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "speeds.csv").write_text("model,decode_tok_s\nm,7\n")
+    (tmp_path / "bench" / "report_blocks.json").write_text(json.dumps({
+        "tables": [{"block": "inference-cpu", "path": "elsewhere/speeds.csv", "columns": ["model"]}],
+        "gpu_runs": None}))
+    rendered = blocks(tmp_path, include_local=True)
+    assert rendered == {"inference-cpu": "From `elsewhere/speeds.csv`:\n\n| model |\n|---|\n| m |"}
+    assert not {"inf_tests/", "bench/results"} & set(re.findall(r"inf_tests/|bench/results", Path("sft/report.py").read_text()))
