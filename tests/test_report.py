@@ -146,4 +146,4 @@ def test_the_blocks_come_from_the_table_the_benchmarks_own(tmp_path):
         "gpu_runs": None}))
     rendered = blocks(tmp_path, include_local=True)
     assert rendered == {"inference-cpu": "From `elsewhere/speeds.csv`:\n\n| model |\n|---|\n| m |"}
-    assert not {"inf_tests/", "bench/results"} & set(re.findall(r"inf_tests/|bench/results", Path("sft/report.py").read_text()))
+    assert not re.findall(r"inf_tests/|bench/results", Path("sft/report.py").read_text())  # the paths are the table's
