@@ -21,10 +21,8 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -34,8 +32,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench import common  # noqa: E402
 from bench.synthetic import LENGTH_MEDIAN, LENGTH_RANGE, LENGTHS, PROMPT_FRACTION, benchmark_tokenizer, \
     model_config, model_folder, synthetic_examples  # noqa: E402
+from inf_tests.measure import header_value, peak_memory_gib, provenance_header  # noqa: E402
 from sft.perf import MEMORY_BANDWIDTH, mfu, synchronize  # noqa: E402
 from sft.run_folder import provenance  # noqa: E402
 
@@ -336,7 +336,7 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
                          + (f" ({cfg.compile_mode})" if cfg.compile and cfg.compile_mode != "default" else "")
                          + f", float8={setup.derived['float8']}, activation_offload={cfg.activation_offload}, "
                          f"optimizer={setup.derived['optimizer']}"
-                         + (f", grouped heads {attention.grouped_heads}" if cfg.packing and
+                         + (f", grouped heads {attention.grouped_heads()}" if cfg.packing and
                             setup.derived["attn_implementation"] == attention.IMPLEMENTATION else "")
                          + (f", data={variant.lengths} (lognormal lengths, median {LENGTHS[variant.lengths][0]}, "
                             f"{LENGTHS[variant.lengths][1]}..{LENGTHS[variant.lengths][2]})"
@@ -487,14 +487,14 @@ def run_variant(variant: Variant, tokens: int, device: torch.device, start: floa
         traceback.print_exc()
         row["status"] = f"error: {type(e).__name__}: {e}"[:300].replace("\n", " ")
     if device.type == "cuda":
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+        row["peak_gib"] = round(peak_memory_gib(device)[0], 1)
     return row
 
 
 def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: Path | None = None,
                  timeout_s: float | None = None) -> dict:
-    """Runs the variant in a new Python process (its own process group, killed whole after `timeout_s`,
-    by default the variant's) and returns its row."""
+    """Runs the variant in a new Python process (bench.common.run_isolated: its own process group, killed whole
+    after `timeout_s`, by default the variant's) and returns its row."""
     timeout_s = variant.timeout_s if timeout_s is None else timeout_s
     row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
     if variant.needs_cuda and device.type != "cuda":
@@ -504,22 +504,12 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
     print(f"[{variant.name}] starting", file=sys.stderr, flush=True)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_child_") as tmp:
-        result = Path(tmp) / "row.json"
-        child = subprocess.Popen([sys.executable, "-m", "bench.bench_sft", "--child", variant.name,
-                                  "--child-tokens", str(tokens), "--child-result", str(result),
-                                  "--child-progress", str(Path(tmp) / "progress.txt")]
-                                 + (["--profile", str(profile.resolve())] if profile else []),
-                                 cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
-        try:
-            code = child.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:  # on a timeout, and when this process is stopped (SIGTERM, Ctrl-C): no orphan keeps the GPU
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGKILL)  # the trainer's dataset workers too
-                child.wait()
+        result, progress_file = Path(tmp) / "row.json", Path(tmp) / "progress.txt"
+        code = common.run_isolated([sys.executable, "-m", "bench.bench_sft", "--child", variant.name,
+                                    "--child-tokens", str(tokens), "--child-result", str(result),
+                                    "--child-progress", str(progress_file)]
+                                   + (["--profile", str(profile.resolve())] if profile else []), timeout_s).code
         if code is None:
-            progress_file = Path(tmp) / "progress.txt"
             notes = progress_file.read_text().splitlines() if progress_file.exists() else []
             row["status"] = f"timeout: no result in {timeout_s:.0f} s (last progress: {notes[-1] if notes else 'none'})"
         elif result.exists():
@@ -544,7 +534,7 @@ def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> s
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"bench_{kind}.csv", "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in lines)
+        f.write(provenance_header(lines))
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -602,13 +592,7 @@ def inference_results_for(out: Path) -> Path:
 
 def csv_device(path: Path) -> str:
     """The device a results CSV names in its `# device:` header line."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith("# device: "):
-                return line.removeprefix("# device: ").strip()
-            if not line.startswith("#"):
-                break
-    return "device unknown"
+    return header_value(path, "device") or "device unknown"
 
 
 def goal_lines(rows: list[dict]) -> list[str]:

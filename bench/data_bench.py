@@ -41,15 +41,16 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from inf_tests.measure import GIB, anon_bytes, peak_rss_bytes, provenance_header  # noqa: E402
 
 PER_CONVERSATION_MAX_ROWS = 100_000  # the per-conversation path and TRL are measured up to here (at a million
                                      # rows, each would take about ten times its 100k-row time)
@@ -165,18 +166,6 @@ def write_source(data_set: DataSet, n: int, path: Path, reasoning_words: int) ->
     rows = reasoning_rows(n, reasoning_words=reasoning_words) if data_set.name == "reasoning" else guanaco_rows(n)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def anon_bytes() -> int:
-    """Anonymous resident memory of this process (Linux): heap and the like, not memory-mapped files."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
 def config(data_set: DataSet, source: Path, cache: Path):
@@ -295,24 +284,21 @@ RUNNERS = {"ours": run_ours_cold, "ours_cache_hit": run_ours_hit, "per_conversat
 
 def child(name: str, data_set: DataSet, source: Path, rows: int, cache: Path, result: Path) -> None:
     row = RUNNERS[name](data_set, source, rows, cache)
-    result.write_text(json.dumps(dict(row, peak_rss_gib=round(peak_rss_gib(), 2))))
+    result.write_text(json.dumps(dict(row, peak_rss_gib=round(peak_rss_bytes() / GIB, 2))))
 
 
 def run_isolated(name: str, data_set: DataSet, source: Path, rows: int, cache: Path, timeout_s: float) -> dict:
+    """One variant in its own process (bench.common.run_isolated): its row, or its status where it failed."""
     row = dict(variant=name, rows=rows, set=data_set.name)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        try:
-            proc = subprocess.run([sys.executable, "-m", "bench.data_bench", "--child", name, "--set", data_set.name,
-                                   "--source", str(source), "--rows", str(rows), "--cache", str(cache),
-                                   "--result", str(result)],
-                                  cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                                  timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        done = common.run_isolated([sys.executable, "-m", "bench.data_bench", "--child", name, "--set",
+                                    data_set.name, "--source", str(source), "--rows", str(rows), "--cache",
+                                    str(cache), "--result", str(result)], timeout_s, output="quiet")
+        if done.code is None:
             return dict(row, status=f"timeout: no result in {timeout_s:.0f} s")
-        if proc.returncode or not result.exists():
-            last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            return dict(row, status=f"error: {last}"[:300])
+        if done.code or not result.exists():
+            return dict(row, status=f"error: {done.last_line() or f'exit {done.code}'}"[:300])
         return dict(row, status="ok", **json.loads(result.read_text()))
 
 
@@ -395,7 +381,7 @@ def write_results(out: Path, name: str, rows: list[dict], head: list[str], lines
     provenance = head + sorted(kept_lines + lines, key=lambda line: list(SETS).index(line.split(" set, ")[0]))
     out.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in provenance)
+        f.write(provenance_header(provenance))
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(every)

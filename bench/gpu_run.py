@@ -20,7 +20,6 @@ be committed as they are.
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import os
 import re
@@ -28,16 +27,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from bench import bench_sft
+from bench import bench_sft, common
 from bench.bench_sft import GPU_PLAN, RESULTS, Variant
+from inf_tests.measure import provenance_header
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = common.ROOT
 BUDGET_S = 480             # the whole command: setup, rows and the report
 SETUP_S = 20               # installing the carried wheels and reading the environment
 REPORT_S = 10              # kept at the end for the goal lines and the README
@@ -161,30 +160,10 @@ def run_plan(plan: list[Row], budget_s: float, proof, clock=time.perf_counter,
 
 
 def run_command(argv: list[str], timeout_s: float) -> tuple[int | None, list[str]]:
-    """Runs `argv` from the repository root in its own process group, passing its output through; returns its
+    """Runs `argv` in a process of its own (bench.common.run_isolated), passing its output through; returns its
     exit code (None when it was stopped at `timeout_s`, with its whole group) and its last lines."""
-    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-
-    def pump():
-        for line in child.stdout:
-            sys.stdout.write(line)
-            tail.append(line.rstrip())
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        code = child.wait(timeout=max(timeout_s, 1))
-    except subprocess.TimeoutExpired:
-        code = None
-    finally:  # on a timeout, and when this process is stopped: nothing keeps the GPU
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-    reader.join(timeout=5)
-    sys.stdout.flush()
-    return code, list(tail)
+    done = common.run_isolated(argv, max(timeout_s, 1), output="echo")
+    return done.code, done.tail
 
 
 def command_status(code: int | None, timeout_s: float, tail: list[str]) -> str:
@@ -300,7 +279,7 @@ class Proof:
 
     def write(self, ledger: list[dict]) -> None:
         with open(self.out / "gpu_run.csv", "w", newline="") as f:
-            f.writelines(f"# {line}\n" for line in self.lines[:3])
+            f.write(provenance_header(self.lines[:3]))
             writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS)
             writer.writeheader()
             writer.writerows(ledger)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from inf_tests.measure import provenance_header
 from sft.optim import build_optimizer
 from sft.run_folder import provenance
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"precision_{kind}.csv", "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in provenance(device))
+        f.write(provenance_header(provenance(device)))
         f.write(f"# lr {LR}, betas {BETAS}, {BATCH}x{LENGTH} tokens per step, model {MODEL}, bf16 autocast compute\n")
         writer = csv.writer(f)
         writer.writerow(["step", *curves])

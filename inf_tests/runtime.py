@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from inf_tests.measure import peak_memory_gib, provenance_header, reset_peak_memory, rss_bytes
 from sft.config import EMBEDDED_MODEL
 from sft.errors import ConfigError, SFTError
 from sft.generation import Decoding, only_given_settings
 from sft.generation import generation_config as sft_generation_config
 from sft.run_folder import provenance
-from sft.perf import max_rss_bytes, memory_bandwidth, synchronize
+from sft.perf import memory_bandwidth, synchronize
 
 # Llama-2-7B's layer shapes with random weights, built directly on the device (no download). The vocabulary
 # is the embedded tokenizer's (49,152 tokens instead of Llama-2's 32,000), so the prompts are real chat text.
@@ -297,15 +298,15 @@ def measure(model, tokenizer, variant: str, batch_size: int, prompt_tokens: int,
     device = torch.device(settings.device)
     input_ids = prompt_batch(tokenizer, prompt_tokens, batch_size).to(device)
     config = generation_config(variant, tokenizer, settings)
-    rss_before = None if device.type == "cuda" else _rss_now()
+    rss_before = None if device.type == "cuda" else rss_bytes()
     cpu_before = _cpu_seconds()
-    peak_reset = _reset_peak_memory(device)
+    peak_reset = reset_peak_memory(device)
     compiled_before = _graphs_compiled()
     for _ in range(settings.warmup):
         timed_generate(model, input_ids, config, settings.seed)
     compiled_warm = _graphs_compiled()
     runs = [timed_generate(model, input_ids, config, settings.seed) for _ in range(settings.repeats)]
-    peak_gib, peak_kind = _peak_memory(device, rss_before, peak_reset)
+    peak_gib, peak_kind = peak_memory_gib(device, rss_before, peak_reset)
     other_cpu_pct = _other_cpu_pct(cpu_before, _cpu_seconds()) if device.type == "cpu" else None
     ttft = np.array([r.ttft_s for r in runs]) * 1e3
     latency = np.array([r.latency_s for r in runs]) * 1e3
@@ -332,44 +333,6 @@ def weight_bytes_per_step(model) -> int:
     if embedding is not output:  # tied weights are one Parameter
         total -= embedding.numel() * embedding.element_size()
     return total
-
-
-def _proc_status_bytes(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_now() -> int:
-    rss = _proc_status_bytes("VmRSS")
-    return rss if rss is not None else max_rss_bytes()
-
-
-def _reset_peak_memory(device: torch.device) -> bool:
-    """Starts a fresh peak for this row. On Linux, writing 5 to clear_refs resets the process's peak resident
-    set (VmHWM) to its current size; elsewhere the CPU peak is the process's lifetime high-water mark."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _proc_status_bytes("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def _peak_memory(device: torch.device, rss_before: int | None, reset: bool) -> tuple[float, str]:
-    """On a GPU the allocator's peak (weights included); on the CPU how far the process's resident set rose
-    above what it was before the row's first generate call (weights excluded: they were resident already)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
-    peak = _proc_status_bytes("VmHWM") if reset else max_rss_bytes()
-    kind = "process_peak_rss_growth" if reset else "process_lifetime_peak_rss_growth"
-    return max(peak - rss_before, 0) / 2**30, kind
 
 
 def _cpu_seconds() -> tuple[float, float, float] | None:
@@ -410,29 +373,41 @@ def _free(model, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def run(settings: Settings, on_row=None) -> pd.DataFrame:
-    """Measures every model x prompt length x batch size x variant; returns one row for each. `on_row`, if
-    given, receives the rows so far after each one (so a run stopped midway keeps what it measured)."""
+def provenance_columns(device: torch.device) -> dict:
+    """The device and the versions every row names (the CSV's head has the full provenance lines)."""
     import transformers
 
     from sft.run_folder import collect_env
 
+    env = collect_env(device)["device"]
+    name = env["name"] if device.type == "cuda" else f"{env['name']} cpu ({env['threads']} threads)"
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def warn_if_cpu_busy() -> None:
+    """Other processes compete with torch's threads on the CPU: a second's look at the machine, before the
+    timings, says whether they are busy."""
+    before = _cpu_seconds()
+    time.sleep(1)
+    busy = _other_cpu_pct(before, _cpu_seconds())
+    if busy is not None and busy > 5:
+        print(f"warning: other processes are using {busy:.0f}% of the CPU; CPU timings will be slow and noisy "
+              f"while they run (see the other_cpu_pct column)", file=sys.stderr)
+
+
+def run(settings: Settings, on_row=None) -> pd.DataFrame:
+    """Measures every model x prompt length x batch size x variant; returns one row for each. `on_row`, if
+    given, receives the rows so far after each one (so a run stopped midway keeps what it measured)."""
     check_models(settings.models)
     device = torch.device(settings.device)
-    env = collect_env(device)["device"]
-    device_name = env["name"] if device.type == "cuda" else f"{env['name']} cpu ({env['threads']} threads)"
+    where = provenance_columns(device)
     if "static_cache+compile" in settings.variants:
         from torch import _dynamo
 
         # One graph per batch size x static cache length; past the default limit dynamo silently runs eagerly.
         _dynamo.config.recompile_limit = 64
     if device.type == "cpu":
-        before = _cpu_seconds()
-        time.sleep(1)
-        busy = _other_cpu_pct(before, _cpu_seconds())
-        if busy is not None and busy > 5:
-            print(f"warning: other processes are using {busy:.0f}% of the CPU; CPU timings will be slow and noisy "
-                  f"while they run (see the other_cpu_pct column)", file=sys.stderr)
+        warn_if_cpu_busy()
     bandwidth = memory_bandwidth(device)
     rows = []
     for spec in settings.models:
@@ -449,8 +424,7 @@ def run(settings: Settings, on_row=None) -> pd.DataFrame:
                   "do_sample": settings.do_sample,
                   "temperature": settings.temperature if settings.do_sample else None,
                   "top_p": settings.top_p if settings.do_sample else None, "seed": settings.seed,
-                  "warmup": settings.warmup, "repeats": settings.repeats, "device": device_name,
-                  "torch": torch.__version__, "transformers": transformers.__version__}
+                  "warmup": settings.warmup, "repeats": settings.repeats, **where}
         # Ascending prompt lengths: generate sizes a static cache for the longest call the model has seen so far,
         # so in this order every row's cache is exactly prompt + new tokens long.
         for prompt_tokens in sorted(settings.prompt_tokens):
@@ -537,7 +511,7 @@ def settings_from_args(argv=None) -> Settings:
 
 
 def main(argv=None) -> int:
-    from sft.report import INFERENCE_COLUMNS
+    from inf_tests.report_sources import INFERENCE_COLUMNS
     from sft.tables import markdown_table
 
     try:
@@ -559,7 +533,7 @@ def main(argv=None) -> int:
             stopped midway keeps the rows it measured and leaves the last complete results as they were."""
             settings.out_dir.mkdir(parents=True, exist_ok=True)
             with open(partial, "w", newline="") as f:
-                f.writelines(f"# {line}\n" for line in provenance(torch.device(settings.device)))
+                f.write(provenance_header(provenance(torch.device(settings.device))))
                 frame.round(3).to_csv(f, index=False)
 
         frame = run(settings, on_row=write_csv)

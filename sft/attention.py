@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
+from einops import rearrange, repeat
 
 from .errors import ConfigError
 
@@ -57,13 +59,12 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor,
 
 def flatten_batch(x: torch.Tensor) -> torch.Tensor:
     """[B, H, T, D] (transformers' layout) -> [B*T, H, D]; token t of row b lands at b*T + t."""
-    batch, heads, length, dim = x.shape
-    return x.transpose(1, 2).reshape(batch * length, heads, dim)
+    return rearrange(x, "b h t d -> (b t) h d")
 
 
 def unflatten_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     """[B*T, H, D] -> [B, T, H, D], the layout transformers expects from an attention function."""
-    return x.view(batch, -1, *x.shape[1:])
+    return rearrange(x, "(b t) h d -> b t h d", b=batch)
 
 
 def make_varlen_call(varlen_attn: Callable, kernel_gqa: bool = False) -> Callable:
@@ -86,7 +87,7 @@ def make_varlen_call(varlen_attn: Callable, kernel_gqa: bool = False) -> Callabl
             if native_gqa:
                 kwargs["enable_gqa"] = True
             elif not kernel_gqa:  # query head h reads key/value head h // groups, as transformers' repeat_kv
-                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+                key, value = (repeat(t, "n h d -> n (h g) d", g=groups) for t in (key, value))
         if takes_scale:
             kwargs["scale"] = scale
         elif scale != query.shape[-1] ** -0.5:  # the kernel applies 1/sqrt(head_dim) itself
@@ -101,8 +102,28 @@ def _not_registered(*args, **kwargs):
                       "sft.attention.register_varlen_attention(device) before loading the model")
 
 
-_varlen: Callable = _not_registered  # set by register_varlen_attention
-grouped_heads = "unset"  # how grouped key/value heads reach the kernel: "flag", "kernel" or "repeated"
+_varlen: Callable = _not_registered  # set by register_varlen_attention (or, inside a block, varlen_kernel)
+_grouped_heads = "unset"  # how grouped key/value heads reach the kernel: "flag", "kernel" or "repeated"
+
+
+def grouped_heads() -> str:
+    """How grouped key/value heads reach the kernel that register_varlen_attention set up: "flag" (torch's
+    `enable_gqa`), "kernel" (the kernel reads head h // groups itself), "repeated" (one copy per query head),
+    or "unset" before it ran. A benchmark names it with its results."""
+    return _grouped_heads
+
+
+@contextmanager
+def varlen_kernel(call: Callable):
+    """Inside the block, varlen attention runs `call` (q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens, max_seqlen,
+    scale -> [N, Hq, D], what make_varlen_call returns) in place of the registered kernel: a plain-torch
+    kernel runs the whole path on the CPU. The kernel set before the block is back after it."""
+    global _varlen
+    before, _varlen = _varlen, call
+    try:
+        yield
+    finally:
+        _varlen = before
 
 
 class _SegmentCache:
@@ -239,10 +260,10 @@ def register_varlen_attention(device: torch.device | str) -> str:
     if torch.cuda.get_device_capability(device) < (8, 0):
         raise ConfigError(f"attn_implementation: 'varlen' needs compute capability 8.0 or newer (A100, H100, ...); "
                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
-    global grouped_heads
+    global _grouped_heads
     kernel_gqa = kernel_reads_grouped_heads(varlen_attn, device)
     _varlen = make_varlen_call(varlen_attn, kernel_gqa=kernel_gqa)
-    grouped_heads = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters
+    _grouped_heads = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters
                      else "kernel" if kernel_gqa else "repeated")
     return register()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .attention import IMPLEMENTATION as VARLEN, cu_seqlens_from_position_ids, segment_kwargs
 from .errors import ConfigError
@@ -71,20 +72,20 @@ class LossModel(torch.nn.Module):
                 inputs["attention_mask"] = torch.ones_like(input_ids, dtype=torch.bool)
         if self.impl == "full":
             logits = self.model(**inputs).logits.float()
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
+            return F.cross_entropy(rearrange(logits, "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)"),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
         hidden = self.model.base_model(**inputs).last_hidden_state
         if supervised_positions is None:
             supervised_positions = find_supervised_positions(targets)
-        return selected_cross_entropy(hidden.flatten(0, 1).index_select(0, supervised_positions),
-                                      targets.flatten().index_select(0, supervised_positions),
+        return selected_cross_entropy(rearrange(hidden, "b t d -> (b t) d").index_select(0, supervised_positions),
+                                      rearrange(targets, "b t -> (b t)").index_select(0, supervised_positions),
                                       self.model.get_output_embeddings(), self.chunk_tokens)
 
 
 def find_supervised_positions(targets: torch.Tensor) -> torch.Tensor:
     """Flat indices of the positions of a [B, T] batch that carry a target (their count is data, so on a
     GPU this copies back to the host)."""
-    return (targets != IGNORE_INDEX).flatten().nonzero().flatten()
+    return rearrange(targets != IGNORE_INDEX, "b t -> (b t)").nonzero().flatten()
 
 
 def host_indices(batch: dict) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
 
 from .attention import segment_starts
@@ -165,12 +166,10 @@ class PackedAlibiAttention(MptAttention):
         dense = isinstance(position_bias, torch.Tensor)
         if cache is not None or (dense and position_bias.ndim != 4):
             return super().forward(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
-        batch, length = hidden_states.shape[:2]
         mixed_qkv = self.Wqkv(hidden_states)
         if self.clip_qkv:
             mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        query, key, value = (t.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-                             for t in mixed_qkv.chunk(3, dim=2))
+        query, key, value = (rearrange(t, "b t (h d) -> b h t d", h=self.n_heads) for t in mixed_qkv.chunk(3, dim=2))
         if dense:
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=position_bias.to(query.dtype), scale=self.softmax_scale,
@@ -178,5 +177,5 @@ class PackedAlibiAttention(MptAttention):
         else:
             context = _flex_attention()(query, key, value, score_mod=self.score_mod, block_mask=position_bias,
                                         scale=self.softmax_scale)
-        context = context.transpose(1, 2).reshape(batch, length, -1)
+        context = rearrange(context, "b h t d -> b t (h d)")
         return self.out_proj(context), None

@@ -1,8 +1,9 @@
 """README tables and figures generated from committed results, never typed by hand.
 
 `python -m sft.report` rewrites each README block between `<!-- BEGIN name -->` and `<!-- END name -->`
-from its source (the newest completed demo run folder, the inference runtime CSVs, the benchmark CSVs)
-and copies the demo run's loss curves into assets/. A block whose source is missing is left as it is.
+from its source (the newest completed demo run folder, or the result files that the benchmarks list in
+their report_sources modules: SOURCE_TABLES) and copies the demo run's loss curves into assets/. A block
+whose source is missing is left as it is.
 
 Only committed results count, so the README never shows what exists on one machine alone: a run
 folder counts when its summary.json is committed (at HEAD), and a result file is read as committed,
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -28,11 +30,9 @@ from .errors import SFTError
 from .tables import csv_table, fmt_value, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE_COLUMNS = ["model", "variant", "batch_size", "prompt_tokens", "ttft_ms_p50", "decode_tok_s",
-                     "decode_tok_s_batch", "latency_ms_p50", "latency_ms_p99", "peak_mem_gib", "fraction_of_bound",
-                     "matches_generate", "device", "dtype", "torch", "transformers"]
-BENCH_COLUMNS = ["variant", "recipe", "arch", "params_b", "status", "real_tok_s", "padded_tok_s", "mfu", "peak_gib",
-                 "first_step_s"]
+# The benchmarks' own lists of the README blocks they feed (each a module with SOURCES, a list of ResultSource),
+# imported only when the blocks are rendered: the report itself needs neither torch nor the benchmarks.
+SOURCE_TABLES = ("inf_tests.report_sources", "bench.report_sources")
 
 
 DEMOS = {"demo_smollm2": "demo", "demo_smollm2_reasoning": "demo-reasoning", "demo_smollm2_tools": "demo-tools"}
@@ -168,6 +168,43 @@ def newest_run(experiment: str, results: Results) -> Run | None:
     return load_run(counted[-1]) if counted else None
 
 
+@dataclasses.dataclass(frozen=True)
+class ResultSource:
+    """A README block made from result files: a table of each file that `pattern` matches, then the goal
+    lines the benchmark checked over them, then any `notes` it adds."""
+    block: str                          # the README block's name
+    pattern: str                        # the result files, relative to the root (`*` within one name)
+    columns: list[str] | None = None    # the columns shown, in this order (None: all of them)
+    skip_status: str | None = None      # rows whose status starts with it are named under the table instead
+    goals: str | None = None            # the file of goal lines, relative to the root
+    goals_heading: str = "Against the goals:"
+    notes: Callable[[Results], list[str]] | None = None  # more sections, read through `results`
+
+
+def render(source: ResultSource, results: Results) -> str | None:
+    """The block of `source` from the files `results` counts; None when there are none."""
+    folder, _, name = source.pattern.rpartition("/")
+    paths = results.glob(results.root / folder, name)
+    if not paths:
+        return None
+    sections = [f"From `{path.relative_to(results.root)}`:\n\n"
+                + csv_table(results.read(path), source.columns, skip_status=source.skip_status) for path in paths]
+    goals = None if source.goals is None else results.root / source.goals
+    if goals is not None and results.exists(goals):  # the goals, checked by the benchmark over its rows
+        sections.append(f"{source.goals_heading}\n\n" + results.read(goals))
+    return "\n\n".join(sections + (source.notes(results) if source.notes else []))
+
+
+def result_sources() -> list[ResultSource]:
+    """Every benchmark's ResultSource entries, in the order of SOURCE_TABLES; a benchmark package that is not
+    there (an installed toolkit without bench/) has none."""
+    import importlib
+    import importlib.util
+
+    return [source for name in SOURCE_TABLES if importlib.util.find_spec(name.split(".")[0]) is not None
+            for source in importlib.import_module(name).SOURCES]
+
+
 def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
     """Each README block that has a source, rendered; from committed results unless `include_local`."""
     out: dict[str, str] = {}
@@ -179,38 +216,11 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
             assets = root / "assets"
             assets.mkdir(exist_ok=True)
             shutil.copyfile(demo.path / "loss_curves.png", assets / f"{name.replace('-', '_')}_loss_curves.png")
-    for name, path, columns in (
-            ("inference-cpu", root / "inf_tests" / "results" / "runtime_cpu.csv", INFERENCE_COLUMNS),
-            ("inference-gpu", root / "inf_tests" / "results" / "runtime_gpu.csv", INFERENCE_COLUMNS),
-            ("bench-cpu", root / "bench" / "results" / "bench_cpu.csv", BENCH_COLUMNS),
-            ("data-cpu", root / "bench" / "results" / "data_cpu.csv", None)):
-        if results.exists(path):
-            out[name] = f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), columns)
-    goals = root / "bench" / "results" / "data_cpu_goals.md"
-    if "data-cpu" in out and results.exists(goals):  # the goals, checked by the benchmark over its rows
-        out["data-cpu"] += "\n\nAgainst the goals:\n\n" + results.read(goals)
-    gpu_runs = results.glob(root / "bench" / "results", "bench_gpu*.csv")
-    if gpu_runs:
-        out["bench-gpu"] = bench_gpu(gpu_runs, root, results)
+    for source in result_sources():
+        body = render(source, results)
+        if body is not None:
+            out[source.block] = body
     return out
-
-
-def bench_gpu(paths: list[Path], root: Path, results: Results | None = None) -> str:
-    """Each GPU benchmark CSV (one per benchmark invocation) as a table, then the goals the benchmark checked
-    over the rows of all of them (bench_gpu_goals.md). Files are read through `results` (default: the working
-    tree)."""
-    results = results or Results(root, include_local=True)
-    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), BENCH_COLUMNS,
-                                                                   skip_status="skipped") for path in paths]
-    goals_file = paths[0].parent / "bench_gpu_goals.md"
-    goals = ["Against the goals, over the rows above:\n\n" + results.read(goals_file)] if results.exists(
-        goals_file) else []
-    splits = [f"- {p.stem.removeprefix('profile_')}: {line.split(': ', 1)[1]}" for p in results.glob(
-        paths[0].parent, "profiles/profile_*.txt") for line in results.read(p).splitlines()
-        if line.startswith("where the device time")]
-    profiles = ["Where the device time goes (`bench/results/profiles/`, a few steps under the profiler):\n\n"
-                + "\n".join(splits)] if splits else []
-    return "\n\n".join(tables + goals + profiles)
 
 
 def execute_notebook(path: Path, run_dirs: list[Path]) -> None:
