@@ -32,9 +32,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import peak_memory_gib, read_header, run_command, write_header  # noqa: E402
+from bench import common  # noqa: E402
 from bench.synthetic import LENGTH_MEDIAN, LENGTH_RANGE, LENGTHS, PROMPT_FRACTION, benchmark_tokenizer, \
     model_config, model_folder, synthetic_examples  # noqa: E402
+from inf_tests.measure import header_value, peak_memory_gib, provenance_header  # noqa: E402
 from sft.perf import MEMORY_BANDWIDTH, mfu, synchronize  # noqa: E402
 from sft.run_folder import provenance  # noqa: E402
 
@@ -105,8 +106,8 @@ class Variant:
 GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget) skips the tail
     Variant("ours_1b_pure_bf16_compile", "ours", "llama-1b", 15, 5, dict(OURS_PURE_BF16, compile=True),
             profile=True, estimate_s=55),
-    # TRL's best settings, with one batch shape so that its flex attention compiles once (at 1B that one
-    # compilation can outlast 100 s: capped, and TRL's sdpa row stands in if it fails)
+    # TRL's best settings, with one batch shape so that its flex attention compiles once (its compile can take
+    # minutes at 1B: capped, and TRL's sdpa row stands in if it fails)
     Variant("trl_1b_flex_static_pure_bf16", "trl", "llama-1b", 15, 5,
             dict(TRL_BEST_STATIC, dtype="bf16", attn="flex_attention"), max_s=50, timeout_s=70, estimate_s=65),
     Variant("trl_1b_sdpa_pure_bf16", "trl", "llama-1b", 15, 5, dict(TRL_BEST, dtype="bf16", attn="sdpa"),
@@ -154,8 +155,7 @@ GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget
     # MPT padded on transformers' eager MPT attention (every layer recomputed: its [T, T] fp32 scores would not fit)
     Variant("ours_mpt7b_padded_eager_int8_states_gc", "ours", "mpt-7b", 10, 3, OURS_MPT_PADDED, max_s=80,
             estimate_s=95),
-    # bf16 moments, every layer recomputed: the plain memory-saving 7B setting, against which the rows with
-    # 8-bit moments (less recomputation), offloaded activations and float8 show what each lever buys
+    # bf16 moments, every layer recomputed: the baseline the 7B lever rows are measured against
     Variant("ours_7b_pure_bf16_gc_compile", "ours", "llama-7b", 10, 3,
             dict(OURS_PURE_BF16, gradient_checkpointing=True, compile=True), estimate_s=75),
     Variant("ours_1b_fp32_master_compile", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, compile=True),
@@ -165,7 +165,7 @@ GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget
             dict(OURS_INT8_STATES, micro_batch_size=2, grad_accum_steps=ROWS // 2, gradient_checkpointing=True,
                  checkpoint_every_n_layers=2, compile=True), estimate_s=75),
     # TRL's fastest setting in the anchor, as the anchor ran it. Flex attention recompiles for each new packed
-    # length, so 6 steps can take over 7 minutes: late in the plan, capped, with a timeout
+    # length, which can take minutes per length: late, capped, timed out if it does
     Variant("trl_1b_flex_pure_bf16", "trl", "llama-1b", 25, 5, dict(TRL_BEST, dtype="bf16", attn="flex_attention"),
             max_s=100, timeout_s=130, estimate_s=130),
     Variant("ours_1b_fp32_master_sdpa", "ours", "llama-1b", 15, 5, dict(OURS_FP32_MASTER, attn_implementation="sdpa"),
@@ -494,8 +494,8 @@ def run_variant(variant: Variant, tokens: int, device: torch.device, start: floa
 
 def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: Path | None = None,
                  timeout_s: float | None = None) -> dict:
-    """Runs the variant in a new Python process (its own process group, killed whole after `timeout_s`,
-    by default the variant's) and returns its row."""
+    """Runs the variant in a new Python process (bench.common.run_isolated: its own process group, killed whole
+    after `timeout_s`, by default the variant's) and returns its row."""
     timeout_s = variant.timeout_s if timeout_s is None else timeout_s
     row = dict(variant=variant.name, recipe=variant.recipe, arch=variant.arch)
     if variant.needs_cuda and device.type != "cuda":
@@ -505,13 +505,12 @@ def run_isolated(variant: Variant, tokens: int, device: torch.device, profile: P
     print(f"[{variant.name}] starting", file=sys.stderr, flush=True)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_child_") as tmp:
-        result = Path(tmp) / "row.json"
-        code, _ = run_command([sys.executable, "-m", "bench.bench_sft", "--child", variant.name,
-                               "--child-tokens", str(tokens), "--child-result", str(result),
-                               "--child-progress", str(Path(tmp) / "progress.txt")]
-                              + (["--profile", str(profile.resolve())] if profile else []), timeout_s)
+        result, progress_file = Path(tmp) / "row.json", Path(tmp) / "progress.txt"
+        code = common.run_isolated([sys.executable, "-m", "bench.bench_sft", "--child", variant.name,
+                                    "--child-tokens", str(tokens), "--child-result", str(result),
+                                    "--child-progress", str(progress_file)]
+                                   + (["--profile", str(profile.resolve())] if profile else []), timeout_s).code
         if code is None:
-            progress_file = Path(tmp) / "progress.txt"
             notes = progress_file.read_text().splitlines() if progress_file.exists() else []
             row["status"] = f"timeout: no result in {timeout_s:.0f} s (last progress: {notes[-1] if notes else 'none'})"
         elif result.exists():
@@ -536,7 +535,7 @@ def write_results(rows: list[dict], lines: list[str], out: Path, kind: str) -> s
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"bench_{kind}.csv", "w", newline="") as f:
-        write_header(f, lines)
+        f.write(provenance_header(lines))
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -594,8 +593,7 @@ def inference_results_for(out: Path) -> Path:
 
 def csv_device(path: Path) -> str:
     """The device a results CSV names in its `# device:` header line."""
-    return next((line.removeprefix("device: ").strip() for line in read_header(path) if line.startswith("device: ")),
-                "device unknown")
+    return header_value(path, "device") or "device unknown"
 
 
 def goal_lines(rows: list[dict]) -> list[str]:

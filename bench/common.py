@@ -1,5 +1,10 @@
-"""What the measurement scripts of bench/ and inf_tests/ share: running a variant in a process of its own, the
-provenance header of a results CSV (its lines are sft.run_folder.provenance's), and peak memory.
+"""What the benchmarks share: running a measurement in a process of its own. Peak memory and the provenance
+lines of a results file are in inf_tests.measure, which ships with the toolkit (bench/ does not) and which
+the inference runtime uses too.
+
+A benchmark runs each variant in a new Python process: nothing of one variant (compiled code, patched
+model classes, allocator state, the peak memory) reaches the next, and a crash, an out-of-memory error or
+a hang becomes that variant's status instead of the benchmark's end.
 """
 from __future__ import annotations
 
@@ -9,40 +14,44 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from sft.perf import max_rss_bytes
-
-ROOT = Path(__file__).resolve().parent.parent  # the repository root: `python -m bench...` runs from here
+ROOT = Path(__file__).resolve().parent.parent
+TAIL_LINES = 40  # the lines of a child's output kept for its status
 
 
-def run_command(argv: list[str], timeout_s: float, tail: int = 0, echo: bool = True) -> tuple[int | None, list[str]]:
-    """Runs `argv` from the repository root in its own process group; returns its exit code (None when it was
-    stopped at `timeout_s`) and, with `tail`, its last `tail` lines of output. The whole group is killed on a
-    timeout and when this process is stopped (SIGTERM, Ctrl-C), so that no worker it started keeps the device.
+@dataclass
+class Finished:
+    code: int | None    # the exit code; None when it was stopped at its timeout
+    tail: list[str] = field(default_factory=list)  # its last lines of output (none when `output` is "inherit")
 
-    Without `tail` the child writes to this process's streams. With it, the child's stdout and stderr are read
-    as one stream and passed through to this process's stdout when `echo`; without `echo` its stdout is
-    discarded and only its stderr read (its last lines say why it failed)."""
-    streams = {}
-    if tail:
-        streams = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT) if echo else \
-            dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    child = subprocess.Popen(argv, cwd=ROOT, text=True, start_new_session=True, **streams)
-    lines: collections.deque[str] = collections.deque(maxlen=tail or None)
-    reader = None
-    if tail:
-        output = child.stdout if echo else child.stderr
+    def last_line(self) -> str | None:
+        return next((line for line in reversed(self.tail) if line.strip()), None)
 
-        def pump():
-            for line in output:
-                if echo:
-                    sys.stdout.write(line)
-                lines.append(line.rstrip())
 
-        reader = threading.Thread(target=pump, daemon=True)
+def run_isolated(argv: list[str], timeout_s: float, output: str = "inherit") -> Finished:
+    """Runs `argv` from the repository root in a new process group, killed whole (dataset workers and
+    compile workers too) at `timeout_s`, and when this process is stopped (SIGTERM, Ctrl-C), so that no
+    orphan keeps the device. `output`: "inherit" (the child writes where this process does), "echo" (its
+    stdout and stderr pass through this process's stdout, the last lines kept) or "quiet" (its stdout
+    dropped, the last lines of its stderr kept)."""
+    if output not in ("inherit", "echo", "quiet"):
+        raise ValueError(f"output: 'inherit', 'echo' or 'quiet', got {output!r}")
+    pipes = {"inherit": {}, "echo": dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+             "quiet": dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)}[output]
+    child = subprocess.Popen(argv, cwd=ROOT, text=True, start_new_session=True, **pipes)
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    stream = child.stdout if output == "echo" else child.stderr
+
+    def pump():  # reads as the child writes, so that a full pipe never blocks it
+        for line in stream:
+            if output == "echo":
+                sys.stdout.write(line)
+            tail.append(line.rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True) if stream is not None else None
+    if reader is not None:
         reader.start()
     try:
         code = child.wait(timeout=timeout_s)
@@ -55,63 +64,4 @@ def run_command(argv: list[str], timeout_s: float, tail: int = 0, echo: bool = T
     if reader is not None:
         reader.join(timeout=5)
         sys.stdout.flush()
-    return code, list(lines)
-
-
-def write_header(f, lines: list[str]) -> None:
-    """Provenance lines (sft.run_folder.provenance's and the like) at the head of a results CSV, as `# ` lines
-    that readers skip (pandas' comment="#")."""
-    f.writelines(f"# {line}\n" for line in lines)
-
-
-def read_header(path: Path) -> list[str]:
-    """The `# ` lines at the head of a results CSV, without their `# `."""
-    lines = []
-    with open(path) as f:
-        for line in f:
-            if not line.startswith("#"):
-                break
-            lines.append(line.removeprefix("#").removeprefix(" ").rstrip("\n"))
-    return lines
-
-
-def proc_status_bytes(key: str) -> int | None:
-    """A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM", "RssAnon"), None without it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    """The process's resident set now (its peak so far where /proc is missing)."""
-    rss = proc_status_bytes("VmRSS")
-    return rss if rss is not None else max_rss_bytes()
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Starts a fresh peak; False when the peak will be the process's lifetime high-water mark instead. On a GPU
-    the allocator's peak; on Linux, writing 5 to clear_refs resets the process's peak resident set (VmHWM) to
-    its current size."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return proc_status_bytes("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def peak_memory_gib(device: torch.device, rss_before: int | None = None, reset: bool = False) -> tuple[float, str]:
-    """(GiB, what was measured). On a GPU the allocator's peak (weights included); on the CPU how far the
-    process's resident set rose above `rss_before` (memory resident before then is not counted), from the peak
-    since reset_peak_memory when `reset` says it worked, else from the lifetime peak."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
-    peak = proc_status_bytes("VmHWM") if reset else max_rss_bytes()
-    kind = "process_peak_rss_growth" if reset else "process_lifetime_peak_rss_growth"
-    return max(peak - (rss_before or 0), 0) / 2**30, kind
+    return Finished(code, list(tail))

@@ -15,8 +15,8 @@ Every variant runs in its own process (peak memory is per process) and writes on
   resident memory per token while 20 optimizer steps are collated (the memory-mapped store is file-backed
   and not counted). Its tokens and examples are those of the store, held-out split included.
 - `per_conversation`: `encode_chat` conversation by conversation in one process into Python lists, pickled
-  to disk: the path the store replaces (guanaco only: it makes one example per conversation, which a template
-  that rewrites earlier turns cannot give).
+  to disk: how this toolkit prepared data before the store (guanaco only: it makes one example per
+  conversation, which a template that rewrites earlier turns cannot give).
 - `trl`: TRL 1.16's `SFTTrainer` preparing the same rows (conversational "messages" form with the row's tools,
   the same chat template and max_length, `dataset_num_proc` = the same process count), timed around its dataset
   preparation. Rows with tools reach it with each message and the tools list as JSON objects (`datasets.Json`),
@@ -49,8 +49,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench.common import proc_status_bytes, read_header, run_command, write_header  # noqa: E402
-from sft.perf import max_rss_bytes  # noqa: E402
+from bench import common  # noqa: E402
+from inf_tests.measure import GIB, anon_bytes, peak_rss_bytes, provenance_header  # noqa: E402
 
 PER_CONVERSATION_MAX_ROWS = 100_000  # the per-conversation path and TRL are measured up to here (at a million
                                      # rows, each would take about ten times its 100k-row time)
@@ -166,11 +166,6 @@ def write_source(data_set: DataSet, n: int, path: Path, reasoning_words: int) ->
     rows = reasoning_rows(n, reasoning_words=reasoning_words) if data_set.name == "reasoning" else guanaco_rows(n)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def anon_bytes() -> int:
-    """Anonymous resident memory of this process (Linux): heap and the like, not memory-mapped files."""
-    return proc_status_bytes("RssAnon") or 0
 
 
 def config(data_set: DataSet, source: Path, cache: Path):
@@ -293,21 +288,21 @@ RUNNERS = {"ours": run_ours_cold, "ours_cache_hit": run_ours_hit, "per_conversat
 
 def child(name: str, data_set: DataSet, source: Path, rows: int, cache: Path, result: Path) -> None:
     row = RUNNERS[name](data_set, source, rows, cache)
-    result.write_text(json.dumps(dict(row, peak_rss_gib=round(max_rss_bytes() / 2**30, 2))))
+    result.write_text(json.dumps(dict(row, peak_rss_gib=round(peak_rss_bytes() / GIB, 2))))
 
 
 def run_isolated(name: str, data_set: DataSet, source: Path, rows: int, cache: Path, timeout_s: float) -> dict:
+    """One variant in its own process (bench.common.run_isolated): its row, or its status where it failed."""
     row = dict(variant=name, rows=rows, set=data_set.name)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        code, tail = run_command([sys.executable, "-m", "bench.data_bench", "--child", name, "--set", data_set.name,
-                                  "--source", str(source), "--rows", str(rows), "--cache", str(cache),
-                                  "--result", str(result)], timeout_s, tail=40, echo=False)
-        if code is None:
+        done = common.run_isolated([sys.executable, "-m", "bench.data_bench", "--child", name, "--set",
+                                    data_set.name, "--source", str(source), "--rows", str(rows), "--cache",
+                                    str(cache), "--result", str(result)], timeout_s, output="quiet")
+        if done.code is None:
             return dict(row, status=f"timeout: no result in {timeout_s:.0f} s")
-        if code or not result.exists():
-            last = ([line for line in tail if line.strip()] or [f"exit {code}"])[-1]
-            return dict(row, status=f"error: {last}"[:300])
+        if done.code or not result.exists():
+            return dict(row, status=f"error: {done.last_line() or f'exit {done.code}'}"[:300])
         return dict(row, status="ok", **json.loads(result.read_text()))
 
 
@@ -382,15 +377,15 @@ def write_results(out: Path, name: str, rows: list[dict], head: list[str], lines
     kept_rows, kept_lines = [], []
     if path.exists():
         text = path.read_text()
-        kept_lines = [line for line in read_header(path)
-                      if line.split(" set, ")[0] in SETS and not line.startswith(f"{name} set, ")]
+        kept_lines = [line[2:] for line in text.splitlines() if line.startswith("# ")
+                      and line[2:].split(" set, ")[0] in SETS and not line[2:].startswith(f"{name} set, ")]
         kept_rows = [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(
             line for line in io.StringIO(text) if not line.startswith("#")) if r["set"] != name]
     every = sorted(kept_rows + rows, key=lambda r: list(SETS).index(r["set"]))
     provenance = head + sorted(kept_lines + lines, key=lambda line: list(SETS).index(line.split(" set, ")[0]))
     out.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        write_header(f, provenance)
+        f.write(provenance_header(provenance))
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(every)

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from bench import bench_sft, common
 from bench.bench_sft import GPU_PLAN, RESULTS, Variant
-from bench.common import ROOT, read_header, write_header
+from inf_tests.measure import provenance_header
 
+ROOT = common.ROOT
 BUDGET_S = 480             # the whole command: setup, rows and the report
 SETUP_S = 20               # installing the carried wheels and reading the environment
 REPORT_S = 10              # kept at the end for the goal lines and the README
@@ -159,9 +160,10 @@ def run_plan(plan: list[Row], budget_s: float, proof, clock=time.perf_counter,
 
 
 def run_command(argv: list[str], timeout_s: float) -> tuple[int | None, list[str]]:
-    """Runs `argv` in its own process group (bench.common), passing its output through; returns its exit code
-    (None when it was stopped at `timeout_s`) and its last 40 lines."""
-    return common.run_command(argv, max(timeout_s, 1), tail=40)
+    """Runs `argv` in a process of its own (bench.common.run_isolated), passing its output through; returns its
+    exit code (None when it was stopped at `timeout_s`, with its whole group) and its last lines."""
+    done = common.run_isolated(argv, max(timeout_s, 1), output="echo")
+    return done.code, done.tail
 
 
 def command_status(code: int | None, timeout_s: float, tail: list[str]) -> str:
@@ -247,14 +249,14 @@ class Proof:
             path = next((p for p in (stem.with_suffix(".csv"), stem.with_suffix(".partial.csv")) if p.is_file()), None)
             if path is None:
                 continue
-            header = header or read_header(path)
+            header = header or [line for line in path.read_text().splitlines() if line.startswith("#")]
             parts.append(pd.read_csv(path, comment="#"))
         if not parts:
             return None
         frame = pd.concat(parts, ignore_index=True)
         self.inference_csv.parent.mkdir(parents=True, exist_ok=True)
         with open(self.inference_csv, "w", newline="") as f:
-            write_header(f, header)
+            f.writelines(line + "\n" for line in header)
             frame.to_csv(f, index=False)
         title = f"{frame['device'].iloc[0]}, {frame['dtype'].iloc[0]}, {frame['new_tokens'].iloc[0]} new tokens"
         runtime.plot(frame, title).savefig(self.inference_csv.with_suffix(".png"), dpi=120)
@@ -277,7 +279,7 @@ class Proof:
 
     def write(self, ledger: list[dict]) -> None:
         with open(self.out / "gpu_run.csv", "w", newline="") as f:
-            write_header(f, self.lines[:3])  # provenance only: the data and anchor lines are the benchmark's
+            f.write(provenance_header(self.lines[:3]))
             writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS)
             writer.writeheader()
             writer.writerows(ledger)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_header
+from inf_tests.measure import provenance_header
 from sft.optim import build_optimizer
 from sft.run_folder import provenance
 
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"precision_{kind}.csv", "w", newline="") as f:
-        write_header(f, provenance(device) + [f"lr {LR}, betas {BETAS}, {BATCH}x{LENGTH} tokens per step, model "
-                                              f"{MODEL}, bf16 autocast compute"])
+        f.write(provenance_header(provenance(device)))
+        f.write(f"# lr {LR}, betas {BETAS}, {BATCH}x{LENGTH} tokens per step, model {MODEL}, bf16 autocast compute\n")
         writer = csv.writer(f)
         writer.writerow(["step", *curves])
         writer.writerows([step + 1, *(round(curves[n][step], 5) for n in curves)] for step in range(args.steps))

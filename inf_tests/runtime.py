@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import peak_memory_gib, reset_peak_memory, rss_bytes, write_header
+from inf_tests.measure import peak_memory_gib, provenance_header, reset_peak_memory, rss_bytes
 from sft.config import EMBEDDED_MODEL
 from sft.errors import ConfigError, SFTError
 from sft.generation import Decoding, only_given_settings
@@ -306,7 +306,6 @@ def measure(model, tokenizer, variant: str, batch_size: int, prompt_tokens: int,
         timed_generate(model, input_ids, config, settings.seed)
     compiled_warm = _graphs_compiled()
     runs = [timed_generate(model, input_ids, config, settings.seed) for _ in range(settings.repeats)]
-    # on the CPU the rise of the resident set during the row: the weights were resident before it
     peak_gib, peak_kind = peak_memory_gib(device, rss_before, peak_reset)
     other_cpu_pct = _other_cpu_pct(cpu_before, _cpu_seconds()) if device.type == "cpu" else None
     ttft = np.array([r.ttft_s for r in runs]) * 1e3
@@ -374,26 +373,58 @@ def _free(model, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def provenance_columns(device: torch.device) -> dict:
+    """The device and the versions every row names (the CSV's head has the full provenance lines)."""
+    import transformers
+
+    from sft.run_folder import collect_env
+
+    env = collect_env(device)["device"]
+    name = env["name"] if device.type == "cuda" else f"{env['name']} cpu ({env['threads']} threads)"
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def warn_if_cpu_busy() -> None:
+    """Other processes compete with torch's threads on the CPU: a second's look at the machine, before the
+    timings, says whether they are busy."""
+    before = _cpu_seconds()
+    time.sleep(1)
+    busy = _other_cpu_pct(before, _cpu_seconds())
+    if busy is not None and busy > 5:
+        print(f"warning: other processes are using {busy:.0f}% of the CPU; CPU timings will be slow and noisy "
+              f"while they run (see the other_cpu_pct column)", file=sys.stderr)
+
+
 def run(settings: Settings, on_row=None) -> pd.DataFrame:
     """Measures every model x prompt length x batch size x variant; returns one row for each. `on_row`, if
     given, receives the rows so far after each one (so a run stopped midway keeps what it measured)."""
     check_models(settings.models)
     device = torch.device(settings.device)
-    device_name = _device_name(device)
+    where = provenance_columns(device)
     if "static_cache+compile" in settings.variants:
         from torch import _dynamo
 
         # One graph per batch size x static cache length; past the default limit dynamo silently runs eagerly.
         _dynamo.config.recompile_limit = 64
     if device.type == "cpu":
-        _warn_if_cpu_busy()
+        warn_if_cpu_busy()
     bandwidth = memory_bandwidth(device)
     rows = []
     for spec in settings.models:
         model, tokenizer, load_s = load(spec, settings)
-        _check_context(spec, model, settings)
-        bound = None if bandwidth is None else bandwidth / weight_bytes_per_step(model)
-        common = model_columns(spec, model, load_s, bound, device_name, settings)
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context is not None and max(settings.prompt_tokens) + settings.new_tokens > context:
+            raise ConfigError(f"prompt_tokens + new_tokens: {max(settings.prompt_tokens)} + {settings.new_tokens} "
+                              f"exceeds {spec}'s {context} positions")
+        weight_bytes = weight_bytes_per_step(model)
+        bound = None if bandwidth is None else bandwidth / weight_bytes
+        common = {"model": spec, "load_s": load_s, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                  "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+                  "bandwidth_bound_tok_s": bound, "dtype": settings.dtype, "attn": settings.attn_implementation,
+                  "do_sample": settings.do_sample,
+                  "temperature": settings.temperature if settings.do_sample else None,
+                  "top_p": settings.top_p if settings.do_sample else None, "seed": settings.seed,
+                  "warmup": settings.warmup, "repeats": settings.repeats, **where}
         # Ascending prompt lengths: generate sizes a static cache for the longest call the model has seen so far,
         # so in this order every row's cache is exactly prompt + new tokens long.
         for prompt_tokens in sorted(settings.prompt_tokens):
@@ -414,46 +445,6 @@ def run(settings: Settings, on_row=None) -> pd.DataFrame:
                           file=sys.stderr)
         _free(model, device)
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _device_name(device: torch.device) -> str:
-    from sft.run_folder import collect_env
-
-    env = collect_env(device)["device"]
-    return env["name"] if device.type == "cuda" else f"{env['name']} cpu ({env['threads']} threads)"
-
-
-def _warn_if_cpu_busy() -> None:
-    """Warns when other processes keep the CPU busy (measured over one second): they compete with torch's
-    threads, which makes CPU timings slow and erratic."""
-    before = _cpu_seconds()
-    time.sleep(1)
-    busy = _other_cpu_pct(before, _cpu_seconds())
-    if busy is not None and busy > 5:
-        print(f"warning: other processes are using {busy:.0f}% of the CPU; CPU timings will be slow and noisy "
-              f"while they run (see the other_cpu_pct column)", file=sys.stderr)
-
-
-def _check_context(spec: str, model, settings: Settings) -> None:
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and max(settings.prompt_tokens) + settings.new_tokens > context:
-        raise ConfigError(f"prompt_tokens + new_tokens: {max(settings.prompt_tokens)} + {settings.new_tokens} "
-                          f"exceeds {spec}'s {context} positions")
-
-
-def model_columns(spec: str, model, load_s: float, bound: float | None, device_name: str,
-                  settings: Settings) -> dict:
-    """The columns every row of one model shares: the model, its size and bound, the settings, the versions."""
-    import transformers
-
-    return {"model": spec, "load_s": load_s, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
-            "bandwidth_bound_tok_s": bound, "dtype": settings.dtype, "attn": settings.attn_implementation,
-            "do_sample": settings.do_sample,
-            "temperature": settings.temperature if settings.do_sample else None,
-            "top_p": settings.top_p if settings.do_sample else None, "seed": settings.seed,
-            "warmup": settings.warmup, "repeats": settings.repeats, "device": device_name,
-            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def plot(frame: pd.DataFrame, title: str):
@@ -520,7 +511,7 @@ def settings_from_args(argv=None) -> Settings:
 
 
 def main(argv=None) -> int:
-    from sft.report import INFERENCE_COLUMNS
+    from inf_tests.report_sources import INFERENCE_COLUMNS
     from sft.tables import markdown_table
 
     try:
@@ -542,7 +533,7 @@ def main(argv=None) -> int:
             stopped midway keeps the rows it measured and leaves the last complete results as they were."""
             settings.out_dir.mkdir(parents=True, exist_ok=True)
             with open(partial, "w", newline="") as f:
-                write_header(f, provenance(torch.device(settings.device)))
+                f.write(provenance_header(provenance(torch.device(settings.device))))
                 frame.round(3).to_csv(f, index=False)
 
         frame = run(settings, on_row=write_csv)

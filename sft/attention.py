@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 
 from .errors import ConfigError
 
@@ -86,7 +87,7 @@ def make_varlen_call(varlen_attn: Callable, kernel_gqa: bool = False) -> Callabl
             if native_gqa:
                 kwargs["enable_gqa"] = True
             elif not kernel_gqa:  # query head h reads key/value head h // groups, as transformers' repeat_kv
-                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+                key, value = (repeat(t, "n h d -> n (h g) d", g=groups) for t in (key, value))
         if takes_scale:
             kwargs["scale"] = scale
         elif scale != query.shape[-1] ** -0.5:  # the kernel applies 1/sqrt(head_dim) itself
@@ -101,15 +102,28 @@ def _not_registered(*args, **kwargs):
                       "sft.attention.register_varlen_attention(device) before loading the model")
 
 
-_varlen: Callable = _not_registered  # set by register_varlen_attention
-_grouped_heads = "unset"  # set by register_varlen_attention
+_varlen: Callable = _not_registered  # set by register_varlen_attention (or, inside a block, varlen_kernel)
+_grouped_heads = "unset"  # how grouped key/value heads reach the kernel: "flag", "kernel" or "repeated"
 
 
 def grouped_heads() -> str:
-    """How grouped key/value heads reach the kernel that register_varlen_attention set up: "flag" (this torch's
-    `enable_gqa`), "kernel" (the flash kernel reads head h // groups itself) or "repeated" (one copy per query
-    head); "unset" before it ran."""
+    """How grouped key/value heads reach the kernel that register_varlen_attention set up: "flag" (torch's
+    `enable_gqa`), "kernel" (the kernel reads head h // groups itself), "repeated" (one copy per query head),
+    or "unset" before it ran. A benchmark names it with its results."""
     return _grouped_heads
+
+
+@contextmanager
+def varlen_kernel(call: Callable):
+    """Inside the block, varlen attention runs `call` (q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens, max_seqlen,
+    scale -> [N, Hq, D], what make_varlen_call returns) in place of the registered kernel: a plain-torch
+    kernel runs the whole path on the CPU. The kernel set before the block is back after it."""
+    global _varlen
+    before, _varlen = _varlen, call
+    try:
+        yield
+    finally:
+        _varlen = before
 
 
 class _SegmentCache:
@@ -234,7 +248,7 @@ def varlen_available(device: torch.device | str) -> bool:
 def register_varlen_attention(device: torch.device | str) -> str:
     """Sets up the varlen kernel for this torch and registers the implementation; returns the name to
     pass as `attn_implementation`. Raises ConfigError where it cannot run."""
-    global _varlen, _grouped_heads
+    global _varlen
     device = torch.device(device)
     if device.type != "cuda":
         raise ConfigError(f"attn_implementation: 'varlen' runs flash-attention kernels on a CUDA GPU; this run is "
@@ -246,6 +260,7 @@ def register_varlen_attention(device: torch.device | str) -> str:
     if torch.cuda.get_device_capability(device) < (8, 0):
         raise ConfigError(f"attn_implementation: 'varlen' needs compute capability 8.0 or newer (A100, H100, ...); "
                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
+    global _grouped_heads
     kernel_gqa = kernel_reads_grouped_heads(varlen_attn, device)
     _varlen = make_varlen_call(varlen_attn, kernel_gqa=kernel_gqa)
     _grouped_heads = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters

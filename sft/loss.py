@@ -85,7 +85,7 @@ class LossModel(torch.nn.Module):
 def find_supervised_positions(targets: torch.Tensor) -> torch.Tensor:
     """Flat indices of the positions of a [B, T] batch that carry a target (their count is data, so on a
     GPU this copies back to the host)."""
-    return (targets != IGNORE_INDEX).flatten().nonzero().flatten()
+    return rearrange(targets != IGNORE_INDEX, "b t -> (b t)").nonzero().flatten()
 
 
 def host_indices(batch: dict) -> dict:

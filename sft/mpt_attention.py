@@ -165,8 +165,7 @@ class PackedAlibiAttention(MptAttention):
         mixed_qkv = self.Wqkv(hidden_states)
         if self.clip_qkv:
             mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        # views into mixed_qkv, as transformers' MptAttention splits it (the kernels see the same strides)
-        query, key, value = rearrange(mixed_qkv, "b t (qkv h d) -> qkv b h t d", qkv=3, h=self.n_heads)
+        query, key, value = (rearrange(t, "b t (h d) -> b h t d", h=self.n_heads) for t in mixed_qkv.chunk(3, dim=2))
         if dense:
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=position_bias.to(query.dtype), scale=self.softmax_scale,

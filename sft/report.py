@@ -1,8 +1,9 @@
 """README tables and figures generated from committed results, never typed by hand.
 
 `python -m sft.report` rewrites each README block between `<!-- BEGIN name -->` and `<!-- END name -->`
-from its source (the newest completed demo run folder, the inference runtime CSVs, the benchmark CSVs)
-and copies the demo run's loss curves into assets/. A block whose source is missing is left as it is.
+from its source (the newest completed demo run folder, or the result files that the benchmarks list in
+their report_sources modules: SOURCE_TABLES) and copies the demo run's loss curves into assets/. A block
+whose source is missing is left as it is.
 
 Only committed results count, so the README never shows what exists on one machine alone: a run
 folder counts when its summary.json is committed (at HEAD), and a result file is read as committed,
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -29,7 +30,9 @@ from .errors import SFTError
 from .tables import csv_table, fmt_value, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ROOT / "bench" / "report_blocks.json"  # the result files of each block, listed by their writers
+# The benchmarks' own lists of the README blocks they feed (each a module with SOURCES, a list of ResultSource),
+# imported only when the blocks are rendered: the report itself needs neither torch nor the benchmarks.
+SOURCE_TABLES = ("inf_tests.report_sources", "bench.report_sources")
 
 
 DEMOS = {"demo_smollm2": "demo", "demo_smollm2_reasoning": "demo-reasoning", "demo_smollm2_tools": "demo-tools"}
@@ -165,6 +168,46 @@ def newest_run(experiment: str, results: Results) -> Run | None:
     return load_run(counted[-1]) if counted else None
 
 
+@dataclasses.dataclass(frozen=True)
+class ResultSource:
+    """A README block made from result files: a table of each file that `pattern` matches, then the goal
+    lines the benchmark checked over them, then any `notes` it adds."""
+    block: str                          # the README block's name
+    pattern: str                        # the result files, relative to the root (`*` within one name)
+    columns: list[str] | None = None    # the columns shown, in this order (None: all of them)
+    skip_status: str | None = None      # rows whose status starts with it are named under the table instead
+    goals: str | None = None            # the file of goal lines, relative to the root
+    goals_heading: str = "Against the goals:"
+    notes: Callable[[Results], list[str]] | None = None  # more sections, read through `results`
+    summary: Callable[[list[Path], Results], str] | None = None  # instead of the tables: one summary of the files
+
+
+def render(source: ResultSource, results: Results) -> str | None:
+    """The block of `source` from the files `results` counts; None when there are none."""
+    folder, _, name = source.pattern.rpartition("/")
+    paths = results.glob(results.root / folder, name)
+    if not paths:
+        return None
+    if source.summary is not None:
+        return source.summary(paths, results)
+    sections = [f"From `{path.relative_to(results.root)}`:\n\n"
+                + csv_table(results.read(path), source.columns, skip_status=source.skip_status) for path in paths]
+    goals = None if source.goals is None else results.root / source.goals
+    if goals is not None and results.exists(goals):  # the goals, checked by the benchmark over its rows
+        sections.append(f"{source.goals_heading}\n\n" + results.read(goals))
+    return "\n\n".join(sections + (source.notes(results) if source.notes else []))
+
+
+def result_sources() -> list[ResultSource]:
+    """Every benchmark's ResultSource entries, in the order of SOURCE_TABLES; a benchmark package that is not
+    there (an installed toolkit without bench/) has none."""
+    import importlib
+    import importlib.util
+
+    return [source for name in SOURCE_TABLES if importlib.util.find_spec(name.split(".")[0]) is not None
+            for source in importlib.import_module(name).SOURCES]
+
+
 def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
     """Each README block that has a source, rendered; from committed results unless `include_local`."""
     out: dict[str, str] = {}
@@ -176,96 +219,11 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
             assets = root / "assets"
             assets.mkdir(exist_ok=True)
             shutil.copyfile(demo.path / "loss_curves.png", assets / f"{name.replace('-', '_')}_loss_curves.png")
-    listed = root / SOURCES.relative_to(ROOT)  # a tree's own table, else this repository's
-    sources = json.loads((listed if listed.is_file() else SOURCES).read_text())
-    for table in sources["tables"]:
-        path = root / table["path"]
-        if not results.exists(path):
-            continue
-        out[table["block"]] = f"From `{table['path']}`:\n\n" + csv_table(results.read(path), table.get("columns"))
-        goals = root / table["goals"] if table.get("goals") else None
-        if goals is not None and results.exists(goals):  # the goals, checked by the benchmark over its rows
-            out[table["block"]] += "\n\nAgainst the goals:\n\n" + results.read(goals)
-        if table.get("summary"):
-            out[table["summary"]] = data_summary(results.read(path))
-    gpu = sources.get("gpu_runs")
-    gpu_runs = results.glob(root / gpu["folder"], gpu["pattern"]) if gpu else []
-    if gpu_runs:
-        out[gpu["block"]] = bench_gpu(gpu_runs, root, results, gpu)
-        out[gpu["summary"]] = speed_summary(gpu_runs, results)
+    for source in result_sources():
+        body = render(source, results)
+        if body is not None:
+            out[source.block] = body
     return out
-
-
-def bench_gpu(paths: list[Path], root: Path, results: Results | None = None, source: dict | None = None) -> str:
-    """Each GPU benchmark CSV (one per benchmark invocation) as a table, then the goals the benchmark checked
-    over the rows of all of them and the profiles' time splits, as `source` (the `gpu_runs` entry of
-    bench/report_blocks.json) names them. Files are read through `results` (default: the working tree)."""
-    results = results or Results(root, include_local=True)
-    source = source or json.loads(SOURCES.read_text())["gpu_runs"]
-    tables = [f"From `{path.relative_to(root)}`:\n\n" + csv_table(results.read(path), source["columns"],
-                                                                   skip_status="skipped") for path in paths]
-    goals_file = paths[0].parent / source["goals"]
-    goals = ["Against the goals, over the rows above:\n\n" + results.read(goals_file)] if results.exists(
-        goals_file) else []
-    splits = [f"- {p.stem.removeprefix('profile_')}: {line.split(': ', 1)[1]}" for p in results.glob(
-        paths[0].parent, source["profiles"]) for line in results.read(p).splitlines()
-        if line.startswith("where the device time")]
-    listed = (paths[0].parent / source["profiles"]).parent.relative_to(root)
-    profiles = [f"Where the device time goes (`{listed}/`, a few steps under the profiler):\n\n"
-                + "\n".join(splits)] if splits else []
-    return "\n\n".join(tables + goals + profiles)
-
-
-def speed_summary(paths: list[Path], results: "Results") -> str:
-    """One table of the best measured rows per model shape over every GPU benchmark CSV: ours, TRL's best and
-    the study's recipe, with the device and date of the run that measured ours."""
-    frames = []
-    for path in paths:
-        text = results.read(path)
-        provenance = dict(line[2:].split(": ", 1) for line in text.splitlines() if line.startswith("# ")
-                          and ": " in line)
-        frame = pd.read_csv(io.StringIO(text), comment="#")
-        frames.append(frame[frame["status"] == "ok"].assign(
-            device=provenance.get("device", "-"), date=provenance.get("date", "-").split(",")[0][:10]))
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if rows.empty:
-        return "(no GPU benchmark rows yet)"
-    out = []
-    for arch, group in rows.groupby("arch", sort=False):
-        best = {recipe: g.loc[g["real_tok_s"].idxmax()] for recipe, g in group.groupby("recipe")}
-        if "ours" not in best:
-            continue
-        ours = best["ours"]
-        out.append({"model shape": arch, "ours, best row": ours["variant"], "real tok/s": ours["real_tok_s"],
-                    "MFU": f"{float(ours['mfu']):.1%}" if pd.notna(ours.get("mfu")) else "-",
-                    "peak GiB": ours.get("peak_gib"),
-                    "TRL's best": best["trl"]["real_tok_s"] if "trl" in best else None,
-                    "study's recipe": best["study"]["real_tok_s"] if "study" in best else None,
-                    "device, date": f"{ours['device'].split(',')[0]}, {ours['date']}"})
-    return markdown_table(pd.DataFrame(out))
-
-
-def data_summary(text: str) -> str:
-    """One table of the data benchmark's sets, each at the largest size measured for this toolkit and TRL alike:
-    our preparation and TRL's on the same rows, with the device and the date."""
-    provenance = [line[2:] for line in text.splitlines() if line.startswith("# ")]
-    frame = pd.read_csv(io.StringIO(text), comment="#")
-    frame = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
-    if "set" not in frame.columns:
-        frame = frame.assign(set="guanaco")
-    device = next((line.split(": ", 1)[1] for line in provenance if line.startswith("device:")), "-")
-    out = []
-    for name, group in frame.groupby("set", sort=False):
-        both = [n for n, g in group.groupby("rows") if {"ours", "trl"} <= set(g["variant"])]
-        size = max(both) if both else group["rows"].max()  # the largest size measured for both, if any
-        at = group[group["rows"] == size].set_index("variant")
-        date = next((line.split("date: ", 1)[1].split(",")[0][:10] for line in provenance
-                     if line.startswith(f"{name} set, date:")), "-")
-        ours, trl = at["tok_s"].get("ours"), at["tok_s"].get("trl")
-        out.append({"set": name, "rows": int(size), "ours, tok/s (2 processes)": ours,
-                    "TRL, tok/s": trl, "ours / TRL": f"{ours / trl:.2f}x" if pd.notna(ours) and pd.notna(trl) else "-",
-                    "peak RSS GiB": at["peak_rss_gib"].get("ours"), "device, date": f"{device}, {date}"})
-    return markdown_table(pd.DataFrame(out))
 
 
 def execute_notebook(path: Path, run_dirs: list[Path]) -> None:

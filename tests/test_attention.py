@@ -164,7 +164,6 @@ def model_pair(monkeypatch):
     the plain-torch kernel; plus a counter of segment computations."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    monkeypatch.setattr(attention, "_varlen", reference_varlen)
     calls = []
     real = attention.cu_seqlens_from_position_ids
     monkeypatch.setattr(attention, "cu_seqlens_from_position_ids", lambda *a: calls.append(1) or real(*a))
@@ -175,7 +174,8 @@ def model_pair(monkeypatch):
     sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     varlen = AutoModelForCausalLM.from_config(config, attn_implementation=attention.register())
     varlen.load_state_dict(sdpa.state_dict())
-    return sdpa, varlen, calls
+    with attention.varlen_kernel(reference_varlen):
+        yield sdpa, varlen, calls
 
 
 def test_packed_forward_and_backward_match_sdpa_and_unpacked_examples(model_pair):

@@ -253,6 +253,8 @@ def test_each_invocation_is_checked_over_its_own_rows_then_the_decode_goal(tmp_p
 
 
 def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
+    import dataclasses
+
     from sft import report
 
     header = ("# device: NVIDIA H100 80GB HBM3, CUDA 13.0\n"
@@ -262,7 +264,9 @@ def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
     from bench.bench_sft import write_gpu_goals
 
     write_gpu_goals(tmp_path)  # what the benchmark writes after each of its rows
-    body = report.bench_gpu(sorted(tmp_path.glob("bench_gpu*.csv")), tmp_path)
+    gpu = next(s for s in report.result_sources() if s.block == "bench-gpu")  # its files, here in tmp_path itself
+    here = dataclasses.replace(gpu, pattern=gpu.pattern.rpartition("/")[2], goals=gpu.goals.rpartition("/")[2])
+    body = report.render(here, report.Results(tmp_path, include_local=True))
     assert body.index("From `bench_gpu.csv`") < body.index("From `bench_gpu_run2.csv`")
     assert "- device: NVIDIA H100 80GB HBM3, CUDA 13.0" in body
     assert "llama-1b: ours 80,000 real tok/s" in body and "goal 70,000: met" in body

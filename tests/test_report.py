@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 import subprocess
@@ -113,37 +112,26 @@ def test_a_count_with_blanks_is_shown_as_integers_and_measurements_keep_their_de
 
 
 def test_the_readme_summaries_show_the_best_rows_with_device_and_date():
-    from sft.report import Results, data_summary, speed_summary
+    from bench.report_sources import data_summary, speed_summary
+    from sft.report import Results
 
     gpu = ("# device: NVIDIA H200, CUDA 13.0\n# date: 2026-12-01T10:00:00, git abc, python 3.12\n"
            "variant,recipe,arch,status,real_tok_s,mfu,peak_gib\n"
            "ours_a,ours,llama-1b,ok,60000,0.45,30.0\nours_b,ours,llama-1b,ok,71000,0.5,32.0\n"
            "ours_c,ours,llama-1b,timeout: no result in 9 s,,,\ntrl_x,trl,llama-1b,ok,47000,0.3,11.0\n"
            "study_1b,study,llama-1b,ok,5900,0.04,11.6\n")
-
-    class Text(Results):
-        def __init__(self):
-            pass
-
-        def read(self, path):
-            return gpu
-
-    table = speed_summary([Path("bench_gpu.csv")], Text())
-    assert "| llama-1b | ours_b | 71,000 | 50.0% | 32.000 | 47,000 | 5,900 | NVIDIA H200, 2026-12-01 |" in table
     data = ("# device: x86_64, 2 threads\n# guanaco set, date: 2026-11-27T14:58:20, git x\n"
             "variant,rows,status,tok_s,peak_rss_gib,set\nours,1000,ok,400000,1.5,guanaco\n"
             "trl,1000,ok,200000,3.0,guanaco\nours,1000000,ok,450000,2.3,guanaco\n")
+
+    class Text(Results):
+        def __init__(self, text):
+            self.text = text
+
+        def read(self, path):
+            return self.text
+
+    table = speed_summary([Path("bench_gpu.csv")], Text(gpu))
+    assert "| llama-1b | ours_b | 71,000 | 50.0% | 32.000 | 47,000 | 5,900 | NVIDIA H200, 2026-12-01 |" in table
     row = "| guanaco | 1,000 | 400,000 | 200,000 | 2.00x | 1.500 | x86_64, 2 threads, 2026-11-27 |"
-    assert row in data_summary(data)
-
-
-def test_the_blocks_come_from_the_table_the_benchmarks_own(tmp_path):
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "speeds.csv").write_text("model,decode_tok_s\nm,7\n")
-    (tmp_path / "bench" / "report_blocks.json").write_text(json.dumps({
-        "tables": [{"block": "inference-cpu", "path": "elsewhere/speeds.csv", "columns": ["model"]}],
-        "gpu_runs": None}))
-    rendered = blocks(tmp_path, include_local=True)
-    assert rendered == {"inference-cpu": "From `elsewhere/speeds.csv`:\n\n| model |\n|---|\n| m |"}
-    assert not re.findall(r"inf_tests/|bench/results", Path("sft/report.py").read_text())  # the paths are the table's
+    assert row in data_summary([Path("data_cpu.csv")], Text(data))
