@@ -4,6 +4,8 @@ function once per forward pass; selective activation checkpointing picks every n
 transformers version."""
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import pytest
@@ -44,6 +46,13 @@ def loss_and_grads(loss_model: LossModel, batch: dict) -> tuple[torch.Tensor, li
     return loss.detach(), [p.grad.clone() for p in loss_model.parameters()]
 
 
+
+@pytest.fixture
+def use_kernel():
+    """Runs varlen attention with the given kernel for the rest of the test (attention.varlen_kernel)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda call: stack.enter_context(attention.varlen_kernel(call))
+
 def test_compiled_layers_give_the_eager_loss_and_gradients_and_compile_once():
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -70,8 +79,8 @@ def test_compile_refuses_a_model_without_repeated_layers():
         compile_layers(model)
 
 
-def test_varlen_loss_finds_segments_once_per_forward_and_equals_sdpa(monkeypatch):
-    monkeypatch.setattr(attention, "_varlen", reference_varlen)
+def test_varlen_loss_finds_segments_once_per_forward_and_equals_sdpa(use_kernel, monkeypatch):
+    use_kernel(reference_varlen)
     calls = []
     real = attention.cu_seqlens_from_position_ids
     monkeypatch.setattr(attention, "cu_seqlens_from_position_ids", lambda *a: calls.append(1) or real(*a))
@@ -85,14 +94,14 @@ def test_varlen_loss_finds_segments_once_per_forward_and_equals_sdpa(monkeypatch
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_indices_made_on_the_host_replace_the_device_lookups(monkeypatch):
+def test_indices_made_on_the_host_replace_the_device_lookups(use_kernel, monkeypatch):
     """The trainer hands LossModel the segments and supervised positions it computed from the CPU batch
     (host_indices): the loss and gradients are those of the device lookups, which are then never called."""
     from sft import loss as loss_module
     from sft.loss import host_indices
     from sft.packing import Example, collate_padded
 
-    monkeypatch.setattr(attention, "_varlen", reference_varlen)
+    use_kernel(reference_varlen)
     model = LossModel(tiny_llama(attention.register()), "selected")
     padded = collate_padded([Example([5, 6, 7, 8], [6, 7, 8, IGNORE_INDEX]),
                              Example([9, 10], [IGNORE_INDEX, 11])], pad_id=0)
@@ -153,14 +162,14 @@ def _kernel_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     return _varlen_op(query, key, value, cu_seq_q, max_q, scale)
 
 
-def test_compiled_varlen_layers_compile_once_whatever_the_number_of_segments(monkeypatch):
+def test_compiled_varlen_layers_compile_once_whatever_the_number_of_segments(use_kernel):
     """cu_seqlens has one entry per packed example plus one, so its length changes from batch to batch;
     it is marked dynamic, so the compiled layers do not recompile for it."""
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
     counters.clear()
-    monkeypatch.setattr(attention, "_varlen", attention.make_varlen_call(_kernel_211, kernel_gqa=True))
+    use_kernel(attention.make_varlen_call(_kernel_211, kernel_gqa=True))
     eager = LossModel(tiny_llama(attention.register()).to(torch.bfloat16), "selected")
     compiled = copy.deepcopy(eager)
     compile_layers(compiled.model)
@@ -185,12 +194,12 @@ class ReadsBackFromTheDevice(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_training_forward_pass_reads_nothing_back_from_the_device(monkeypatch):
+def test_the_training_forward_pass_reads_nothing_back_from_the_device(use_kernel):
     """With the indices made on the host, the forward pass that training runs (varlen attention, the fused
     loss and its gradients) has no operator that would make the host wait for a GPU."""
     from sft.loss import host_indices
 
-    monkeypatch.setattr(attention, "_varlen", attention.make_varlen_call(_kernel_211, kernel_gqa=True))
+    use_kernel(attention.make_varlen_call(_kernel_211, kernel_gqa=True))
     model = LossModel(tiny_llama(attention.register()).to(torch.bfloat16), "selected")
     batch = packed_batch([[5, 4, 3], [7, 5]], seed=8)
     batch = dict(batch, **host_indices(batch))

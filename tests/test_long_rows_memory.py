@@ -7,6 +7,7 @@ T), and the step's peak memory grows linearly with T. sdpa, which the trainer us
 [T, T] mask for packed rows: the same check finds it there."""
 from __future__ import annotations
 
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,12 +97,13 @@ def one_step(tmp_path, length: int, attn_implementation: str | None = None) -> t
     return peak, largest, setup.derived["attn_implementation"]
 
 
+
 @pytest.fixture
-def varlen_path(monkeypatch):
+def varlen_path():
     """The trainer's GPU path for packed rows, with the CPU kernel in the flash kernel's place: the attention
     implementation to build with."""
-    monkeypatch.setattr(attention, "_varlen", segment_kernel)
-    return attention.register()
+    with attention.varlen_kernel(segment_kernel):
+        yield attention.register()
 
 
 def test_packed_rows_cost_memory_linear_in_their_length_and_no_tensor_is_t_by_t(tmp_path, varlen_path):
