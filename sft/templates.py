@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from jinja2 import TemplateError
 
+from .config import MultiTurn
 from .errors import ConfigError, DataError, SFTError
 from .template_traits import (check_rendered, check_supervised, inline_reasoning, last_special, traits,
                               with_reasoning_tags)
@@ -206,7 +208,7 @@ def encode_chats(tokenizer, conversations: list[list[dict]], *, add_generation_p
     return out
 
 
-MULTI_TURN = ("per_turn", "last_turn", "error")
+MULTI_TURN = get_args(MultiTurn)  # the choices of TrainConfig.multi_turn
 
 
 def encode_conversations(tokenizer, conversations: list[list[dict]], tools: list | None = None, *,
