@@ -189,9 +189,10 @@ MPT_GOAL = dict(arch="mpt-7b", like="llama-7b", share=0.9, peak_gib=60, times_st
 FIRST_STEP_GOAL_S = 60  # every row of ours
 # batch-1 decode of the 7B shape on the inference runtime's fast path: this share of the memory-bandwidth bound
 DECODE_GOAL = dict(variant="static_cache+compile", share=0.7)
-# master weights whose updates are precise to fp32 (never plain bf16 rounding): every row of ours has them, and the
-# speed goals count only these
-PRECISE_UPDATES = ("fp32", "bf16_stochastic_rounding", "bf16_kahan")
+# bf16 updates precise to fp32 (never plain bf16 rounding); rows whose trainable weights are fp32 are precise too.
+# Every row of ours is, and the speed goals count only these.
+PRECISE_BF16_UPDATES = ("stochastic_rounding", "kahan")
+FP32_WEIGHTS = "fp32 trainable weights"  # a row's settings say this, or bf16_update=<how bf16 weights update>
 
 CPU_ROW_LENGTH = 512
 CPU_MAX_EXAMPLE = 512      # shorter examples on the CPU: sdpa builds a dense [T, T] mask for packed rows
@@ -327,7 +328,7 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
             traceback.print_exc()
             path.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
     return dict(result,
-                settings=f"{setup.derived['precision']}, master={setup.derived['master_weights']}, "
+                settings=f"{setup.derived['precision']}, {update_setting(setup.derived.get('bf16_update'))}, "
                          f"attn={setup.derived['attn_implementation']}, loss={setup.derived['loss_impl']}, "
                          f"rows={cfg.micro_batch_size}x{cfg.max_length} x {cfg.grad_accum_steps} micro-batches, "
                          f"checkpointing={cfg.gradient_checkpointing}"
@@ -618,7 +619,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
         if study is not None:
             parts.append(f"{speed / number(study, 'real_tok_s'):.1f}x the study's recipe "
                          f"({number(study, 'real_tok_s'):,.0f})")
-        parts.append(f"updates {master_weights(ours)} (precise to fp32)")
+        parts.append(f"updates {weight_update(ours)} (precise to fp32)")
         met = speed >= goal["real_tok_s"]
         parts.append(f"goal {goal['real_tok_s']:,}" + (f" within {goal['peak_gib']} GiB" if "peak_gib" in goal else "")
                      + (": met" if met else f": not met ({speed / goal['real_tok_s']:.0%} of it)"))
@@ -636,7 +637,7 @@ def number(row: dict, column: str) -> float:
 
 def fits(row: dict, peak_gib: float) -> bool:
     """Within the memory goal, with updates precise to fp32."""
-    return number(row, "peak_gib") <= peak_gib and master_weights(row) in PRECISE_UPDATES
+    return number(row, "peak_gib") <= peak_gib and precise_updates(row)
 
 
 def fastest(ok: list[dict], arch: str, recipe: str, accept=lambda r: True) -> dict | None:
@@ -674,7 +675,7 @@ def long_goal_line(rows: list[dict], ok: list[dict]) -> list[str]:
                 f"goal: not met"]
     return [f"{head}: ours {number(long, 'real_tok_s'):,.0f} real tok/s ({long['variant']}, MFU "
             f"{number(long, 'mfu'):.1%}, {number(long, 'peak_gib'):.1f} GiB, first step "
-            f"{number(long, 'first_step_s'):.1f} s); {versus_trl(long, ok)}; updates {master_weights(long)} (precise "
+            f"{number(long, 'first_step_s'):.1f} s); {versus_trl(long, ok)}; updates {weight_update(long)} (precise "
             f"to fp32); goal within {goal['peak_gib']} GiB: met"]
 
 
@@ -711,7 +712,7 @@ def precision_goal_line(ok: list[dict]) -> list[str]:
     ours = [r for r in ok if r["recipe"] == "ours"]
     if not ours:
         return []
-    imprecise = [f"{r['variant']}, {master_weights(r)}" for r in ours if master_weights(r) not in PRECISE_UPDATES]
+    imprecise = [f"{r['variant']}, {weight_update(r)}" for r in ours if not precise_updates(r)]
     return [f"updates precise to fp32 (fp32 master weights, stochastic rounding or Kahan summation): "
             f"{len(ours) - len(imprecise)} of {len(ours)} rows of ours"
             + (f" (not: {'; '.join(imprecise)})" if imprecise else "")
@@ -753,10 +754,22 @@ def bandwidth_of(device_name: str) -> float | None:
     return MEMORY_BANDWIDTH[max(matches, key=len)] if matches else None
 
 
-def master_weights(row: dict) -> str | None:
-    """How a row of ours updates its weights, read from its settings ("master=...")."""
-    found = re.search(r"master=(\w+)", str(row.get("settings", "")))
-    return found.group(1) if found else None
+def update_setting(bf16_update: str | None) -> str:
+    """How a row's trainable weights take their updates, as its settings say it (read by weight_update)."""
+    return f"bf16_update={bf16_update}" if bf16_update else FP32_WEIGHTS
+
+
+def weight_update(row: dict) -> str | None:
+    """How a row of ours updates its weights, read from its settings: FP32_WEIGHTS, "bf16_update=..." or None."""
+    settings = str(row.get("settings", ""))
+    found = re.search(r"bf16_update=(\w+)", settings)
+    return found.group(0) if found else FP32_WEIGHTS if FP32_WEIGHTS in settings else None
+
+
+def precise_updates(row: dict) -> bool:
+    """Whether a row's updates are precise to fp32: fp32 trainable weights, or stochastic rounding or Kahan."""
+    update = weight_update(row)
+    return update == FP32_WEIGHTS or update in {f"bf16_update={u}" for u in PRECISE_BF16_UPDATES}
 
 
 def fallback_needed(variant: Variant, rows: list[dict]) -> bool:

@@ -1,7 +1,7 @@
 """Do small updates survive bf16 weights? Loss curves of the AdamW variants of sft.optim on the same
-batches: fp32 master weights, bf16 + stochastic rounding (with fp32 or block-wise 8-bit moments), bf16 +
-Kahan summation, and plain bf16 (which rounds away every update smaller than half a bf16 step of the
-weight).
+batches: fp32 weights, then bf16 weights with each `bf16_update`: stochastic rounding (with fp32 or
+block-wise 8-bit moments), Kahan summation, and "none", plain bf16 (which rounds away every update smaller
+than half a bf16 step of the weight).
 
     python -m bench.precision_compare [--out DIR] [--steps N]
 
@@ -35,15 +35,15 @@ MODEL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden
              num_key_value_heads=2, max_position_embeddings=LENGTH)
 SEED = 0
 SMOOTH = 10                # steps in the plotted moving average
-# curve name: (master_weights, optimizer state dtype)
-VARIANTS = {"fp32": ("fp32", "float32"),
-            "bf16_stochastic_rounding": ("bf16_stochastic_rounding", "float32"),
-            "bf16_stochastic_rounding_int8_states": ("bf16_stochastic_rounding", "int8"),
-            "bf16_kahan": ("bf16_kahan", "float32"),
-            "bf16_plain": ("bf16_plain", "float32")}
+# curve name: (bf16_update, optimizer state dtype); None: fp32 weights (sft.optim.build_optimizer)
+VARIANTS = {"fp32": (None, "float32"),
+            "stochastic_rounding": ("stochastic_rounding", "float32"),
+            "stochastic_rounding_int8_states": ("stochastic_rounding", "int8"),
+            "kahan": ("kahan", "float32"),
+            "none": ("none", "float32")}
 # float8 matmuls in the decoder layers (sft.modeling.convert_to_float8, torchao) over the stochastic-rounding
-# update: the same update, so its curve against bf16_stochastic_rounding shows what float8 compute costs
-FLOAT8 = "bf16_stochastic_rounding_float8"
+# update: the same update, so its curve against stochastic_rounding shows what float8 compute costs
+FLOAT8 = "stochastic_rounding_float8"
 
 
 def markov_batches(steps: int, seed: int = SEED) -> list[torch.Tensor]:
@@ -61,19 +61,19 @@ def markov_batches(steps: int, seed: int = SEED) -> list[torch.Tensor]:
     return batches
 
 
-def train(master_weights: str, state_dtype: str, batches: list[torch.Tensor], device: torch.device,
+def train(bf16_update: str | None, state_dtype: str, batches: list[torch.Tensor], device: torch.device,
           float8: bool = False) -> list[float]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sft.modeling import convert_to_float8
 
     torch.manual_seed(SEED)  # the same initial weights for every variant (rounded to bf16 for the bf16 ones)
-    dtype = torch.float32 if master_weights == "fp32" else torch.bfloat16
+    dtype = torch.float32 if bf16_update is None else torch.bfloat16
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**MODEL), dtype=dtype, attn_implementation="sdpa")
     if float8:
         convert_to_float8(model)
-    optimizer = build_optimizer(model.parameters(), master_weights=master_weights, lr=LR, betas=BETAS, seed=SEED,
+    optimizer = build_optimizer(model.parameters(), bf16_update=bf16_update, lr=LR, betas=BETAS, seed=SEED,
                                 state_dtype=state_dtype)
     losses = []
     for x in batches:
@@ -107,7 +107,7 @@ def plot(curves: dict[str, list[float]], title: str, path: Path) -> None:
         left.plot(losses, color=line.get_color(), alpha=0.15, lw=0.8)
         right.plot([a - b for a, b in zip(smooth, reference)], style, color=line.get_color(), label=name, lw=1.8)
     left.set(xlabel="optimizer step", ylabel=f"training loss ({SMOOTH}-step moving average)")
-    right.set(xlabel="optimizer step", ylabel="loss minus fp32 master's loss")
+    right.set(xlabel="optimizer step", ylabel="loss minus fp32 weights' loss")
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend()
@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     batches = markov_batches(args.steps)
     runs = {name: (*settings, False) for name, settings in VARIANTS.items()}
     if importlib.util.find_spec("torchao") is not None:
-        runs[FLOAT8] = (*VARIANTS["bf16_stochastic_rounding"], True)
+        runs[FLOAT8] = (*VARIANTS["stochastic_rounding"], True)
     else:
         print(f"{FLOAT8}: left out (float8 training needs torchao: pip install torchao)")
     curves = {}
-    for name, (master_weights, state_dtype, float8) in runs.items():
+    for name, (bf16_update, state_dtype, float8) in runs.items():
         start = time.perf_counter()
-        curves[name] = train(master_weights, state_dtype, batches, device, float8)
+        curves[name] = train(bf16_update, state_dtype, batches, device, float8)
         print(f"{name}: loss {curves[name][0]:.3f} -> {sum(curves[name][-SMOOTH:]) / SMOOTH:.3f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         writer.writerow(["step", *curves])
         writer.writerows([step + 1, *(round(curves[n][step], 5) for n in curves)] for step in range(args.steps))
     drop = {n: curves[n][0] - sum(curves[n][-SMOOTH:]) / SMOOTH for n in curves}
-    title = (f"AdamW at lr {LR:g}, {args.steps} steps on the {kind.upper()}; loss drop as a share of fp32 master "
+    title = (f"AdamW at lr {LR:g}, {args.steps} steps on the {kind.upper()}; loss drop as a share of fp32 "
              f"weights' drop:\n" + ", ".join(f"{n} {drop[n] / drop['fp32']:.0%}" for n in curves if n != "fp32"))
     plot(curves, title, args.out / f"precision_{kind}.png")
     print(title)

@@ -158,7 +158,7 @@ def _settings(run: Run) -> str:
     lines = ["## Training settings\n", "| setting | value |", "|---|---|"]
     lines += [f"| `{k}` | `{json.dumps(run.config[k])}` |" for k in SETTINGS_SHOWN
               if k in run.config and run.config[k] is not None]
-    for key in ("precision", "master_weights", "optimizer", "attn_implementation", "optimizer_steps",
+    for key in ("precision", "bf16_update", "optimizer", "attn_implementation", "optimizer_steps",
                 "rows_per_optimizer_step", "num_parameters", "packing_efficiency"):
         if key in run.derived:
             lines.append(f"| `{key}` (derived) | `{json.dumps(run.derived[key])}` |")

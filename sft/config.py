@@ -26,7 +26,7 @@ DEFAULT_RUNS_ROOT = str(Path(__file__).resolve().parents[1] / "runs")
 
 # The choices of each setting, as the types its field is annotated with: validation reads them (typing.get_args).
 Precision = Literal["auto", "fp32", "bf16_autocast", "bf16_pure"]
-Bf16Update = Literal["stochastic_rounding", "kahan"]  # the comparison of bench/ also runs plain bf16 (the optimizer's)
+Bf16Update = Literal["stochastic_rounding", "kahan"]  # of sft.optim.BF16_UPDATES; "none" is for the comparison only
 LrSchedule = Literal["cosine", "linear", "constant"]
 LossOn = Literal["assistant", "all"]
 TooLong = Literal["error", "truncate", "drop"]

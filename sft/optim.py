@@ -2,16 +2,17 @@
 
 Pure-bf16 AdamW silently drops small updates: bf16 has 8 significant bits, so `w + lr * update` rounds
 back to `w` whenever |lr * update| < ulp(w) / 2 (about 0.2% of |w|), which is the normal size of a
-finetuning step. The config field `master_weights` picks how we keep the update precise:
+finetuning step. With `precision="fp32"` or `"bf16_autocast"` the parameters themselves are fp32 (fp32
+master weights under autocast) and the step is plain `torch.optim.AdamW`. With `precision="bf16_pure"`
+the config field `bf16_update` (one name from the setting to `config.json`'s `derived` and the optimizer's
+argument) picks how the bf16 weights keep the update precise:
 
-- "fp32": the parameters themselves are fp32 (fp32 weights, or bf16 autocast over fp32 master weights);
-  plain `torch.optim.AdamW`.
-- "bf16_stochastic_rounding": bf16 weights; the new weight is computed in fp32 and rounded to bf16 up or
-  down with probabilities that make the rounding unbiased, so small updates land on average.
-- "bf16_kahan": bf16 weights plus a bf16 compensation buffer per parameter that carries the bits lost
-  in rounding over to the next step (Kahan summation); costs 2 bytes per parameter.
-- "bf16_plain": bf16 AdamW with round-to-nearest and no compensation. It drops small updates and exists
-  only so that tests and benchmarks can show the problem; do not train with it.
+- "stochastic_rounding": the new weight is computed in fp32 and rounded to bf16 up or down with
+  probabilities that make the rounding unbiased, so small updates land on average.
+- "kahan": a bf16 compensation buffer per parameter carries the bits lost in rounding over to the next
+  step (Kahan summation); costs 2 bytes per parameter.
+- "none": round-to-nearest and no compensation. It drops small updates and is an argument of the
+  optimizer only, so that tests and the precision comparison can show the problem; no run trains with it.
 
 With bf16 weights the moments can be kept in fp32 (8 bytes per parameter), bf16 (4 bytes, stochastically
 rounded so they keep decaying) or int8 (about 2 bytes): block-wise 8-bit states as in Dettmers et al.,
@@ -29,20 +30,20 @@ import torch
 from .errors import ConfigError
 from .kernels import compile_available, kernel
 
-MASTER_WEIGHTS = ("fp32", "bf16_stochastic_rounding", "bf16_kahan", "bf16_plain")
+BF16_UPDATES = ("stochastic_rounding", "kahan", "none")  # see the module docstring
 KERNELS = ("auto", "triton", "torch")  # the step of BF16AdamW with stochastic rounding; see BF16AdamW
 
 
-def master_weights_for(precision: str, bf16_update: str) -> str:
-    """Which of MASTER_WEIGHTS a run's precision and bf16 update give: fp32 masters unless the weights are bf16.
 
-    >>> master_weights_for("bf16_pure", "kahan"), master_weights_for("bf16_autocast", "kahan")
-    ('bf16_kahan', 'fp32')
+def bf16_update_for(precision: str, bf16_update: str) -> str | None:
+    """The bf16 update a run's precision uses: the setting with bf16 weights, None with fp32 weights.
+
+    >>> bf16_update_for("bf16_pure", "kahan"), bf16_update_for("bf16_autocast", "kahan")
+    ('kahan', None)
     """
-    if precision != "bf16_pure":
-        return "fp32"
-    return {"stochastic_rounding": "bf16_stochastic_rounding", "kahan": "bf16_kahan"}[bf16_update]
-_ROUNDING = {"bf16_stochastic_rounding": "stochastic", "bf16_kahan": "kahan", "bf16_plain": "none"}
+    return bf16_update if precision == "bf16_pure" else None
+
+
 # int8 marks block-wise 8-bit states (uint8 codes + an fp32 scale per block), not int8 tensors
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 INT8_BLOCK = 256
@@ -193,8 +194,9 @@ def _int8_midpoints(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) for bf16 parameters, with the math in fp32.
 
-    rounding: "stochastic" rounds the new weight stochastically; "kahan" keeps a bf16 compensation
-    buffer per parameter; "none" rounds to nearest and drops small updates (for demonstration only).
+    bf16_update (one of BF16_UPDATES): "stochastic_rounding" rounds the new weight stochastically; "kahan"
+    keeps a bf16 compensation buffer per parameter; "none" rounds to nearest and drops small updates (for
+    demonstration only).
     state_dtype=torch.bfloat16 halves the moment memory (rounded stochastically, except with "none",
     so that they keep decaying); torch.int8 keeps them as block-wise 8-bit states (see the module
     docstring; stochastic rounding only).
@@ -214,27 +216,28 @@ class BF16AdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rounding: str = "stochastic",
+                 weight_decay: float = 0.0, bf16_update: str = "stochastic_rounding",
                  state_dtype: torch.dtype = torch.float32, seed: int = 0, fused: bool | None = None,
                  kernel: str = "auto"):
-        if rounding not in ("stochastic", "kahan", "none"):
-            raise ConfigError(f"rounding={rounding!r}; expected 'stochastic', 'kahan' or 'none'")
-        if fused and rounding != "stochastic":
-            raise ConfigError(f"fused=True is implemented for stochastic rounding, not {rounding!r}")
+        if bf16_update not in BF16_UPDATES:
+            raise ConfigError(f"bf16_update={bf16_update!r} is not one of {', '.join(BF16_UPDATES)}")
+        stochastic = bf16_update == "stochastic_rounding"
+        if fused and not stochastic:
+            raise ConfigError(f"fused=True is implemented for stochastic rounding, not {bf16_update!r}")
         if kernel not in KERNELS:
             raise ConfigError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
-        if kernel == "triton" and rounding != "stochastic":
-            raise ConfigError(f"kernel='triton' is implemented for stochastic rounding, not {rounding!r}")
+        if kernel == "triton" and not stochastic:
+            raise ConfigError(f"kernel='triton' is implemented for stochastic rounding, not {bf16_update!r}")
         if state_dtype not in _STATE_DTYPES.values():
             raise ConfigError(f"state_dtype={state_dtype}; expected torch.float32, torch.bfloat16 or torch.int8")
-        if state_dtype == torch.int8 and rounding != "stochastic":
-            raise ConfigError(f"8-bit states are implemented for stochastic rounding, not {rounding!r}")
+        if state_dtype == torch.int8 and not stochastic:
+            raise ConfigError(f"8-bit states are implemented for stochastic rounding, not {bf16_update!r}")
         self._index: dict[torch.Tensor, int] = {}  # seeds each parameter's noise
         self._group_of: dict[torch.Tensor, int] = {}
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.rounding, self.state_dtype, self.seed = rounding, state_dtype, seed
+        self.bf16_update, self.state_dtype, self.seed = bf16_update, state_dtype, seed
         params = [p for g in self.param_groups for p in g["params"]]
-        on_gpus = rounding == "stochastic" and all(compile_available(p.device) for p in params)  # with Triton
+        on_gpus = stochastic and all(compile_available(p.device) for p in params)  # with Triton
         self.fused = on_gpus if fused is None else fused
         if kernel == "triton":
             if importlib.util.find_spec("triton") is None:
@@ -249,7 +252,7 @@ class BF16AdamW(torch.optim.Optimizer):
         for p in self.param_groups[-1]["params"]:
             if p.dtype != torch.bfloat16:
                 raise ConfigError(f"BF16AdamW needs bfloat16 parameters, got {p.dtype} "
-                                  "(use master_weights='fp32' for fp32 parameters)")
+                                  "(torch.optim.AdamW steps fp32 parameters: build_optimizer with bf16_update=None)")
             self._index.setdefault(p, len(self._index))
             # the group's position, not its dict: load_state_dict (which accelerate calls) replaces the dicts
             self._group_of[p] = len(self.param_groups) - 1
@@ -320,7 +323,7 @@ class BF16AdamW(torch.optim.Optimizer):
             dtype = torch.float32 if self.state_dtype == torch.int8 else self.state_dtype
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
-        if self.rounding == "kahan":
+        if self.bf16_update == "kahan":
             state["compensation"] = torch.zeros_like(p)
 
     def _kernel_step(self, p: torch.Tensor, group: dict, state: dict, step: float,
@@ -368,7 +371,7 @@ class BF16AdamW(torch.optim.Optimizer):
         p32 = p.float()
         if wd != 0:
             delta.add_(p32, alpha=-lr * wd)
-        if self.rounding == "kahan":
+        if self.bf16_update == "kahan":
             comp = state["compensation"]
             delta.add_(comp)
             new = (p32 + delta).to(torch.bfloat16)
@@ -377,13 +380,13 @@ class BF16AdamW(torch.optim.Optimizer):
             comp.copy_(p32.sub_(new).add_(delta))
             p.copy_(new)
         else:
-            self._store(p, p32.add_(delta), stochastic=self.rounding == "stochastic")
+            self._store(p, p32.add_(delta), stochastic=self.bf16_update == "stochastic_rounding")
 
         if state["exp_avg"].dtype != torch.float32:
             # bf16 moments round stochastically with Kahan weights too: rounded to nearest, v * beta2 lies
             # within half a bf16 step of v, so the second moment would never decay.
-            self._store(state["exp_avg"], exp_avg, stochastic=self.rounding != "none")
-            self._store(state["exp_avg_sq"], exp_avg_sq, stochastic=self.rounding != "none")
+            self._store(state["exp_avg"], exp_avg, stochastic=self.bf16_update != "none")
+            self._store(state["exp_avg_sq"], exp_avg_sq, stochastic=self.bf16_update != "none")
 
     def _int8(self, p: torch.Tensor) -> bool:
         return (self.state_dtype == torch.int8 and p.numel() >= INT8_MIN_NUMEL
@@ -426,33 +429,35 @@ def _tensors(params_or_groups: list) -> list[torch.Tensor]:
     return [p for item in params_or_groups for p in (item["params"] if isinstance(item, dict) else [item])]
 
 
-def build_optimizer(params_or_groups: Iterable, *, master_weights: str, lr: float,
+def build_optimizer(params_or_groups: Iterable, *, bf16_update: str | None, lr: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                     seed: int = 0, state_dtype: str = "float32", fused: bool | None = None,
                     kernel: str = "auto") -> torch.optim.Optimizer:
-    """The AdamW variant named by `master_weights` (one of MASTER_WEIGHTS), see the module docstring; with
-    stochastic rounding, `kernel` (one of KERNELS) picks its step (see BF16AdamW)."""
-    if master_weights not in MASTER_WEIGHTS:
-        raise ConfigError(f"master_weights={master_weights!r} is not one of {', '.join(MASTER_WEIGHTS)}")
+    """AdamW for fp32 parameters (`bf16_update=None`: torch.optim.AdamW) or BF16AdamW with the bf16 update
+    named (one of BF16_UPDATES), see the module docstring; with stochastic rounding, `kernel` (one of
+    KERNELS) picks its step (see BF16AdamW)."""
+    if bf16_update is not None and bf16_update not in BF16_UPDATES:
+        raise ConfigError(f"bf16_update={bf16_update!r} is not one of {', '.join(BF16_UPDATES)} "
+                          "(or None for fp32 parameters)")
     if state_dtype not in _STATE_DTYPES:
         raise ConfigError(f"state_dtype={state_dtype!r} is not one of {', '.join(_STATE_DTYPES)}")
     # Materialise groups (and each group's params) so the dtype checks below do not exhaust iterators.
     params_or_groups = [dict(item, params=_as_list(item["params"])) if isinstance(item, dict) else item
                         for item in params_or_groups]
     tensors = _tensors(params_or_groups)
-    if master_weights == "fp32":
+    if bf16_update is None:
         if any(p.dtype != torch.float32 for p in tensors):
-            raise ConfigError("master_weights='fp32' needs float32 parameters; load the model in float32 "
-                              "(bf16 autocast is fine) or pick a bf16_* master_weights")
+            raise ConfigError("bf16_update=None (torch.optim.AdamW) needs float32 parameters; load the model in "
+                              "float32 (bf16 autocast is fine) or name a bf16_update")
         if state_dtype != "float32":
-            raise ConfigError(f"state_dtype={state_dtype!r} needs a bf16_* master_weights; with 'fp32' the "
-                              "optimizer states are fp32 like the parameters")
+            raise ConfigError(f"state_dtype={state_dtype!r} needs bf16 parameters and a bf16_update; with fp32 "
+                              "parameters the optimizer states are fp32 like them")
         # fused kernels exist only for CUDA; foreach is the fast path elsewhere.
         fast = {"fused": True} if tensors and all(p.is_cuda for p in tensors) else {"foreach": True}
         return torch.optim.AdamW(params_or_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                  **fast)
     return BF16AdamW(params_or_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                     rounding=_ROUNDING[master_weights], state_dtype=_STATE_DTYPES[state_dtype], seed=seed,
+                     bf16_update=bf16_update, state_dtype=_STATE_DTYPES[state_dtype], seed=seed,
                      fused=fused, kernel=kernel)
 
 
@@ -462,7 +467,7 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
         states = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "8-bit block-wise"}[optimizer.state_dtype]
         step = ("triton kernel" if optimizer.kernel == "triton" else "fused compiled" if optimizer.fused
                 else "eager")
-        return f"BF16AdamW ({optimizer.rounding} rounding, {states} states, {step} step)"
+        return f"BF16AdamW ({optimizer.bf16_update}, {states} states, {step} step)"
     defaults = optimizer.defaults
     kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "single-tensor"
     return f"{type(optimizer).__name__} ({kernel})"

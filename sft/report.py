@@ -54,7 +54,7 @@ def demo_results(run: Run) -> str:
              f"{fmt_value(s.get('train_runtime'), 1)} s, "
              f"{fmt_value(s.get('real_tokens_per_second'), 1)} real tokens/s, "
              f"peak memory {fmt_value(s.get('peak_memory_gib'), 2)} GiB ({s.get('peak_memory_kind')}); "
-             f"precision {derived.get('precision')}, master weights {derived.get('master_weights')}. "
+             f"precision {derived.get('precision')}{_bf16_update(derived)}. "
              f"Device: {device.get('type')} {device.get('name')} ({_device_count(device)}); "
              f"torch {packages.get('torch')}, transformers {packages.get('transformers')}.")
     shown = dataclasses.replace(run, samples=run.samples.assign(
@@ -86,6 +86,12 @@ def _shown_reply(sample: pd.Series) -> str:
 def _shown_calls(reference: str) -> str:
     calls = json.loads(reference)
     return " ".join(f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in calls) or "(no call)"
+
+
+def _bf16_update(derived: dict) -> str:
+    """How the weights took their updates: fp32 weights, or bf16 weights with the bf16 update named."""
+    update = derived.get("bf16_update")
+    return f" with bf16_update {update}" if update else " (fp32 weights)"
 
 
 def _device_count(device: dict) -> str:

@@ -21,7 +21,7 @@ from .data import PreparedData, example_lengths, prepare_data, set_aside
 from .errors import ConfigError
 from .evaluation import held_out_batches
 from .loss import LossModel, resolve_loss_impl
-from .optim import (build_optimizer, describe_optimizer, master_weights_for,
+from .optim import (build_optimizer, describe_optimizer, bf16_update_for,
                     param_groups_for_weight_decay)
 from .optim_backward import StepInBackward
 from .packing import MicroBatch, collated_steps, packing_efficiency, plan_steps
@@ -58,8 +58,8 @@ def build(cfg: TrainConfig, data: PreparedData | None = None, *, attn_implementa
     implementation: tests run a CPU kernel in the varlen kernel's place)."""
     from accelerate.utils import set_seed
 
-    accelerator, precision, master = _setup_precision(cfg)
-    zero3 = check_runtime(cfg, accelerator, master)  # before anything is loaded
+    accelerator, precision, bf16_update = _setup_precision(cfg)
+    zero3 = check_runtime(cfg, accelerator, bf16_update)  # before anything is loaded
     device, world = accelerator.device, accelerator.num_processes
     float8 = _setup_float8(cfg, accelerator, precision)  # before the data: a missing torchao costs no tokenizing
     tokenizer, template, system_prompt, system_note = _setup_tokenizer(cfg)
@@ -74,7 +74,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None, *, attn_implementa
     set_seed(cfg.seed)
     model, attention_used = _setup_model(cfg, device, precision, float8, attn_implementation)
     loss_impl, loss_model = _setup_loss(cfg, model, zero3, device)
-    optimizer = _setup_optimizer(cfg, model, master)
+    optimizer = _setup_optimizer(cfg, model, bf16_update)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     if cfg.compile:
         modeling.compile_layers(model, cfg.compile_mode)
@@ -84,7 +84,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None, *, attn_implementa
     in_backward = StepInBackward(inner_optimizer) if cfg.optimizer_in_backward else None
 
     derived = run_description(cfg, accelerator, data, model, inner_optimizer, in_backward is not None, steps,
-                              steps_per_epoch, lengths, precision=precision, master_weights=master,
+                              steps_per_epoch, lengths, precision=precision, bf16_update=bf16_update,
                               attn_implementation=attention_used, float8=float8, loss_impl=loss_impl, template=template,
                               system_prompt=system_prompt, chat_template=template_traits(tokenizer).record(),
                               num_parameters=num_parameters)
@@ -94,7 +94,7 @@ def build(cfg: TrainConfig, data: PreparedData | None = None, *, attn_implementa
 
 
 def _setup_precision(cfg: TrainConfig) -> tuple[object, str, str]:
-    """The accelerator, the precision `auto` resolves to on this machine, and the master weights it keeps."""
+    """The accelerator, the precision `auto` resolves to on this machine, and its bf16 update (None: fp32 weights)."""
     from accelerate import Accelerator
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +103,7 @@ def _setup_precision(cfg: TrainConfig) -> tuple[object, str, str]:
     # join one gloo process group instead of each training alone.
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16_autocast" else "no",
                               cpu=probe.type == "cpu")
-    return accelerator, precision, master_weights_for(precision, cfg.bf16_update)
+    return accelerator, precision, bf16_update_for(precision, cfg.bf16_update)
 
 
 def _setup_float8(cfg: TrainConfig, accelerator, precision: str) -> bool:
@@ -181,9 +181,9 @@ def _setup_loss(cfg: TrainConfig, model, zero3: bool, device: torch.device) -> t
     return loss_impl, LossModel(model, loss_impl, cfg.loss_chunk_tokens).to(device)
 
 
-def _setup_optimizer(cfg: TrainConfig, model, master: str) -> torch.optim.Optimizer:
+def _setup_optimizer(cfg: TrainConfig, model, bf16_update: str | None) -> torch.optim.Optimizer:
     """AdamW over the model's parameters, weight decay only where it belongs."""
-    return build_optimizer(param_groups_for_weight_decay(model, cfg.weight_decay), master_weights=master,
+    return build_optimizer(param_groups_for_weight_decay(model, cfg.weight_decay), bf16_update=bf16_update,
                            lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                            weight_decay=cfg.weight_decay, seed=cfg.seed, state_dtype=cfg.optimizer_state_dtype,
                            kernel=cfg.optimizer_kernel)
@@ -219,18 +219,18 @@ def resolve_attention(cfg: TrainConfig, device: torch.device, precision: str, mo
     return None
 
 
-def check_runtime(cfg: TrainConfig, accelerator, master: str) -> bool:
+def check_runtime(cfg: TrainConfig, accelerator, bf16_update: str | None) -> bool:
     """Refuses the settings that the process layout (FSDP, DeepSpeed, several processes) cannot run, before
     anything is loaded; returns whether DeepSpeed ZeRO-3 partitions the weights."""
     kind = accelerator.distributed_type.name
-    if kind == "FSDP" and master != "fp32":
+    if kind == "FSDP" and bf16_update is not None:
         raise ConfigError("FSDP shards parameters as DTensors, which BF16AdamW's bf16 update does not handle: use "
                           "precision='bf16_autocast' (fp32 master weights) with FSDP, or 'bf16_pure' on one GPU or DDP")
     if cfg.optimizer_in_backward and accelerator.num_processes > 1:
         raise ConfigError(f"optimizer_in_backward: with {accelerator.num_processes} processes the gradients are "
                           f"averaged across processes after each one's backward pass, too late for a step inside "
                           f"it; run it in one process")
-    if kind == "DEEPSPEED" and (cfg.grad_accum_steps != 1 or master != "fp32"):
+    if kind == "DEEPSPEED" and (cfg.grad_accum_steps != 1 or bf16_update is not None):
         raise ConfigError("DeepSpeed steps the optimizer inside every backward pass and keeps its own fp32 master "
                           "weights: use grad_accum_steps=1 (raise micro_batch_size or the process count) and "
                           "precision='bf16_autocast' or 'fp32'")

@@ -94,13 +94,13 @@ def test_cpu_smoke_runs_every_variant_and_counts_only_real_tokens(tmp_path):
     assert "| ours_tiny | ok |" in markdown and "packages: torch" in markdown
 
 
-def test_precision_compare_writes_one_curve_per_master_weights_variant(tmp_path):
+def test_precision_compare_writes_one_curve_per_bf16_update_and_fp32(tmp_path):
     from bench import precision_compare
-    from sft.optim import MASTER_WEIGHTS
+    from sft.optim import BF16_UPDATES
 
     curves = precision_compare.main(["--out", str(tmp_path), "--steps", "3"])
-    assert {master for master, _ in precision_compare.VARIANTS.values()} == set(MASTER_WEIGHTS)
-    assert ("bf16_stochastic_rounding", "int8") in precision_compare.VARIANTS.values()
+    assert {update for update, _ in precision_compare.VARIANTS.values()} == {None, *BF16_UPDATES}
+    assert ("stochastic_rounding", "int8") in precision_compare.VARIANTS.values()
     float8 = [precision_compare.FLOAT8] if importlib.util.find_spec("torchao") else []  # with torchao only
     assert list(curves) == list(precision_compare.VARIANTS) + float8
     rows = list(csv.reader(line for line in open(tmp_path / "precision_cpu.csv") if not line.startswith("#")))
@@ -151,10 +151,10 @@ def test_a_failing_profiler_leaves_the_measured_row(tmp_path, monkeypatch):
     assert (tmp_path / "profile_ours_tiny.txt").read_text() == "profiling failed: RuntimeError: no such sort key\n"
 
 
-def csv_row(variant, recipe, arch, tok, gib, first="10", master="bf16_stochastic_rounding", mfu="", extra=""):
+def csv_row(variant, recipe, arch, tok, gib, first="10", update="bf16_update=stochastic_rounding", mfu="", extra=""):
     """A row as read back from a benchmark CSV: every value a string."""
     return dict(variant=variant, recipe=recipe, arch=arch, status="ok", real_tok_s=str(tok), peak_gib=str(gib),
-                first_step_s=first, mfu=mfu, settings=f"bf16_pure, master={master}, attn=sft_varlen{extra}")
+                first_step_s=first, mfu=mfu, settings=f"bf16_pure, {update}, attn=sft_varlen{extra}")
 
 
 def test_goal_lines_take_our_fastest_row_within_the_memory_goal_as_a_ratio_to_trl_here():
@@ -162,7 +162,7 @@ def test_goal_lines_take_our_fastest_row_within_the_memory_goal_as_a_ratio_to_tr
 
     rows = [csv_row("ours_1b_a", "ours", "llama-1b", 71_000, 30, mfu="0.53"),
             csv_row("ours_1b_b", "ours", "llama-1b", 60_000, 20),
-            csv_row("ours_1b_plain", "ours", "llama-1b", 90_000, 20, master="bf16_plain"),  # imprecise: never counts
+            csv_row("ours_1b_plain", "ours", "llama-1b", 90_000, 20, update="bf16_update=none"),  # imprecise
             csv_row("trl_1b", "trl", "llama-1b", 35_500, 10, mfu="0.265"),
             csv_row("trl_1b_slow", "trl", "llama-1b", 12_000, 10, mfu="0.09"),
             csv_row("study_1b", "study", "llama-1b", 7_100, 11),
@@ -172,14 +172,14 @@ def test_goal_lines_take_our_fastest_row_within_the_memory_goal_as_a_ratio_to_tr
     one_b, seven_b, precise, first = goal_lines(rows)
     assert one_b.startswith("llama-1b: ours 71,000 real tok/s (ours_1b_a, 30.0 GiB")
     assert "; 2.00x TRL's best here (trl_1b, 35,500); 1.51x TRL's best in the anchor (47,149, H100)" in one_b
-    assert "10.0x the study's recipe" in one_b and "updates bf16_stochastic_rounding (precise to fp32)" in one_b
+    assert "10.0x the study's recipe" in one_b and "updates bf16_update=stochastic_rounding (precise to fp32)" in one_b
     assert one_b.endswith("goal 70,000: met")
     assert seven_b.startswith("llama-7b: ours 6,500 real tok/s (ours_7b,")  # the 61 GiB row is over the goal
     # no TRL row on the 7B shape: compared by MFU with TRL's best row of the same invocation
     assert "MFU 26.5%, 1.00x that of TRL's best row here (trl_1b, 26.5%; no TRL row on llama-7b)" in seven_b
     assert seven_b.endswith("goal 13,000 within 60 GiB: not met (50% of it)")
     assert precise == ("updates precise to fp32 (fp32 master weights, stochastic rounding or Kahan summation): 4 of 5 "
-                       "rows of ours (not: ours_1b_plain, bf16_plain); goal every row: not met")
+                       "rows of ours (not: ours_1b_plain, bf16_update=none); goal every row: not met")
     assert first == "time to the first step, ours: at most 70.0 s (ours_7b_big) over 5 runs; goal 60 s for every " \
                     "row: not met"  # the slowest start counts, whatever its speed
     mpt = [csv_row("ours_mpt", "ours", "mpt-7b", 5_850, 55, extra=" (packed ALiBi (flex_attention))", mfu="0.22"),
@@ -198,7 +198,7 @@ def test_the_long_row_goal_is_its_memory_and_names_its_speed_and_mfu():
     line = next(line for line in goal_lines([trl, long]) if line.startswith("llama-8b"))
     assert line == ("llama-8b, rows of 16,384 tokens: ours 9,000 real tok/s (ours_8b_long, MFU 44.0%, 54.2 GiB, first "
                     "step 41.0 s); MFU 44.0%, 2.20x that of TRL's best row here (trl_1b, 20.0%; no TRL row on "
-                    "llama-8b); updates bf16_stochastic_rounding (precise to fp32); goal within 60 GiB: met")
+                    "llama-8b); updates bf16_update=stochastic_rounding (precise to fp32); goal within 60 GiB: met")
     over = dict(long, peak_gib="61.5")
     assert "no successful run of ours with updates precise to fp32 within 60 GiB; goal: not met" in next(
         line for line in goal_lines([trl, over]) if line.startswith("llama-8b"))
@@ -259,8 +259,8 @@ def test_report_renders_every_gpu_benchmark_file_and_the_goals(tmp_path):
 
     header = ("# device: NVIDIA H100 80GB HBM3, CUDA 13.0\n"
               "variant,recipe,arch,status,real_tok_s,peak_gib,first_step_s,settings\n")
-    (tmp_path / "bench_gpu.csv").write_text(header + 'ours_1b,ours,llama-1b,ok,80000,30,12,"master=fp32"\n')
-    (tmp_path / "bench_gpu_run2.csv").write_text(header + 'ours_7b,ours,llama-7b,ok,9000,50,9,"master=bf16_kahan"\n')
+    (tmp_path / "bench_gpu.csv").write_text(header + 'ours_1b,ours,llama-1b,ok,80000,30,12,"fp32 trainable weights"\n')
+    (tmp_path / "bench_gpu_run2.csv").write_text(header + 'ours_7b,ours,llama-7b,ok,9000,50,9,"bf16_update=kahan"\n')
     from bench.bench_sft import write_gpu_goals
 
     write_gpu_goals(tmp_path)  # what the benchmark writes after each of its rows

@@ -110,7 +110,7 @@ def test_mpt7b_dolphin_path_runs_on_a_tiny_mpt(tiny_mpt, tmp_path):
     folder = run(cfg)
     config = json.loads((folder.path / "config.json").read_text())
     assert config["derived"]["template"] == "plain"
-    assert config["derived"]["master_weights"] == "bf16_stochastic_rounding"
+    assert config["derived"]["bf16_update"] == "stochastic_rounding"
     stats = json.loads((folder.path / "data_stats.json").read_text())
     assert stats["format"] == "dolphin" and stats["rows_kept"] == 40
     summary = json.loads((folder.path / "summary.json").read_text())

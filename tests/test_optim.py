@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sft.errors import ConfigError
-from sft.optim import (MASTER_WEIGHTS, BF16AdamW, build_optimizer, param_groups_for_weight_decay,
+from sft.optim import (BF16_UPDATES, BF16AdamW, build_optimizer, param_groups_for_weight_decay,
                        stochastic_round_to_bf16)
 
 # The CUDA cases run where a GPU is (bench/gpu_run.sh runs them with `-k cuda`): there the steps are
@@ -20,9 +20,10 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exponent - 8)
 
 
-def train_on_constant_gradients(master_weights: str, w0: torch.Tensor, grad: torch.Tensor, steps: int, lr: float):
-    w = torch.nn.Parameter(w0.float() if master_weights == "fp32" else w0.clone())
-    opt = build_optimizer([w], master_weights=master_weights, lr=lr)
+def train_on_constant_gradients(bf16_update: str | None, w0: torch.Tensor, grad: torch.Tensor, steps: int,
+                                lr: float):
+    w = torch.nn.Parameter(w0.float() if bf16_update is None else w0.clone())
+    opt = build_optimizer([w], bf16_update=bf16_update, lr=lr)
     for _ in range(steps):
         w.grad = grad.to(w.dtype)
         opt.step()
@@ -37,26 +38,26 @@ def test_small_updates_are_lost_in_plain_bf16_but_kept_by_stochastic_rounding_an
     sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0
     w0 = (sign * (1 + torch.rand(n, generator=gen))).to(torch.bfloat16)
     grad = torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0  # each weight moves up or down
-    runs = {mw: train_on_constant_gradients(mw, w0, grad, steps, lr) for mw in MASTER_WEIGHTS}
-    ref = runs["fp32"]
+    runs = {update: train_on_constant_gradients(update, w0, grad, steps, lr) for update in (None, *BF16_UPDATES)}
+    ref = runs[None]  # fp32 weights
     moved = lambda w: ((w0.float() - w) * grad).mean().item()  # distance travelled against the gradient
 
     assert moved(ref) == pytest.approx(steps * lr, rel=1e-3)
-    assert torch.equal(runs["bf16_plain"], w0.float())  # not a single step landed
+    assert torch.equal(runs["none"], w0.float())  # not a single step landed
     # Kahan keeps the exact trajectory in weight + compensation, so the bf16 weight is the exact weight
     # rounded to nearest (<= 0.5 ulp, plus the compensation's own bf16 rounding): allow 1 ulp.
-    assert ((runs["bf16_kahan"] - ref).abs() <= bf16_ulp(ref)).all()
+    assert ((runs["kahan"] - ref).abs() <= bf16_ulp(ref)).all()
     # Stochastic rounding is unbiased but each weight does a random walk around the exact trajectory:
     # per step the error has std ulp * sqrt(p(1-p)) with p = lr/ulp ~ 0.13, so after 200 steps about
     # 4.7 ulp ~ 0.037 per weight; the mean over 4096 weights has std ~ 6e-4. Allow 5 sigma on the mean
     # and twice the expected per-weight rms.
-    sr = runs["bf16_stochastic_rounding"]
+    sr = runs["stochastic_rounding"]
     assert moved(sr) == pytest.approx(moved(ref), abs=3e-3)
     assert (sr - ref).pow(2).mean().sqrt() < 0.075
 
 
-@pytest.mark.parametrize("rounding", ["stochastic", "kahan", "none"])
-def test_one_step_matches_torch_adamw_within_one_bf16_ulp(rounding):
+@pytest.mark.parametrize("bf16_update", ["stochastic_rounding", "kahan", "none"])
+def test_one_step_matches_torch_adamw_within_one_bf16_ulp(bf16_update):
     gen = torch.Generator().manual_seed(1)
     w0 = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
     grad = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
@@ -67,7 +68,7 @@ def test_one_step_matches_torch_adamw_within_one_bf16_ulp(rounding):
     ref.grad = grad.float()
     ref_opt.step()
     w = torch.nn.Parameter(w0.clone())
-    opt = BF16AdamW([w], rounding=rounding, **hyper)
+    opt = BF16AdamW([w], bf16_update=bf16_update, **hyper)
     w.grad = grad.clone()
     opt.step()
 
@@ -76,7 +77,7 @@ def test_one_step_matches_torch_adamw_within_one_bf16_ulp(rounding):
     assert ((w.float() - ref.detach()).abs() <= bf16_ulp(ref.detach())).all()
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(opt.state[w][key], ref_opt.state[ref][key])
-    if rounding != "stochastic":  # round to nearest: nearly always the very same bf16 value
+    if bf16_update != "stochastic_rounding":  # round to nearest: nearly always the very same bf16 value
         assert (w != ref.detach().to(torch.bfloat16)).float().mean() < 0.01
 
 
@@ -94,7 +95,7 @@ def test_stochastic_rounding_is_unbiased_for_both_signs():
 
 def test_lr_is_read_per_param_group_each_step():
     frozen, moving = (torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)) for _ in range(2))
-    opt = BF16AdamW([{"params": [frozen], "lr": 0.0}, {"params": [moving]}], lr=0.0, rounding="kahan")
+    opt = BF16AdamW([{"params": [frozen], "lr": 0.0}, {"params": [moving]}], lr=0.0, bf16_update="kahan")
     opt.param_groups[1]["lr"] = 0.1  # what an LR scheduler does
     frozen.grad, moving.grad = torch.ones(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)
     opt.step()
@@ -102,17 +103,17 @@ def test_lr_is_read_per_param_group_each_step():
     assert torch.allclose(moving.float(), torch.full((4,), 0.9), atol=2**-8)
 
 
-@pytest.mark.parametrize("master_weights,state_dtype", [("bf16_stochastic_rounding", "float32"),
-                                                        ("bf16_stochastic_rounding", "bfloat16"),
-                                                        ("bf16_kahan", "float32"), ("bf16_kahan", "bfloat16")])
-def test_resume_from_state_dict_continues_bitwise_identically(master_weights, state_dtype):
+@pytest.mark.parametrize("bf16_update,state_dtype", [("stochastic_rounding", "float32"),
+                                                        ("stochastic_rounding", "bfloat16"),
+                                                        ("kahan", "float32"), ("kahan", "bfloat16")])
+def test_resume_from_state_dict_continues_bitwise_identically(bf16_update, state_dtype):
     torch.manual_seed(3)
     data = [(torch.randn(8, 16).to(torch.bfloat16), torch.randn(8, 4).to(torch.bfloat16)) for _ in range(6)]
 
     def setup(seed):
         model = torch.nn.Linear(16, 4).to(torch.bfloat16)
         groups = param_groups_for_weight_decay(model, weight_decay=0.1)
-        return model, build_optimizer(groups, master_weights=master_weights, lr=1e-3, seed=seed,
+        return model, build_optimizer(groups, bf16_update=bf16_update, lr=1e-3, seed=seed,
                                       state_dtype=state_dtype)
 
     def train(model, opt, batches):
@@ -152,19 +153,19 @@ def test_weight_decay_groups_exclude_params_with_fewer_than_two_dims():
     assert {id(p) for p in no_decay["params"]} == {id(model[1].bias), id(model[2].weight)}  # frozen: left out
 
 
-def test_build_optimizer_rejects_unknown_master_weights_naming_the_valid_ones():
-    params = [torch.nn.Parameter(torch.ones(2))]
+def test_build_optimizer_rejects_unknown_bf16_update_naming_the_valid_ones():
+    params = [torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]
     with pytest.raises(ConfigError) as err:
-        build_optimizer(params, master_weights="bf16", lr=1e-3)
+        build_optimizer(params, bf16_update="bf16", lr=1e-3)
     assert "'bf16'" in str(err.value)
-    assert all(name in str(err.value) for name in MASTER_WEIGHTS)
+    assert all(name in str(err.value) for name in BF16_UPDATES)
 
 
-def test_build_optimizer_refuses_fp32_master_weights_on_bf16_params():
-    # torch.optim.AdamW on bf16 params is exactly bf16_plain; it must not pass as "fp32".
+def test_build_optimizer_refuses_torch_adamw_on_bf16_params():
+    # torch.optim.AdamW on bf16 params is exactly bf16_update="none"; it must not pass as fp32 weights.
     with pytest.raises(ConfigError, match="float32 parameters"):
-        build_optimizer([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], master_weights="fp32", lr=1e-3)
-    opt = build_optimizer([torch.nn.Parameter(torch.ones(2))], master_weights="fp32", lr=1e-3)
+        build_optimizer([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], bf16_update=None, lr=1e-3)
+    opt = build_optimizer([torch.nn.Parameter(torch.ones(2))], bf16_update=None, lr=1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"]
 
 
@@ -180,7 +181,7 @@ def test_fused_step_equals_the_eager_step_up_to_the_rounding_draw(state_dtype, d
     ref = torch.nn.Parameter(w0.float())  # fp32 reference trajectory with the same moments
     ref_opt = torch.optim.AdamW([ref], foreach=False, **{k: v for k, v in hyper.items() if k != "state_dtype"})
     w = torch.nn.Parameter(w0.clone().to(device))
-    opt = BF16AdamW([w], rounding="stochastic", fused=True, **dict(hyper, state_dtype=state_dtype))
+    opt = BF16AdamW([w], bf16_update="stochastic_rounding", fused=True, **dict(hyper, state_dtype=state_dtype))
     assert opt.fused
     for grad in grads:
         ref.data.copy_(w.detach().float())  # compare one step at a time, from the same bf16 weights
@@ -211,9 +212,10 @@ def test_fused_step_keeps_small_updates_like_the_eager_one(state_dtype):
     gen = torch.Generator().manual_seed(0)
     w0 = ((torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0) * (1 + torch.rand(n, generator=gen))).to(torch.bfloat16)
     grad = torch.randint(0, 2, (n,), generator=gen) * 2 - 1.0
-    ref = train_on_constant_gradients("fp32", w0, grad, steps, lr)
+    ref = train_on_constant_gradients(None, w0, grad, steps, lr)
     w = torch.nn.Parameter(w0.clone())
-    opt = BF16AdamW([w], lr=lr, betas=(0.9, 0.95), rounding="stochastic", fused=True, state_dtype=state_dtype)
+    opt = BF16AdamW([w], lr=lr, betas=(0.9, 0.95), bf16_update="stochastic_rounding", fused=True,
+                    state_dtype=state_dtype)
     for _ in range(steps):
         w.grad = grad.to(torch.bfloat16)
         opt.step()
@@ -224,10 +226,10 @@ def test_fused_step_keeps_small_updates_like_the_eager_one(state_dtype):
 
 def test_fused_is_for_stochastic_rounding_and_auto_only_on_cuda():
     w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    opt = BF16AdamW([w], rounding="stochastic")
+    opt = BF16AdamW([w], bf16_update="stochastic_rounding")
     assert not opt.fused and opt.kernel == "torch"  # a CPU parameter: the eager step, not the Triton kernel
     with pytest.raises(ConfigError, match="fused=True is implemented for stochastic rounding"):
-        BF16AdamW([w], rounding="kahan", fused=True)
+        BF16AdamW([w], bf16_update="kahan", fused=True)
     with pytest.raises(ConfigError, match="kernel='cuda' is not one of auto, triton, torch"):
         BF16AdamW([w], kernel="cuda")
 
@@ -263,14 +265,15 @@ def fused_run(steps: int, seed: int, disturb: bool = False, resume_at: int | Non
     gen = torch.Generator().manual_seed(5)
     w = torch.nn.Parameter(torch.randn(4096, generator=gen).to(torch.bfloat16).to(device))
     grads = [torch.randn(4096, generator=gen).to(torch.bfloat16).to(device) for _ in range(steps)]
-    opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed, state_dtype=state_dtype)
+    opt = BF16AdamW([w], lr=1e-3, bf16_update="stochastic_rounding", fused=True, seed=seed, state_dtype=state_dtype)
     for k, grad in enumerate(grads):
         if disturb:
             torch.rand(k + 1, device=device)
         if k == resume_at:
             saved = io.BytesIO()
             torch.save(opt.state_dict(), saved)
-            opt = BF16AdamW([w], lr=1e-3, rounding="stochastic", fused=True, seed=seed, state_dtype=state_dtype)
+            opt = BF16AdamW([w], lr=1e-3, bf16_update="stochastic_rounding", fused=True, seed=seed,
+                            state_dtype=state_dtype)
             opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
         w.grad = grad
         opt.step()
@@ -298,7 +301,7 @@ def test_fused_rounding_noise_depends_only_on_the_seed_and_the_step(state_dtype,
 
 def test_a_non_contiguous_parameter_takes_the_eager_step():
     w = torch.nn.Parameter(torch.randn(8, 6).to(torch.bfloat16).t())  # a transposed view: not contiguous
-    opt = BF16AdamW([w], lr=1e-2, rounding="stochastic", fused=True)
+    opt = BF16AdamW([w], lr=1e-2, bf16_update="stochastic_rounding", fused=True)
     w.grad = torch.ones_like(w)
     opt.step()
     assert (w.detach().float() < 10).all() and opt.state[w]["step"].item() == 1
@@ -371,12 +374,12 @@ def test_int8_states_follow_fp32_adamw_on_a_regression(fused):
 def test_int8_states_need_stochastic_rounding():
     w = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     with pytest.raises(ConfigError, match="8-bit states are implemented for stochastic rounding"):
-        BF16AdamW([w], rounding="kahan", state_dtype=torch.int8)
+        BF16AdamW([w], bf16_update="kahan", state_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rounding,state_dtype", [("kahan", torch.float32), ("stochastic", torch.int8)])
-def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_at_a_time(rounding, state_dtype,
+@pytest.mark.parametrize("bf16_update,state_dtype", [("kahan", torch.float32), ("stochastic_rounding", torch.int8)])
+def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_at_a_time(bf16_update, state_dtype,
                                                                                           device):
     """Kahan's update has no noise, and the 8-bit step seeds its noise per parameter: stepping inside the
     backward pass, in the backward's order, gives the very weights of stepping after it."""
@@ -394,7 +397,7 @@ def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_
         return net(x).float().pow(2).mean()
 
     reference = model()
-    ref_opt = BF16AdamW(reference.parameters(), lr=1e-2, rounding=rounding, state_dtype=state_dtype)
+    ref_opt = BF16AdamW(reference.parameters(), lr=1e-2, bf16_update=bf16_update, state_dtype=state_dtype)
     ref_norms = []
     for x in batches:
         loss(reference, x).backward()
@@ -403,7 +406,7 @@ def test_step_in_backward_equals_the_step_after_backward_and_holds_one_gradient_
         ref_opt.zero_grad()
 
     net = model()
-    opt = BF16AdamW(net.parameters(), lr=1e-2, rounding=rounding, state_dtype=state_dtype)
+    opt = BF16AdamW(net.parameters(), lr=1e-2, bf16_update=bf16_update, state_dtype=state_dtype)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     in_backward = StepInBackward(opt)
     live, step_parameter = [], opt.step_parameter
@@ -434,11 +437,11 @@ def test_parameters_added_later_get_their_own_noise_seed_and_the_dtype_check():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))]})
 
 
-@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
-def test_bf16_second_moment_keeps_decaying_with_either_weight_rounding(rounding):
+@pytest.mark.parametrize("bf16_update", ["stochastic_rounding", "kahan"])
+def test_bf16_second_moment_keeps_decaying_with_either_weight_rounding(bf16_update):
     """v <- 0.999 v moves v by less than half a bf16 step: rounded to nearest, v would stay where it is."""
     w = torch.zeros(4096, dtype=torch.bfloat16, requires_grad=True)
-    opt = BF16AdamW([w], lr=1e-3, betas=(0.9, 0.999), rounding=rounding, state_dtype=torch.bfloat16, fused=False)
+    opt = BF16AdamW([w], lr=1e-3, betas=(0.9, 0.999), bf16_update=bf16_update, state_dtype=torch.bfloat16, fused=False)
     v_exact = torch.zeros(())
     for g in [1.0] + [1e-3] * 1999:
         w.grad = torch.full_like(w, g)

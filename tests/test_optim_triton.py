@@ -137,7 +137,7 @@ def test_computed_codes_equal_the_searched_ones_on_midpoints_and_decade_edges(in
 
 
 def test_the_run_records_that_the_triton_kernel_steps(interpreted):
-    assert interpreted["description"] == "BF16AdamW (stochastic rounding, 8-bit block-wise states, triton kernel step)"
+    assert interpreted["description"] == "BF16AdamW (stochastic_rounding, 8-bit block-wise states, triton kernel step)"
 
 
 def test_triton_is_refused_for_cpu_tensors_outside_the_interpreter():
@@ -147,7 +147,7 @@ def test_triton_is_refused_for_cpu_tensors_outside_the_interpreter():
     with pytest.raises(ConfigError, match="kernel='triton' steps CUDA tensors"):
         BF16AdamW([w], kernel="triton")
     with pytest.raises(ConfigError, match="kernel='triton' is implemented for stochastic rounding"):
-        BF16AdamW([w], rounding="kahan", kernel="triton")
+        BF16AdamW([w], bf16_update="kahan", kernel="triton")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

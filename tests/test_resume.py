@@ -131,8 +131,8 @@ def test_a_run_with_8bit_optimizer_states_resumes_bitwise(tiny_config, tmp_path)
                            optimizer_state_dtype="int8", task_metric=None, num_samples=0).to_dict()
     reference = run(TrainConfig(**dict(settings, runs_root=str(tmp_path / "reference")))).path
     derived = json.loads((reference / "config.json").read_text())["derived"]
-    assert derived["optimizer"] == "BF16AdamW (stochastic rounding, 8-bit block-wise states, eager step)"
-    assert derived["master_weights"] == "bf16_stochastic_rounding"
+    assert derived["optimizer"] == "BF16AdamW (stochastic_rounding, 8-bit block-wise states, eager step)"
+    assert derived["bf16_update"] == "stochastic_rounding"
 
     settings = dict(settings, runs_root=str(tmp_path / "killed"))
     proc = run_child(settings, 3, "SIGTERM")

@@ -34,7 +34,7 @@ def test_run_folder_has_every_file_and_field(tiny_config):
     assert {"config.json", "env.json", "data_stats.json", "metrics.jsonl", "samples.jsonl", "summary.json",
             "loss_curves.png", "model"} <= names
     config = json.loads((folder.path / "config.json").read_text())
-    assert config["config"]["lr"] == 1e-3 and config["derived"]["master_weights"] == "fp32"
+    assert config["config"]["lr"] == 1e-3 and config["derived"]["bf16_update"] is None
     assert config["derived"]["optimizer"] == "AdamW (foreach)"  # the optimizer itself, not accelerate's wrapper
     assert config["derived"]["optimizer_steps"] == 3
     env = json.loads((folder.path / "env.json").read_text())
