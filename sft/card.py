@@ -26,7 +26,9 @@ SETTINGS_SHOWN = ("model", "model_revision", "dataset", "datasets", "dataset_rev
                   "template", "system_prompt", "max_length", "loss_on", "packing", "epochs", "max_steps",
                   "micro_batch_size", "grad_accum_steps", "lr", "lr_schedule", "warmup_ratio", "min_lr_ratio",
                   "weight_decay", "adam_betas", "max_grad_norm", "seed", "precision", "bf16_update",
-                  "optimizer_state_dtype", "gradient_checkpointing", "compile")
+                  "optimizer_state_dtype", "gradient_checkpointing", "compile", "finetune")
+ADAPTER_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "use_rslora",
+                    "modules_to_save", "load_in_4bit", "merge_adapter")
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -74,7 +76,15 @@ def data_sources(config: dict) -> dict[str, bool]:
     return found
 
 
-def card_data(run: Run):
+def adapter_kind(config: dict) -> str | None:
+    """What an adapter run trained, as the card names it: "LoRA", "DoRA", "QLoRA" (None: a full finetune)."""
+    if config.get("finetune", "full") == "full":
+        return None
+    return ("Q" if config.get("load_in_4bit") else "") + ("DoRA" if config.get("use_dora") else "LoRA")
+
+
+def card_data(run: Run, merged: bool = False):
+    """The metadata block; `merged`: the card of model_merged/, a plain transformers model."""
     from huggingface_hub import EvalResult, ModelCardData
 
     base, licence = base_model(run.config)
@@ -87,29 +97,46 @@ def card_data(run: Run):
             results.append(EvalResult(task_type="text-generation", dataset_type=_hub_id(eval_name) or "local",
                                       dataset_name=f"{Path(eval_name).name} (held out)", metric_type=metric,
                                       metric_name=f"held-out {metric}", metric_value=round(float(value), 4)))
+    kind = adapter_kind(run.config)
+    tags = ["sft", "full-finetune"] if kind is None else ["sft", "peft", kind.lower()] + (["merged"] if merged else [])
     return ModelCardData(base_model=base, datasets=hub_datasets or None, license=licence,
-                         library_name="transformers", pipeline_tag="text-generation",
-                         tags=["sft", "full-finetune"], model_name=run.name, eval_results=results or None)
+                         library_name="peft" if kind and not merged else "transformers",
+                         pipeline_tag="text-generation", tags=tags, model_name=run.name,
+                         eval_results=results or None)
 
 
-def card_text(run_dir) -> str:
+def card_text(run_dir, merged: bool = False) -> str:
     """The card of a run folder (its config.json, env.json, data_stats.json, metrics.jsonl, samples.jsonl and
-    summary.json)."""
+    summary.json); `merged`: of its model_merged/ folder (an adapter run's base with the adapter merged)."""
     run = load_run(run_dir)
     if run.summary.get("status") != "completed":
         raise DataError(f"{run.path}: the run has not completed (status {run.status!r}); a card describes a "
                         f"finished model")
-    data = card_data(run)
+    data = card_data(run, merged)
     base, _ = base_model(run.config)
     names = ", ".join(f"`{d['name']}`" for d in datasets_of(run.config))
     parts = [f"# {run.name}\n",
-             f"Full-parameter supervised finetune of `{base or run.config['model']}`"
+             f"{_what_trained(run, merged)} `{base or run.config['model']}`"
              + (f" (revision `{run.config['model_revision']}`)" if run.config.get("model_revision") else "")
              + f" on {names}, with loss on "
              f"{'assistant tokens only' if run.config['loss_on'] == 'assistant' else 'all tokens'}.\n",
              _off_hub(run), _results(run), _usage(run), _settings(run), _data(run), _curve(run), _samples(run),
              _environment(run)]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(p for p in parts if p)
+
+
+def _what_trained(run: Run, merged: bool) -> str:
+    """The card's first words: a full finetune, or the adapter with its size, merged into the base or not."""
+    kind = adapter_kind(run.config)
+    if kind is None:
+        return "Full-parameter supervised finetune of"
+    adapter, derived = run.derived.get("adapter") or {}, run.derived
+    share = derived.get("trainable_parameters", 0) / max(1, derived.get("num_parameters", 1))
+    size = (f"rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
+            f"{', '.join(adapter.get('target_modules') or [])}; {derived.get('trainable_parameters', 0):,} trainable "
+            f"parameters, {share:.2%} of {derived.get('num_parameters', 0):,}")
+    return (f"{kind} adapter ({size})" + (", merged into its base model" if merged else "")
+            + " from supervised finetuning of")
 
 
 def _off_hub(run: Run) -> str:
@@ -151,15 +178,30 @@ def _usage(run: Run) -> str:
             "                                       return_dict=True)\n"
             f"out = model.generate(**inputs, max_new_tokens={cfg['max_new_tokens']}, {sampling})\n"
             'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n```\n'
-            "\nOr, with this toolkit: `python -m sft.chat <this folder>`.\n")
+            + _adapter_usage(run)
+            + "\nOr, with this toolkit: `python -m sft.chat <this folder>`.\n")
+
+
+def _adapter_usage(run: Run) -> str:
+    """How an adapter folder loads: transformers applies it to the base it names, when peft is installed."""
+    if adapter_kind(run.config) is None:
+        return ""
+    base, _ = base_model(run.config)
+    model = run.config["model"]
+    where = ("" if _hub_id(model) else f"; the base is `{model}`, which this toolkit loads"
+             + (f" (its hub counterpart: `{base}`)" if base else ""))
+    return ("\nThis folder holds the adapter (peft's `adapter_config.json` and `adapter_model.safetensors`): with "
+            f"peft installed, `from_pretrained` loads its base model and applies it{where}. `model_merged/`, when "
+            "the run wrote it, is the base with the adapter merged, for serving without peft.\n")
 
 
 def _settings(run: Run) -> str:
     lines = ["## Training settings\n", "| setting | value |", "|---|---|"]
-    lines += [f"| `{k}` | `{json.dumps(run.config[k])}` |" for k in SETTINGS_SHOWN
+    shown = SETTINGS_SHOWN + (ADAPTER_SETTINGS if adapter_kind(run.config) else ())
+    lines += [f"| `{k}` | `{json.dumps(run.config[k])}` |" for k in shown
               if k in run.config and run.config[k] is not None]
-    for key in ("precision", "bf16_update", "optimizer", "attn_implementation", "optimizer_steps",
-                "rows_per_optimizer_step", "num_parameters", "packing_efficiency"):
+    for key in ("precision", "bf16_update", "trainable_parameters", "optimizer", "attn_implementation",
+                "optimizer_steps", "rows_per_optimizer_step", "num_parameters", "packing_efficiency"):
         if key in run.derived:
             lines.append(f"| `{key}` (derived) | `{json.dumps(run.derived[key])}` |")
     return "\n".join(lines) + "\n"
@@ -213,15 +255,19 @@ def _environment(run: Run) -> str:
 
 
 def write_card(run_dir) -> Path:
-    """Writes model/README.md (and the loss curve beside it) into a completed run's folder."""
+    """Writes model/README.md (and the loss curve beside it) into a completed run's folder, and the card of
+    model_merged/ when an adapter run merged its adapter."""
     run_dir = Path(run_dir)
     model_dir = run_dir / "model"
     text = card_text(run_dir)
     if not model_dir.is_dir():
         raise DataError(f"{run_dir}: has no model/ folder (the run was made with save_model=False)")
-    if (run_dir / "loss_curves.png").exists():
-        shutil.copyfile(run_dir / "loss_curves.png", model_dir / "loss_curves.png")
-    (model_dir / "README.md").write_text(text)
+    for folder, card in ((model_dir, text), (run_dir / "model_merged", None)):
+        if not folder.is_dir():
+            continue
+        if (run_dir / "loss_curves.png").exists():
+            shutil.copyfile(run_dir / "loss_curves.png", folder / "loss_curves.png")
+        (folder / "README.md").write_text(card or card_text(run_dir, merged=True))
     return model_dir / "README.md"
 
 

@@ -27,6 +27,7 @@ import torch
 from .config import TrainConfig
 from .errors import ConfigError, SFTError
 from .generation import Decoding, generation_config, only_given_settings
+from .modeling import is_model_folder
 from .run_folder import read_config
 from .template_traits import Reply, parse_reply
 from .templates import encode_chat
@@ -41,11 +42,11 @@ def resolve(path: str) -> tuple[str, Decoding]:
     folder = Path(path)
     record = read_config(folder)
     if record is not None and "config" in record:
-        if not (folder / "model" / "config.json").is_file():
+        if not is_model_folder(folder / "model"):
             raise ConfigError(f"{folder}: the run saved no model (model/ is missing; it was made with "
                               f"save_model=False or has not finished)")
         return str(folder / "model"), Decoding.from_config(record["config"])
-    if not path.startswith("embedded:") and not (folder / "config.json").is_file():
+    if not path.startswith("embedded:") and not is_model_folder(folder):
         raise ConfigError(f"{path}: neither a run folder nor a model folder (no config.json)")
     return path, Decoding()
 

@@ -38,7 +38,9 @@ def checkpoints(run_path: Path) -> list[Path]:
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    """The bytes of a checkpoint: the trainable weights (all of them in full finetuning; an adapter run's
+    checkpoints hold no frozen weight, see sft.lora) and the optimizer's states."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     states = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor))
     return params + states

@@ -39,6 +39,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"
 DatasetFormat = Literal[("auto", *FORMATS)]
 TaskMetric = Literal["exact_match", "tool_call_match"]
 Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow"]
+Finetune = Literal["full", "lora"]
 TEMPLATES = ("auto", "tokenizer", "plain", "chatml-tools")  # or the path of a .jinja file, so the field is a str
 
 
@@ -96,7 +97,21 @@ class TrainConfig:
     adam_eps: float = 1e-8               # AdamW's epsilon
     max_grad_norm: float | None = 1.0    # gradients clipped to this global norm; None: not clipped
     seed: int = 42                       # the held-out split, shares, batch order, initialization and sampling
-    precision: Precision = "auto"        # "auto": bf16_autocast on a bf16-capable GPU, fp32 on the CPU
+    finetune: Finetune = "full"          # "full": every weight trains; "lora": low-rank adapters (peft), base frozen
+    lora_r: int = 16                     # with lora: the adapters' rank
+    lora_alpha: float = 32               # with lora: adapter outputs scale by lora_alpha / lora_r (rslora: / sqrt(r))
+    lora_dropout: float = 0.0            # with lora: dropout on the adapters' input
+    lora_target_modules: str | tuple[str, ...] = "all-linear"  # with lora: "all-linear" (every linear layer
+                                         # but the output head), or module names such as ("q_proj", "v_proj")
+    use_dora: bool = False               # with lora: DoRA, weight-decomposed adapters (a trained magnitude per output)
+    use_rslora: bool = False             # with lora: rank-stabilized scaling, lora_alpha / sqrt(lora_r)
+    modules_to_save: tuple[str, ...] | None = None  # with lora: modules trained in full beside the adapters and
+                                         # saved with them, e.g. ("embed_tokens", "lm_head") when tokens are added
+    load_in_4bit: bool = False           # with lora: QLoRA, the frozen base in 4-bit NF4 with double quantization
+                                         # and bf16 compute (bitsandbytes, CUDA GPUs)
+    merge_adapter: bool = False          # with lora: also write the base with the adapters merged to model_merged/
+    precision: Precision = "auto"        # "auto": bf16_autocast on a bf16-capable GPU (bf16_pure with lora, whose
+                                         # trainable weights are fp32 anyway), fp32 on the CPU
     bf16_update: Bf16Update = "stochastic_rounding"  # how pure-bf16 weights keep small updates
     optimizer_state_dtype: StateDtype = "float32"  # "bfloat16" halves AdamW's moments, "int8" quarters them (bf16_pure)
     optimizer_kernel: OptimizerKernel = "auto"  # AdamW step (bf16_pure): "triton" or "torch"; "auto": triton on GPUs
@@ -140,6 +155,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._check_types()
         self._check_choices()
+        self._check_lora()
         self._check_precision()
         self._check_optimizer()
         self._check_outputs()
@@ -175,6 +191,30 @@ class TrainConfig:
                               f"got {self.reasoning_tags!r}")
         if len(set(self.report_to)) != len(self.report_to):
             raise ConfigError(f"report_to: names a tracker twice: {list(self.report_to)}")
+
+    def _check_lora(self) -> None:
+        """The adapter settings, and what adapters cannot be combined with."""
+        if self.finetune == "full":
+            for name in LORA_SETTINGS:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise ConfigError(f"{name}: applies to adapters; set finetune='lora' to train them")
+            return
+        _positive("lora_r", self.lora_r)
+        _positive("lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        targets = (self.lora_target_modules,) if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+        if not targets or not all(isinstance(t, str) and t.strip() for t in (*targets, *(self.modules_to_save or ()))):
+            raise ConfigError(f"lora_target_modules: 'all-linear' or module names, got {self.lora_target_modules!r}")
+        for name, value, why in LORA_CONFLICTS:
+            if getattr(self, name) == value:
+                raise ConfigError(f"{name}: {value!r} cannot be combined with finetune='lora': {why}")
+        if self.modules_to_save and self.precision == "bf16_pure":
+            raise ConfigError("modules_to_save: modules trained in full need fp32 weights beside the bf16 base, "
+                              "which precision='bf16_pure' does not keep; use precision='bf16_autocast' (or 'auto')")
+        if self.load_in_4bit and self.precision == "fp32":
+            raise ConfigError("load_in_4bit: the 4-bit base computes in bf16; use precision 'bf16_pure', "
+                              "'bf16_autocast' or 'auto'")
 
     def _check_precision(self) -> None:
         """Settings that only work with some precisions."""
@@ -307,6 +347,19 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "use_rslora",
+                 "modules_to_save", "load_in_4bit", "merge_adapter")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+# (setting, value, why): each is one clear error with finetune="lora"
+LORA_CONFLICTS = (
+    ("optimizer_state_dtype", "bfloat16", "the adapters' weights are fp32 and keep fp32 AdamW states"),
+    ("optimizer_state_dtype", "int8", "the adapters' weights are fp32 and keep fp32 AdamW states"),
+    ("optimizer_kernel", "triton", "it steps bf16 weights, and the adapters' weights are fp32"),
+    ("optimizer_in_backward", True, "it steps bf16 weights one at a time, and the adapters' are fp32"),
+    ("float8", True, "float8 matmuls would also take over the adapters' own small linear layers"),
+)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from .config import Source, TrainConfig
 from .errors import ConfigError, SFTError
+from .modeling import is_model_folder
 from .run_folder import HELDOUT, HELDOUT_MAX_BYTES, read_config, write_json_atomic
 
 
@@ -49,7 +50,7 @@ def evaluate(run_dir, *, dataset: str | None = None, dataset_format: str = "auto
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     model_path = model or str(run_dir / "model")
-    if model is None and not (run_dir / "model" / "config.json").is_file():
+    if model is None and not is_model_folder(run_dir / "model"):
         raise ConfigError(f"{run_dir}: the run saved no model (model/ is missing); pass --model to score another")
     if heldout:
         if dataset is not None:
@@ -155,8 +156,14 @@ def run_lm_eval(model_path: str, revision: str | None, tasks: list[str], include
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     from .modeling import resolve_model_source
 
+    adapter = None
+    if Path(model_path, "adapter_config.json").is_file():  # lm-eval applies the adapter to its base itself
+        from .lora import adapter_base
+
+        adapter, (model_path, revision) = model_path, adapter_base(model_path)
     source, pinned = resolve_model_source(model_path, revision)  # the embedded model's folder; a hub id's revision
-    model_args = f"pretrained={source},dtype={dtype}" + (f",revision={pinned['revision']}" if pinned else "")
+    model_args = (f"pretrained={source},dtype={dtype}" + (f",revision={pinned['revision']}" if pinned else "")
+                  + (f",peft={adapter}" if adapter else ""))
     out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
                                   task_manager=manager, device=str(device), batch_size=8, limit=limit,
                                   apply_chat_template=True, log_samples=False)

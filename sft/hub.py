@@ -40,11 +40,15 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def prepare_upload(run_dir, repo_id: str, private: bool = True, revision: str | None = None) -> Upload:
-    """What would be uploaded: every file of the run's model/ folder (weights, tokenizer, card), checked
+    """What would be uploaded: every file of the run's model/ folder (weights, tokenizer, card; an adapter run's
+    adapter in peft's layout), or of model_merged/ when an adapter run merged its adapter for serving, checked
     before anything goes over the network."""
+    from .modeling import is_model_folder
+
     check_repo_id(repo_id)
-    folder = Path(run_dir) / "model"
-    if not (folder / "config.json").is_file():
+    merged = Path(run_dir) / "model_merged"
+    folder = merged if (merged / "config.json").is_file() else Path(run_dir) / "model"
+    if not is_model_folder(folder):
         raise DataError(f"{run_dir}: no saved model to upload (model/config.json is missing)")
     if not (folder / "README.md").is_file():
         raise DataError(f"{run_dir}: the model has no card (model/README.md); write it with "

@@ -75,8 +75,9 @@ def resolve_model_source(model: str, revision: str | None) -> tuple[str, dict]:
         raise ConfigError(f"model: unknown embedded model {model!r}; the embedded default is {EMBEDDED_MODEL!r}")
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ConfigError(f"model: {path} exists but has no config.json (not a Hugging Face model folder)")
+        if not is_model_folder(path):
+            raise ConfigError(f"model: {path} exists but has no config.json (not a Hugging Face model folder) and "
+                              f"no adapter_config.json (not an adapter folder either)")
         if (path / "metrics.jsonl").exists():  # its config.json holds training settings, not a model's
             raise ConfigError(f"model: {path} is a run folder, not a model folder; its finetuned model is in "
                               f"{path / 'model'}")
@@ -91,6 +92,11 @@ def resolve_model_source(model: str, revision: str | None) -> tuple[str, dict]:
                           f"{Path.cwd()}), so it is read as a hub id, and a hub model needs a pinned revision (a "
                           f"commit sha or tag) so that the run can be reproduced")
     return model, {"revision": revision}
+
+
+def is_model_folder(path) -> bool:
+    """A Hugging Face model folder, or an adapter folder (peft's, naming its base model)."""
+    return (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()
 
 
 def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -130,37 +136,100 @@ def check_tokenizer_files(folder: Path, model: str) -> None:
 
 def load_model(model: str, revision: str | None = None, *, dtype: torch.dtype = torch.float32,
                attn_implementation: str | None = None, trust_remote_code: bool = False,
-               device: torch.device | str = "cpu"):
+               device: torch.device | str = "cpu", load_in_4bit: bool = False):
+    """The model on `device` in `dtype`; an adapter folder loads its base with the adapter merged (sft.lora);
+    `load_in_4bit`: the linear layers of the decoder in 4-bit NF4 (bitsandbytes, QLoRA's base)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source, kwargs = resolve_model_source(model, revision)
+    if Path(source, "adapter_config.json").is_file():
+        from .lora import merged_model
+
+        return merged_model(source, dtype=dtype, attn_implementation=attn_implementation,
+                            trust_remote_code=trust_remote_code, device=device)
+    if load_in_4bit:
+        kwargs.update(quantization_config=four_bit_config(), device_map={"": torch.device(device)})
     with _load_errors(model, revision):
         if model.startswith(RANDOM_INIT):
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
             with torch.device(device):  # initialize where it will train: seconds on a GPU, not minutes on the CPU
-                return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                        trust_remote_code=trust_remote_code)
+                built = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                         trust_remote_code=trust_remote_code)
+            return quantize_to_4bit(built) if load_in_4bit else built
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                                     trust_remote_code=trust_remote_code, **kwargs)
 
 
+def four_bit_config():
+    """QLoRA's base: NF4 weights with double quantization (the scales quantized too), bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def quantize_to_4bit(model):
+    """The decoder layers' linear layers of a model built from its config (no checkpoint for from_pretrained
+    to quantize while loading) as bitsandbytes' NF4 layers with the settings of four_bit_config: each weight is
+    quantized when its layer moves to the GPU."""
+    import bitsandbytes as bnb
+
+    settings = four_bit_config()
+    for layer in decoder_layers(model):
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=settings.bnb_4bit_compute_dtype, compress_statistics=True,
+                                              quant_type="nf4", device="meta")
+                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                                     compress_statistics=True, quant_type="nf4")
+                if child.bias is not None:
+                    quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, quantized.to(child.weight.device))
+    return model
+
+
+def four_bit_unavailable(device: torch.device) -> str | None:
+    """Why a 4-bit base cannot be loaded here (None when it can): bitsandbytes' NF4 kernels need CUDA."""
+    if device.type != "cuda":
+        return f"4-bit NF4 weights (bitsandbytes) need a CUDA GPU, and this run is on {device.type}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "4-bit NF4 weights need bitsandbytes (pip install bitsandbytes); it is not installed"
+    return None
+
+
 def read_model_config(model: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's transformers config, read without its weights."""
+    """The model's transformers config, read without its weights (an adapter folder's: its base model's)."""
     from transformers import AutoConfig
 
     source, kwargs = resolve_model_source(model, revision)
+    if Path(source, "adapter_config.json").is_file():
+        from .lora import adapter_base
+
+        return read_model_config(*adapter_base(source), trust_remote_code)
     with _load_errors(model, revision):
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def parameters_from_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
-    """The model's parameter count from its config alone: the model is built on the meta device, which
-    allocates nothing, so it takes a moment and reads no weights."""
+def parameters_from_config(model: str, revision: str | None = None, trust_remote_code: bool = False,
+                           adapters=None) -> tuple[int, int]:
+    """The model's parameter count and its trainable count (all of them, or with `adapters`, a TrainConfig with
+    finetune="lora", those of the adapters), from its config alone: the model is built on the meta device,
+    which allocates nothing, so it takes a moment and reads no weights."""
     from transformers import AutoModelForCausalLM
 
     config = read_model_config(model, revision, trust_remote_code)
     with _load_errors(model, revision), torch.device("meta"):
-        return count_parameters(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if adapters is None:
+        return count_parameters(built), count_parameters(built)
+    from .lora import add_adapters, trainable_parameters
+
+    with torch.device("meta"):
+        add_adapters(built, adapters)  # targets that match nothing are an error here, before any data is read
+    return count_parameters(built), trainable_parameters(built)
 
 
 @contextlib.contextmanager

@@ -34,11 +34,14 @@ def memory_bandwidth(device: torch.device) -> float | None:
     return _by_device_name(MEMORY_BANDWIDTH, device)
 
 
-def mfu(num_params: int, tokens_per_s: float, device: torch.device) -> float | None:
-    """6 x parameters x real tokens/s over the device's peak: the forward and backward matmul FLOPs
-    of the tokens that carry information (attention FLOPs and padding are not counted)."""
+def mfu(num_params: int, tokens_per_s: float, device: torch.device, trainable: int | None = None) -> float | None:
+    """The training matmul FLOPs of the real tokens per second over the device's peak: 6 x parameters per
+    token, or with adapters (`trainable` given) 4 x parameters + 2 x trainable (sft.lora.flops_per_token).
+    Attention FLOPs, padding and recomputation are not counted."""
+    from .lora import flops_per_token
+
     peak = device_peak_flops(device)
-    return None if peak is None else 6 * num_params * tokens_per_s / peak
+    return None if peak is None else flops_per_token(num_params, trainable) * tokens_per_s / peak
 
 
 def synchronize(device: torch.device) -> None:

@@ -36,6 +36,9 @@ SOURCE_TABLES = ("inf_tests.report_sources", "bench.report_sources")
 
 
 DEMOS = {"demo_smollm2": "demo", "demo_smollm2_reasoning": "demo-reasoning", "demo_smollm2_tools": "demo-tools"}
+# full finetuning against adapters on the same data and seed: (full run's experiment, adapter run's), README block
+LORA_DEMO = ("demo_smollm2", "demo_smollm2_lora", "demo-lora-results")
+LORA_FIGURE = "demo_lora_comparison.png"  # in assets/: both runs' loss curves (sft.plotting.plot_comparison)
 
 
 def demo_results(run: Run) -> str:
@@ -86,6 +89,29 @@ def _shown_reply(sample: pd.Series) -> str:
 def _shown_calls(reference: str) -> str:
     calls = json.loads(reference)
     return " ".join(f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in calls) or "(no call)"
+
+
+def lora_comparison(full: Run, adapter: Run) -> str:
+    """Full finetuning and the adapter run side by side: what each trained and what it cost, from their folders."""
+    def column(run: Run) -> list[str]:
+        s, d, c = run.summary, run.derived, run.config
+        trainable = d.get("trainable_parameters", d.get("num_parameters"))
+        return [c.get("finetune", "full") + (f" (rank {c['lora_r']}, alpha {c['lora_alpha']})"
+                                             if c.get("finetune") == "lora" else ""),
+                f"{c.get('lr'):g}", f"{fmt_value(trainable)} of {fmt_value(d.get('num_parameters'))}",
+                f"{fmt_value(s.get('eval_loss_first'))} -> {fmt_value(s.get('eval_loss_final'))}",
+                f"{fmt_value(s.get('task_metric_before'))} -> {fmt_value(s.get('task_metric_after'))}",
+                fmt_value(s.get("peak_memory_gib"), 2) + f" ({s.get('peak_memory_kind')})",
+                fmt_value(s.get("real_tokens_per_second"), 1), fmt_value(s.get("train_runtime"), 1)]
+    rows = ["finetune", "lr", "trainable parameters", "held-out loss, before -> after",
+            f"held-out {adapter.summary.get('task_metric_name')}, before -> after", "peak memory, GiB",
+            "real tokens/s", "training time, s"]
+    table = pd.DataFrame({"": rows, f"`{full.name}`": column(full), f"`{adapter.name}`": column(adapter)})
+    same = all(full.config.get(k) == adapter.config.get(k) for k in ("model", "dataset", "seed", "max_length"))
+    return (markdown_table(table) + "\n\n" + ("Same model, data, seed and row length; " if same else
+                                               "note: the runs differ in model, data, seed or row length; ")
+            + f"device: {adapter.env.get('device', {}).get('type')} {adapter.env.get('device', {}).get('name')}.\n\n"
+            + f"![full against LoRA: loss curves](assets/{LORA_FIGURE})\n")
 
 
 def _bf16_update(derived: dict) -> str:
@@ -225,6 +251,13 @@ def blocks(root: Path = ROOT, include_local: bool = False) -> dict[str, str]:
             assets = root / "assets"
             assets.mkdir(exist_ok=True)
             shutil.copyfile(demo.path / "loss_curves.png", assets / f"{name.replace('-', '_')}_loss_curves.png")
+    full, adapter = (newest_run(name, results) for name in LORA_DEMO[:2])
+    if full is not None and adapter is not None:
+        from .plotting import plot_comparison
+
+        out[LORA_DEMO[2]] = lora_comparison(full, adapter)
+        (root / "assets").mkdir(exist_ok=True)
+        plot_comparison([full, adapter]).savefig(root / "assets" / LORA_FIGURE, dpi=110, format="png")
     for source in result_sources():
         body = render(source, results)
         if body is not None:

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from . import checkpoint
 from .config import TrainConfig, script_spelling, settings_from
 from .data import PreparedData
@@ -162,11 +164,15 @@ def _shown_path(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ before the start
 
 
-def output_bytes(cfg: TrainConfig, num_parameters: int) -> tuple[int, int]:
-    """About how many bytes the final model and one checkpoint take, from the parameter count and precision:
-    the model is saved in its training dtype; a checkpoint adds AdamW's two moments (and Kahan's buffer)."""
+def output_bytes(cfg: TrainConfig, num_parameters: int, trainable: int | None = None) -> tuple[int, int]:
+    """About how many bytes the final model and one checkpoint take, from the parameter counts and precision:
+    the model is saved in its training dtype; a checkpoint adds AdamW's two moments (and Kahan's buffer).
+    With adapters both hold the fp32 trainable weights only, and merge_adapter adds the merged model."""
     pure = cfg.precision == "bf16_pure"
     weight = 2 if pure else 4
+    if cfg.finetune == "lora":
+        adapter = (trainable or 0) * 4
+        return adapter + (num_parameters * weight if cfg.merge_adapter else 0), adapter + (trainable or 0) * 8
     moments = {"float32": 8, "bfloat16": 4, "int8": 2}[cfg.optimizer_state_dtype] if pure else 8
     kahan = 2 if pure and cfg.bf16_update == "kahan" else 0
     return num_parameters * weight, num_parameters * (weight + moments + kahan)
@@ -186,8 +192,9 @@ def check_room(cfg: TrainConfig) -> None:
     except OSError as e:
         raise ConfigError(f"{name}: {root} cannot be written ({e.strerror or e}); choose a folder you can write "
                           f"to") from None
-    model_bytes, checkpoint_bytes = output_bytes(cfg, parameters_from_config(
-        cfg.model, cfg.model_revision, trust_remote_code=cfg.trust_remote_code))
+    model_bytes, checkpoint_bytes = output_bytes(cfg, *parameters_from_config(
+        cfg.model, cfg.model_revision, trust_remote_code=cfg.trust_remote_code,
+        adapters=cfg if cfg.finetune == "lora" else None))
     need = (model_bytes if cfg.save_model else 0) + (checkpoint_bytes if cfg.checkpoint_every else 0)
     what = " and ".join(w for w, on in (("the final model", cfg.save_model),
                                          ("one checkpoint", cfg.checkpoint_every)) if on)
@@ -342,7 +349,8 @@ def summary_numbers(cfg: TrainConfig, setup: Setup, ended: LoopEnd) -> dict:
         "supervised_tokens": state.supervised,
         "real_tokens_per_second": round(tokens_per_s, 2),
         "mfu": mfu(setup.derived["num_parameters"], tokens_per_s / setup.accelerator.num_processes,
-                   setup.accelerator.device),
+                   setup.accelerator.device,
+                   setup.derived["trainable_parameters"] if setup.adapter is not None else None),
         "peak_memory_gib": round(ended.peak_gib, 3),
         "peak_memory_kind": ended.peak_kind,
         "eval_time_s": round(state.eval_time, 2),
@@ -352,6 +360,7 @@ def summary_numbers(cfg: TrainConfig, setup: Setup, ended: LoopEnd) -> dict:
         "task_metric_before": state.metric_before,
         "task_metric_after": ended.metric_after,
         "num_parameters": setup.derived["num_parameters"],
+        "trainable_parameters": setup.derived["trainable_parameters"],
     }
 
 
@@ -369,7 +378,10 @@ def finish(cfg: TrainConfig, setup: Setup, folder: RunFolder, summary: dict) -> 
         state = acc.get_state_dict(setup.loss_model)  # a collective under FSDP / ZeRO-3: every process calls it
         if folder.writable:
             state = {k.removeprefix("_orig_mod.").removeprefix("model."): v for k, v in state.items()}
-            save_model(acc.unwrap_model(setup.loss_model).model, setup.tokenizer, state, folder.path / "model")
+            save_model(acc.unwrap_model(setup.loss_model).model, setup.tokenizer, state, folder.path / "model",
+                       adapter=setup.adapter)
+            if cfg.merge_adapter:
+                save_merged(cfg, setup, folder.path)
     acc.wait_for_everyone()
     if not folder.writable:
         return
@@ -397,15 +409,31 @@ def _card_and_upload(cfg: TrainConfig, folder: RunFolder) -> None:
               f"retry with: {pushed['retry']}", file=sys.stderr)
 
 
-def save_model(model, tokenizer, state: dict, path: Path) -> None:
-    """Writes the model and tokenizer under a temporary name and renames the folder when complete: `model/`
-    is a whole model or absent, never a few files of one."""
+def save_merged(cfg: TrainConfig, setup: Setup, run_path: Path) -> None:
+    """model_merged/: the base with the saved adapter merged into its weights, in the training dtype, for
+    serving without peft. Built on the CPU from the saved adapter, so it is what model/ holds."""
+    from .lora import merged_model
+
+    dtype = torch.bfloat16 if setup.derived["precision"] == "bf16_pure" or cfg.load_in_4bit else torch.float32
+    merged = merged_model(run_path / "model", dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    save_model(merged, setup.tokenizer, merged.state_dict(), run_path / "model_merged")
+
+
+def save_model(model, tokenizer, state: dict, path: Path, adapter=None) -> None:
+    """Writes the model (with `adapter`, the PeftModel of an adapter run: the adapter's files only) and the
+    tokenizer under a temporary name and renames the folder when complete: `model/` is a whole model or
+    absent, never a few files of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"saving the model to {path} ...", file=sys.stderr)
     began = time.perf_counter()
     try:
-        model.save_pretrained(tmp, state_dict=state)
+        if adapter is not None:
+            from .lora import save_adapter
+
+            save_adapter(adapter, state, tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)  # a resumed or extended run replaces its earlier model
         tmp.rename(path)

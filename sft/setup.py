@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import modeling
+from . import lora, modeling
 from .config import TrainConfig
 from .data import PreparedData, example_lengths, prepare_data, set_aside
 from .errors import ConfigError
@@ -42,6 +42,7 @@ class Setup:
     eval_batches: list[tuple[int, dict]]  # (dataset index, collated held-out examples of that dataset)
     derived: dict
     in_backward: StepInBackward | None = None  # set when the optimizer steps inside the backward pass
+    adapter: object | None = None  # with finetune="lora": the PeftModel around `model`, which saves the adapter
     offload: bool = False  # activations saved for the backward pass wait in pinned host memory
     max_grad_norm: float | None = None  # gradients clipped to this norm (None: not clipped)
     steps_per_epoch: int = 1  # optimizer steps in an epoch (a logged record's epoch is step / steps_per_epoch)
@@ -72,14 +73,17 @@ def build(cfg: TrainConfig, data: PreparedData | None = None, *, attn_implementa
 
     # right before the model: whatever preparing the data drew, initialisation and dropout start from the seed
     set_seed(cfg.seed)
-    model, attention_used = _setup_model(cfg, device, precision, float8, attn_implementation)
+    model, adapter, attention_used = _setup_model(cfg, device, precision, float8, attn_implementation)
     loss_impl, loss_model = _setup_loss(cfg, model, zero3, device)
     optimizer = _setup_optimizer(cfg, model, bf16_update)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     if cfg.compile:
         modeling.compile_layers(model, cfg.compile_mode)
     num_parameters = modeling.count_parameters(model)  # before prepare: DeepSpeed ZeRO-3 leaves each process a shard
+    trainable = lora.trainable_parameters(model)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    if adapter is not None:
+        lora.checkpoint_hooks(accelerator)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
     in_backward = StepInBackward(inner_optimizer) if cfg.optimizer_in_backward else None
 
@@ -87,10 +91,11 @@ def build(cfg: TrainConfig, data: PreparedData | None = None, *, attn_implementa
                               steps_per_epoch, lengths, precision=precision, bf16_update=bf16_update,
                               attn_implementation=attention_used, float8=float8, loss_impl=loss_impl, template=template,
                               system_prompt=system_prompt, chat_template=template_traits(tokenizer).record(),
-                              num_parameters=num_parameters)
+                              num_parameters=num_parameters, trainable_parameters=trainable,
+                              **_adapter_record(cfg, adapter))
     data.stats["packing_efficiency"] = derived["packing_efficiency"]
     return Setup(accelerator, tokenizer, data, model, loss_model, optimizer, scheduler, steps, eval_batches, derived,
-                 in_backward, cfg.activation_offload, cfg.max_grad_norm, steps_per_epoch)
+                 in_backward, adapter, cfg.activation_offload, cfg.max_grad_norm, steps_per_epoch)
 
 
 def _setup_precision(cfg: TrainConfig) -> tuple[object, str, str]:
@@ -103,7 +108,8 @@ def _setup_precision(cfg: TrainConfig) -> tuple[object, str, str]:
     # join one gloo process group instead of each training alone.
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16_autocast" else "no",
                               cpu=probe.type == "cpu")
-    return accelerator, precision, bf16_update_for(precision, cfg.bf16_update)
+    # with adapters the trainable weights are fp32 whatever the base's precision: no bf16 update
+    return accelerator, precision, None if cfg.finetune == "lora" else bf16_update_for(precision, cfg.bf16_update)
 
 
 def _setup_float8(cfg: TrainConfig, accelerator, precision: str) -> bool:
@@ -153,14 +159,15 @@ def _setup_steps(cfg: TrainConfig, data: PreparedData, world: int) -> tuple[list
 
 
 def _setup_model(cfg: TrainConfig, device: torch.device, precision: str, float8: bool,
-                 attn_implementation: str | None) -> tuple[torch.nn.Module, str]:
-    """The model on the device in its training dtype, with the attention it runs and the memory switches
-    (activation checkpointing, float8) applied; returns it with the attention implementation used."""
+                 attn_implementation: str | None) -> tuple[torch.nn.Module, object | None, str]:
+    """The model on the device in its training dtype, with the attention it runs, the adapters (finetune="lora")
+    and the memory switches (activation checkpointing, float8) applied; returns it with the PeftModel around
+    it (None in full finetuning) and the attention implementation used."""
     model_type = modeling.read_model_config(cfg.model, cfg.model_revision, cfg.trust_remote_code).model_type
     attention = attn_implementation or resolve_attention(cfg, device, precision, model_type)
     dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
     model = modeling.load_model(cfg.model, cfg.model_revision, dtype=dtype, attn_implementation=attention,
-                                trust_remote_code=cfg.trust_remote_code, device=device)
+                                trust_remote_code=cfg.trust_remote_code, device=device, load_in_4bit=cfg.load_in_4bit)
     attention_used = model.config._attn_implementation
     if model_type == "mpt":
         from .mpt_attention import choose_kind, install
@@ -168,11 +175,26 @@ def _setup_model(cfg: TrainConfig, device: torch.device, precision: str, float8:
             attention_used = install(model, kind)
     if cfg.packing or cfg.padding_free:
         modeling.check_packing_support(model)
+    # the adapters before checkpointing: the recomputed layers hold them
+    adapter = lora.add_adapters(model, cfg) if cfg.finetune == "lora" else None
     if cfg.gradient_checkpointing:
         modeling.enable_activation_checkpointing(model, cfg.checkpoint_every_n_layers)
     if float8:
         modeling.convert_to_float8(model)
-    return model, attention_used
+    return model, adapter, attention_used
+
+
+def _adapter_record(cfg: TrainConfig, adapter) -> dict:
+    """config.json's record of what trained: in full every weight; with adapters, peft's config of them."""
+    if adapter is None:
+        return {"adapter": None, "mfu_flops": "6 x parameters per token"}
+    record = adapter.peft_config["default"].to_dict()
+    shown = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "modules_to_save",
+             "base_model_name_or_path", "revision")
+    kept = {k: sorted(v) if isinstance(v, (set, list)) else v for k, v in record.items() if k in shown}
+    # peft may list every adapted layer by its full name: the record names each kind once, and counts the layers
+    kept["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in kept["target_modules"]})
+    return {"mfu_flops": lora.MFU_COUNT, "adapter": dict(kept, adapted_layers=lora.adapted_layers(adapter))}
 
 
 def _setup_loss(cfg: TrainConfig, model, zero3: bool, device: torch.device) -> tuple[str, LossModel]:
@@ -196,7 +218,10 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
                   file=sys.stderr)
         return cfg.precision
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return "bf16_autocast" if bf16_ok else "fp32"
+    if not bf16_ok:
+        return "fp32"
+    # adapters train in fp32 over a frozen base, which needs no fp32 copy (unless modules train in full too)
+    return "bf16_pure" if cfg.finetune == "lora" and not cfg.modules_to_save else "bf16_autocast"
 
 
 def resolve_attention(cfg: TrainConfig, device: torch.device, precision: str, model_type: str) -> str | None:
@@ -223,6 +248,11 @@ def check_runtime(cfg: TrainConfig, accelerator, bf16_update: str | None) -> boo
     """Refuses the settings that the process layout (FSDP, DeepSpeed, several processes) cannot run, before
     anything is loaded; returns whether DeepSpeed ZeRO-3 partitions the weights."""
     kind = accelerator.distributed_type.name
+    if cfg.load_in_4bit and (reason := modeling.four_bit_unavailable(accelerator.device)):
+        raise ConfigError(f"load_in_4bit: {reason}; set load_in_4bit=False to train the adapters on a bf16 base")
+    if cfg.load_in_4bit and kind in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"load_in_4bit: a 4-bit base is not sharded by {kind} here; run QLoRA on one GPU or "
+                          f"with DDP (accelerate launch without an FSDP or DeepSpeed config)")
     if kind == "FSDP" and bf16_update is not None:
         raise ConfigError("FSDP shards parameters as DTensors, which BF16AdamW's bf16 update does not handle: use "
                           "precision='bf16_autocast' (fp32 master weights) with FSDP, or 'bf16_pure' on one GPU or DDP")

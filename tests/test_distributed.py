@@ -80,11 +80,12 @@ from sft.data import PreparedData
 from sft.loop import train_step
 from sft.setup import build
 work = Path(tempfile.mkdtemp())
+extra = json.loads(sys.argv[2])  # settings of the case: adapters or none
 examples = synthetic_examples(8 * 4 * 256, 1000, seed=0, max_length=256)
 cfg = TrainConfig(experiment="fsdp_check", model=f"random-init:{model_folder('tiny', work / 'model')}",
                   template="plain", max_length=256, micro_batch_size=2, grad_accum_steps=2, max_steps=4,
                   precision="bf16_autocast", lr=1e-3, lr_schedule="constant", warmup_ratio=0.0, seed=0,
-                  task_metric=None, num_samples=0, save_model=False, runs_root=str(work / "runs"))
+                  task_metric=None, num_samples=0, save_model=False, runs_root=str(work / "runs"), **extra)
 setup = build(cfg, PreparedData(train=[e.to_example() for e in examples], eval=[], eval_conversations=[], stats={}))
 losses = [train_step(setup, batches).loss for batches in setup.batches()]
 if setup.accelerator.is_main_process:
@@ -93,18 +94,21 @@ if setup.accelerator.is_main_process:
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="FSDP2 on one GPU needs a CUDA device")
-def test_fsdp2_config_on_one_gpu_trains_like_the_plain_run(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"finetune": "lora", "lora_r": 8}], ids=["full", "lora"])
+def test_fsdp2_config_on_one_gpu_trains_like_the_plain_run(tmp_path, extra):
     """The shipped FSDP2 config (sharding, its own activation checkpointing, bf16 mixed precision) in one
-    process on a GPU: the same losses as the run without FSDP, to bf16 rounding."""
+    process on a GPU: the same losses as the run without FSDP, to bf16 rounding; with adapters too (the
+    frozen base and the trainable adapters in the same sharded layers)."""
     script = tmp_path / "child.py"
     script.write_text(FSDP_CHILD)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    plain = subprocess.run([sys.executable, str(script), str(tmp_path / "plain.json")], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    plain = subprocess.run([sys.executable, str(script), str(tmp_path / "plain.json"), json.dumps(extra)], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr[-3000:]
     fsdp = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(ROOT / "sft" / "accelerate" / "fsdp2.yaml"), "--num_processes", "1",
-                           "--main_process_port", str(free_port()), str(script), str(tmp_path / "fsdp.json")],
+                           "--main_process_port", str(free_port()), str(script), str(tmp_path / "fsdp.json"),
+                           json.dumps(extra)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     plain, fsdp = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("plain", "fsdp"))

@@ -27,6 +27,21 @@ def test_demo_block_is_rendered_from_the_newest_completed_demo_run(tiny_config, 
     assert (tmp_path / "assets" / "demo_loss_curves.png").stat().st_size > 1000
 
 
+def test_full_and_lora_demo_runs_are_compared_side_by_side_with_their_figure(tiny_config, tmp_path):
+    runs = str(tmp_path / "runs")
+    full = run(tiny_config(experiment="demo_smollm2", runs_root=runs)).path
+    assert "demo-lora-results" not in blocks(tmp_path, include_local=True)  # no adapter run yet: no block
+    adapter = run(tiny_config(experiment="demo_smollm2_lora", runs_root=runs, finetune="lora", lr=1e-2)).path
+    block = blocks(tmp_path, include_local=True)["demo-lora-results"]
+    summaries = [json.loads((p / "summary.json").read_text()) for p in (full, adapter)]
+    trainable = summaries[1]["trainable_parameters"]
+    assert f"| trainable parameters | {summaries[0]['num_parameters']:,} of {summaries[0]['num_parameters']:,} | " \
+           f"{trainable:,} of {summaries[1]['num_parameters']:,} |" in block
+    assert "| lr | 0.001 | 0.01 |" in block and "| finetune | full | lora (rank 16, alpha 32) |" in block
+    assert f"-> {summaries[1]['eval_loss_final']:,.3f}" in block
+    assert (tmp_path / "assets" / "demo_lora_comparison.png").stat().st_size > 1000
+
+
 def git(root, *args):
     subprocess.run(["git", "-C", str(root), "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
                    check=True, capture_output=True)
